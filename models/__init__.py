@@ -1,0 +1,53 @@
+"""
+The model registry. Every model lives in one file of this folder and exposes:
+    Config          a dataclass of its architecture (and model-specific training options)
+    PRESETS         {"rtx3080": {...}, "tiny": {...}}: Config values of each preset
+    TRAIN_PRESETS   optional: trainer defaults that differ from base_trainer.TRAIN_PRESETS
+    Model           an AutoRegressiveModel subclass built from a Config
+
+    from models import create_model, MODELS
+    model = create_model("baseline_gpt2", preset="tiny", n_layer=2)
+"""
+
+import dataclasses
+import importlib
+
+MODELS = {
+    "baseline_gpt2": "models.baseline_gpt2",
+    "conv_attention": "models.conv_attention",
+    "progressive_diverging": "models.progressive_diverging",
+    "dual_mask_gpt": "models.dual_mask_gpt",
+}
+
+
+class ModelConfigError(ValueError):
+    """An unknown model, preset or option; the message lists the valid ones."""
+
+
+def model_module(name):
+    if name not in MODELS:
+        raise ModelConfigError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    return importlib.import_module(MODELS[name])
+
+
+def model_config(name, preset="tiny", **overrides):
+    """The resolved Config: dataclass defaults, then the preset's values, then overrides."""
+    module = model_module(name)
+    values = {}
+    if preset is not None:
+        if preset not in module.PRESETS:
+            raise ModelConfigError(f"unknown preset {preset!r} for {name}; choose one of: "
+                                   f"{', '.join(module.PRESETS)}")
+        values.update(module.PRESETS[preset])
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ModelConfigError(f"unknown option(s) {', '.join(unknown)} for model {name}; "
+                               f"valid: {', '.join(sorted(fields))}")
+    values.update(overrides)
+    return module.Config(**values)
+
+
+def create_model(name, preset="tiny", **overrides):
+    module = model_module(name)
+    return module.Model(model_config(name, preset, **overrides))

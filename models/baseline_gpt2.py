@@ -1,0 +1,79 @@
+"""
+Baseline GPT-2, as in build-nanogpt: learned token and position embeddings, n_layer pre-LN blocks
+(causal self-attention + GELU MLP), a final LayerNorm and an output head tied to the token embedding.
+
+    idx (B, T) -> wte (B, T, C) + wpe (T, C) -> n_layer x Block -> ln_f -> @ wte.T -> logits (B, T, V)
+
+The rtx3080 preset is the seed's size (12 layers, 6 heads, 192 wide, context 256), which fits a 10 GB GPU
+with micro batches of 8; tiny trains on a laptop CPU in a couple of minutes.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy
+from components import Block, KVCache, init_gpt2_weights
+
+
+@dataclass
+class Config:
+    vocab_size: int = 50304   # GPT-2's 50257 rounded up to a multiple of 64 (faster matmuls)
+    block_size: int = 256     # longest context
+    n_layer: int = 12
+    n_head: int = 6
+    n_embd: int = 192
+    dropout: float = 0.0
+
+
+PRESETS = {
+    "rtx3080": dict(n_layer=12, n_head=6, n_embd=192, block_size=256),
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
+}
+
+
+def check_sizes(config):
+    from models import ModelConfigError
+    if config.n_embd % config.n_head != 0:
+        raise ModelConfigError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
+    if min(config.vocab_size, config.block_size, config.n_layer, config.n_head) < 1:
+        raise ModelConfigError("vocab_size, block_size, n_layer and n_head must all be positive")
+
+
+class Model(AutoRegressiveModel):
+    name = "baseline_gpt2"
+    supports_kv_cache = True
+
+    def __init__(self, config):
+        super().__init__()
+        check_sizes(config)
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout)
+                                    for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.apply(lambda m: init_gpt2_weights(m, config.n_layer))
+
+    def forward(self, idx, targets=None, cache=None):
+        B, T = idx.size()
+        start = cache.pos if cache is not None else 0
+        assert start + T <= self.config.block_size, f"length {start + T} > block_size {self.config.block_size}"
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)                      # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, "causal", cache, slot=i)
+        if cache is not None:
+            cache.advance(T)
+        x = self.ln_f(x)
+        logits = x @ self.wte.weight.t()                      # tied head: (B, T, V)
+        loss = masked_cross_entropy(logits, targets) if targets is not None else None
+        return logits, loss
+
+    def forward_cached(self, idx, cache):
+        return self(idx, cache=cache)[0]
+
+    def new_cache(self, batch_size, device, dtype):
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, device, dtype)
