@@ -10,6 +10,7 @@ Hooks the trainer calls (a model overrides what it needs; the defaults are plain
     training_loss(x, y, loss_mask, step) -> (loss, {metric: float})   one micro-batch of training
     evaluation_losses(x, y, loss_mask)    -> {"loss": tensor, ...}    one batch of evaluation
     on_train_step(step, max_steps)        -> True when the trainable parameters changed (optimizer rebuilt)
+    log_fields()                          -> {field: value} added to every metrics row (e.g. the stage)
     extra_state() / load_extra_state(d)   what a checkpoint must hold besides the weights (e.g. the stage)
     prepare_for_inference()               e.g. merge LoRA weights before generation
 """
@@ -57,6 +58,9 @@ class AutoRegressiveModel(nn.Module):
     def on_train_step(self, step, max_steps):
         return False
 
+    def log_fields(self):
+        return {}
+
     def extra_state(self):
         return {}
 
@@ -75,9 +79,11 @@ class AutoRegressiveModel(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None,
+                 vocab_limit=None):
         """Append max_new_tokens sampled tokens to idx (B, T). temperature 0 or top_k=1 is greedy.
-        A prompt longer than block_size is cropped to its last block_size tokens."""
+        A prompt longer than block_size is cropped to its last block_size tokens. vocab_limit keeps
+        sampling below the tokenizer's size (the embedding table is padded to a multiple of 64)."""
         block_size = self.config.block_size
         cache = None
         use_cache = use_cache and self.supports_kv_cache
@@ -94,6 +100,8 @@ class AutoRegressiveModel(nn.Module):
                 else:
                     logits, _ = self(context)
             logits = logits[:, -1, :].float()
+            if vocab_limit is not None:
+                logits[:, vocab_limit:] = float("-inf")
             if temperature == 0 or top_k == 1:
                 next_token = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -1,0 +1,536 @@
+"""
+BaseTrainer: everything about training that is not the model.
+
+    python train_baseline_gpt2.py --preset tiny                    # one process (CPU, CUDA or MPS)
+    torchrun --nproc_per_node=2 train_baseline_gpt2.py ...         # DDP: NCCL on GPUs, gloo on CPU
+
+One optimizer step consumes --total-batch-size tokens: micro-batches of --micro-batch-size x --seq-len,
+accumulated over grad_accum = total / (micro * seq * world_size) micro-steps on each of world_size ranks.
+Rank r reads the chunks that one process would read at micro-steps r, r + N, ... so the tokens per step,
+and hence the losses, do not depend on N.
+
+A model supplies its loss and hooks (see auto_regressive_model.py); this file owns devices, DDP, gradient
+accumulation, the LR schedule, clipping (before the step), evaluation, metrics.jsonl, atomic checkpoints,
+exact --resume and Ctrl-C.
+
+Step numbering: `step` counts completed optimizer steps. A val row with step s measures the model after s
+steps; the train row with step s is the loss of the batch that update s+1 trains on (build-nanogpt's habit).
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from auto_regressive_model import CHECKPOINT_FORMAT, AutoRegressiveModel, CheckpointError
+from base_data_preparer import ensure_prepared
+from data_file_utils import DataError
+from dataloader import TokenDataLoader
+from models import ModelConfigError, model_config, model_module
+
+TRAIN_PRESETS = {
+    # The seed's setup: its 80k micro-batches of 8 x 256 = 164M tokens, i.e. 313 steps of 524288 tokens.
+    # build-nanogpt warms up for 715 of 19073 steps (3.75%); the same fraction of 313 steps is 12.
+    "rtx3080": dict(data="math-reasoning", tokenizer="gpt2", micro_batch_size=8, seq_len=256,
+                    total_batch_size=524288, lr=6e-4, min_lr=6e-5, warmup_steps=12, max_steps=313,
+                    weight_decay=0.1, grad_clip=1.0, eval_interval=25, eval_batches=64,
+                    checkpoint_interval=25, max_tokens=None),
+    # Offline on a laptop CPU in about a minute; a small model tolerates a large learning rate.
+    "tiny": dict(data="synthetic-math", tokenizer="bytes", micro_batch_size=16, seq_len=128,
+                 total_batch_size=2048, lr=3e-3, min_lr=3e-4, warmup_steps=20, max_steps=200,
+                 weight_decay=0.1, grad_clip=1.0, eval_interval=50, eval_batches=8,
+                 checkpoint_interval=50, max_tokens=None),
+}
+COMMON_DEFAULTS = dict(data_dir="data", seed=1337, device="auto", compile=False, resume=False, overwrite=False)
+# What --resume may change; everything else comes from the checkpoint so the run continues exactly.
+RESUME_MAY_CHANGE = {"max_steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "compile",
+                     "resume", "overwrite", "out_dir", "data_dir"}
+NOT_FLAGS = {"vocab_size", "block_size"}  # set from the data and --seq-len
+
+
+class TrainError(Exception):
+    """A problem with the command line or the run folder; the message says what to do."""
+
+
+# ---- configuration --------------------------------------------------------------------------
+
+def str2bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser(model_name):
+    p = argparse.ArgumentParser(description=f"Train {model_name}. Every default comes from --preset.")
+    # Every option defaults to None so that we know what the user typed: preset < typed.
+    p.add_argument("--preset", choices=list(TRAIN_PRESETS), default="rtx3080")
+    p.add_argument("--data", help="synthetic-math | math-reasoning | json:PATH | text:PATH")
+    p.add_argument("--tokenizer", choices=["gpt2", "bytes"])
+    p.add_argument("--max-tokens", type=int, help="token budget when preparing the data")
+    p.add_argument("--data-dir", help="where prepared token shards live (default data/)")
+    p.add_argument("--out-dir", help=f"run folder (default runs/{model_name})")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--eval-interval", type=int)
+    p.add_argument("--eval-batches", type=int)
+    p.add_argument("--checkpoint-interval", type=int)
+    p.add_argument("--resume", action="store_true", default=None, help="continue from out-dir/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", default=None, help="start over in an existing run folder")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--micro-batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--total-batch-size", type=int, help="tokens per optimizer step")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--min-lr", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    group = p.add_argument_group(f"{model_name} options")
+    for field in dataclasses.fields(model_module(model_name).Config):
+        if field.name in NOT_FLAGS:
+            continue
+        kind = str2bool if field.type in (bool, "bool") else type(field.default)
+        group.add_argument("--" + field.name.replace("_", "-"), dest="model." + field.name, type=kind,
+                           help=f"(preset default: see models/{model_name}.py)")
+    return p
+
+
+def resolve_config(model_name, argv):
+    """All settings: COMMON_DEFAULTS < TRAIN_PRESETS[preset] < the model's TRAIN_PRESETS < typed flags.
+    Returns (config, typed) where typed holds only what the user gave on the command line."""
+    ns = build_parser(model_name).parse_args(argv)
+    typed = {k: v for k, v in vars(ns).items() if v is not None}
+    preset = typed.get("preset", "rtx3080")
+    cfg = dict(COMMON_DEFAULTS, out_dir=f"runs/{model_name}", preset=preset, model_name=model_name)
+    cfg.update(TRAIN_PRESETS[preset])
+    cfg.update(getattr(model_module(model_name), "TRAIN_PRESETS", {}).get(preset, {}))
+    cfg.update({k: v for k, v in typed.items() if not k.startswith("model.")})
+    cfg["model_overrides"] = {k[len("model."):]: v for k, v in typed.items() if k.startswith("model.")}
+    return cfg, typed
+
+
+# ---- the trainer ----------------------------------------------------------------------------
+
+class TrainingStep(nn.Module):
+    """Wraps the model so that DDP's forward (which arms gradient sync) runs the model's own training loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y, loss_mask, step):
+        return self.model.training_loss(x, y, loss_mask, step)
+
+
+class BaseTrainer:
+    def __init__(self, model_name, cfg, typed=None):
+        self.model_name = model_name
+        self.cfg = cfg
+        self.typed = typed or {}
+        self.stop_requested = False
+        self.setup_distributed()
+        self.ckpt_path = os.path.join(cfg["out_dir"], "checkpoint.pt")
+        self.metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
+        resume_ckpt = self.check_run_folder()
+        if resume_ckpt is not None:
+            self.adopt_saved_config(resume_ckpt)
+        self.setup_data()
+        self.setup_model()
+        self.step = 0
+        self.tokens_seen = 0
+        if resume_ckpt is not None:
+            self.restore(resume_ckpt)
+        else:
+            self.seed_everything(cfg["seed"])
+
+    # -- processes and devices --
+    def setup_distributed(self):
+        self.ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        requested = self.cfg["device"]
+        if requested == "auto":
+            requested = "cuda" if torch.cuda.is_available() else (
+                "mps" if torch.backends.mps.is_available() else "cpu")
+        if requested == "cuda" and not torch.cuda.is_available():
+            raise TrainError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+        if requested == "mps" and not torch.backends.mps.is_available():
+            raise TrainError("--device mps asked for, but this torch has no MPS support; use --device cpu")
+        self.device = f"cuda:{self.local_rank}" if requested == "cuda" else requested
+        self.device_type = requested
+        if self.device_type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.ddp:
+            dist.init_process_group(backend="nccl" if self.device_type == "cuda" else "gloo")
+        self.master = self.rank == 0
+        # bf16 autocast on CUDA (no loss scaling needed); fp32 elsewhere.
+        self.autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+                         if self.device_type == "cuda" else contextlib.nullcontext())
+
+    def log(self, *args):
+        if self.master:
+            print(*args, flush=True)
+
+    # -- run folder --
+    def check_run_folder(self):
+        """Refuse to clobber a run; return the checkpoint to resume from, if --resume."""
+        has_ckpt = os.path.exists(self.ckpt_path)
+        if self.cfg["resume"]:
+            if not has_ckpt:
+                raise TrainError(f"nothing to resume: no checkpoint.pt in {self.cfg['out_dir']}; "
+                                 f"run without --resume to start a new run")
+            ckpt = AutoRegressiveModel.load_checkpoint_file(self.ckpt_path)
+            if ckpt.get("model_name") != self.model_name:
+                raise CheckpointError(f"{self.ckpt_path} holds a {ckpt.get('model_name')} run, not "
+                                      f"{self.model_name}; resume it with train_{ckpt.get('model_name')}.py")
+            return ckpt
+        if has_ckpt and not self.cfg["overwrite"]:
+            raise TrainError(f"{self.cfg['out_dir']} already holds a run (checkpoint.pt); add --resume to "
+                             f"continue it, --overwrite to start over, or choose another --out-dir")
+        return None
+
+    def adopt_saved_config(self, ckpt):
+        saved = dict(ckpt["config"])
+        for key, value in self.typed.items():
+            name = key[len("model."):] if key.startswith("model.") else key
+            saved_value = saved["model_overrides"].get(name) if key.startswith("model.") else saved.get(key)
+            if name not in RESUME_MAY_CHANGE and key != "preset" and value != saved_value:
+                raise TrainError(f"--{name.replace('_', '-')} {value} differs from the run being resumed "
+                                 f"({saved_value}); drop it to resume exactly, or start a new --out-dir")
+        for key in RESUME_MAY_CHANGE - {"resume", "overwrite"}:
+            if key in self.typed:
+                saved[key] = self.typed[key]
+        saved["resume"] = True
+        self.cfg = saved
+
+    # -- data --
+    def setup_data(self):
+        cfg = self.cfg
+        args = dict(data_dir=cfg["data_dir"], max_tokens=cfg["max_tokens"], seed=cfg["seed"])
+        if self.master:  # one process prepares, the others wait and then find it ready
+            self.dataset_dir = ensure_prepared(cfg["data"], cfg["tokenizer"], **args)
+        if self.ddp:
+            dist.barrier()
+        if not self.master:
+            self.dataset_dir = ensure_prepared(cfg["data"], cfg["tokenizer"], quiet=True, **args)
+        B, T = cfg["micro_batch_size"], cfg["seq_len"]
+        if min(B, T, cfg["total_batch_size"], cfg["max_steps"]) < 1:
+            raise TrainError("--micro-batch-size, --seq-len, --total-batch-size and --max-steps must be positive")
+        per_micro_step = B * T * self.world_size
+        if cfg["total_batch_size"] % per_micro_step:
+            raise TrainError(f"--total-batch-size {cfg['total_batch_size']} is not a multiple of micro batch x "
+                             f"seq len x processes = {B} x {T} x {self.world_size} = {per_micro_step}")
+        self.grad_accum = cfg["total_batch_size"] // per_micro_step
+        # The model's config decides how far ahead the targets are (conv_attention can predict 64 ahead).
+        planned = model_config(self.model_name, cfg["preset"], **cfg["model_overrides"])
+        self.target_offset = getattr(planned, "target_offset", 1)
+        self.train_loader = TokenDataLoader(self.dataset_dir, "train", B, T, self.rank, self.world_size,
+                                            self.target_offset, device=self.device)
+
+    def eval_loader(self, split):
+        return TokenDataLoader(self.dataset_dir, split, self.cfg["micro_batch_size"], self.cfg["seq_len"],
+                               self.rank, self.world_size, self.target_offset, device=self.device)
+
+    # -- model and optimizer --
+    def setup_model(self):
+        cfg, module = self.cfg, model_module(self.model_name)
+        extra = getattr(module, "EXTRA_TOKENS", 0)
+        vocab_size = -(-(self.train_loader.vocab_size + extra) // 64) * 64  # round up: faster matmuls
+        overrides = dict(cfg["model_overrides"], vocab_size=vocab_size, block_size=cfg["seq_len"])
+        self.model_cfg = model_config(self.model_name, cfg["preset"], **overrides)
+        self.model = module.Model(self.model_cfg).to(self.device)
+        if cfg["compile"]:
+            self.model.compile()
+        self.optimizer = None
+        self.build_optimizer()
+
+    def build_optimizer(self):
+        """AdamW over exactly the trainable parameters; weight decay on matrices and embeddings only.
+        Called again when a model hook changes which parameters train: Adam state carries over for
+        parameters that stay."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg["weight_decay"]},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = self.device_type == "cuda"
+        new = torch.optim.AdamW(groups, lr=self.cfg["lr"], betas=(0.9, 0.95), eps=1e-8, fused=fused)
+        if self.optimizer is not None:
+            for p in params:
+                if p in self.optimizer.state:
+                    new.state[p] = self.optimizer.state[p]
+        self.optimizer = new
+        self.step_module = TrainingStep(self.model)
+        if self.ddp:
+            self.step_module = DDP(self.step_module, device_ids=[self.local_rank] if self.device_type == "cuda"
+                                   else None)
+
+    def lr_at(self, step):
+        """Linear warmup, then cosine decay from lr to min_lr at max_steps."""
+        cfg = self.cfg
+        if step < cfg["warmup_steps"]:
+            return cfg["lr"] * (step + 1) / cfg["warmup_steps"]
+        span = max(1, cfg["max_steps"] - cfg["warmup_steps"])
+        progress = min(1.0, (step - cfg["warmup_steps"]) / span)
+        return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg["lr"] - cfg["min_lr"])
+
+    # -- randomness --
+    @staticmethod
+    def seed_everything(seed):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    @staticmethod
+    def rng_state():
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, cached),
+                 "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    @staticmethod
+    def set_rng_state(state):
+        random.setstate(state["python"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    # -- checkpoints --
+    def save_checkpoint(self):
+        """Write checkpoint.pt atomically: a temporary file, fsync, then rename over the old one."""
+        if not self.master:
+            return
+        ckpt = {
+            "format": CHECKPOINT_FORMAT, "model_name": self.model_name,
+            "model_config": dataclasses.asdict(self.model_cfg), "model_state": self.model.state_dict(),
+            "model_extra_state": self.model.extra_state(), "optimizer_state": self.optimizer.state_dict(),
+            "step": self.step, "tokens_seen": self.tokens_seen, "loader_state": self.train_loader.state_dict(),
+            "rng": self.rng_state(), "config": self.cfg, "metrics_offset": self.metrics_offset(),
+        }
+        buffer = io.BytesIO()
+        torch.save(ckpt, buffer)
+        data = buffer.getvalue()
+        tmp = self.ckpt_path + ".tmp"
+        with open(tmp, "wb") as f:
+            if fault("kill_in_checkpoint", self.step):  # test hook: die with half a file written
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.ckpt_path)
+
+    def restore(self, ckpt):
+        self.model.load_extra_state(ckpt["model_extra_state"])
+        try:
+            self.model.load_state_dict(ckpt["model_state"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{self.ckpt_path} does not fit this model: {str(e).splitlines()[0]}") from None
+        self.optimizer = None
+        self.build_optimizer()  # the stage may have changed the trainable set
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        self.train_loader.load_state_dict(ckpt["loader_state"])
+        self.set_rng_state(ckpt["rng"])
+        self.step, self.tokens_seen = ckpt["step"], ckpt["tokens_seen"]
+        if self.master and os.path.exists(self.metrics_path):
+            # rows the interrupted process logged after its last checkpoint are dropped
+            with open(self.metrics_path, "r+b") as f:
+                f.truncate(ckpt["metrics_offset"])
+
+    # -- metrics --
+    def metrics_offset(self):
+        return os.path.getsize(self.metrics_path) if os.path.exists(self.metrics_path) else 0
+
+    def write_metrics(self, row):
+        if self.master:
+            row = {**row, **self.model.log_fields()}
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def write_config(self):
+        if not self.master:
+            return
+        os.makedirs(self.cfg["out_dir"], exist_ok=True)
+        resolved = dict(self.cfg, model_config=dataclasses.asdict(self.model_cfg), world_size=self.world_size,
+                        grad_accum=self.grad_accum, dataset_dir=str(self.dataset_dir),
+                        n_params=self.model.num_params(), device_used=self.device)
+        tmp = os.path.join(self.cfg["out_dir"], "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(resolved, f, indent=2)
+        os.replace(tmp, os.path.join(self.cfg["out_dir"], "config.json"))
+
+    def all_reduce_mean(self, values):
+        """Average a dict of floats over the ranks (identity with one process)."""
+        if not self.ddp or not values:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.AVG if self.device_type == "cuda" else dist.ReduceOp.SUM)
+        if self.device_type != "cuda":  # gloo has no AVG
+            t /= self.world_size
+        return dict(zip(keys, t.tolist()))
+
+    # -- evaluation and training --
+    @torch.no_grad()
+    def evaluate(self, split):
+        self.model.eval()
+        loader = self.eval_loader(split)
+        batches = max(1, self.cfg["eval_batches"] // self.world_size)
+        sums = {}
+        for _ in range(batches):
+            x, y = loader.next_batch()
+            with self.autocast:
+                losses = self.model.evaluation_losses(x, y)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / batches
+        self.model.train()
+        result = self.all_reduce_mean(sums)
+        # Bits per byte: tokenizer-independent, so byte-level and BPE runs compare.
+        result["bpb"] = result["loss"] / math.log(2) * loader.tokens / max(1, loader.bytes)
+        row = {"step": self.step, "split": split, **result, "tokens": self.tokens_seen}
+        self.write_metrics(row)
+        extras = " | ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "loss")
+        self.log(f"step {self.step:5d} | {split} loss {result['loss']:.4f} | {extras}")
+        return result
+
+    def train_step(self):
+        cfg = self.cfg
+        if self.model.on_train_step(self.step, cfg["max_steps"]):
+            self.build_optimizer()
+            self.log(f"step {self.step:5d} | trainable parameters changed: "
+                     f"{self.model.num_params(trainable_only=True):,} now train; optimizer rebuilt")
+        t0 = time.time()
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = {"loss": 0.0}
+        for micro_step in range(self.grad_accum):
+            x, y = self.train_loader.next_batch()
+            last = micro_step == self.grad_accum - 1
+            # Gradients are summed across ranks only on the last micro-step: one all-reduce per step.
+            sync = self.step_module.no_sync() if (self.ddp and not last) else contextlib.nullcontext()
+            with sync:
+                with self.autocast:
+                    loss, metrics = self.step_module(x, y, None, self.step)
+                (loss / self.grad_accum).backward()
+            totals["loss"] += loss.item() / self.grad_accum
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / self.grad_accum
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])  # clip first, then step
+        self.optimizer.step()
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        totals = self.all_reduce_mean(totals)
+        tokens = cfg["total_batch_size"]
+        self.tokens_seen += tokens
+        row = {"step": self.step, "split": "train", **totals, "lr": lr, "grad_norm": float(grad_norm),
+               "tokens": self.tokens_seen, "dt_ms": dt * 1000, "tok_per_s": tokens / dt}
+        self.write_metrics(row)
+        self.step += 1
+        return row
+
+    def request_stop(self, signum, frame):
+        if self.stop_requested:  # a second Ctrl-C stops at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self.log("\nstopping: saving a checkpoint after this step (Ctrl-C again to quit without saving)")
+
+    def should_stop(self):
+        flag = {"stop": float(self.stop_requested)}
+        return self.all_reduce_mean(flag)["stop"] > 0
+
+    def train(self):
+        cfg = self.cfg
+        if self.step >= cfg["max_steps"]:
+            self.log(f"run already finished at step {self.step}; raise --max-steps to train further")
+            return
+        if self.master:
+            os.makedirs(cfg["out_dir"], exist_ok=True)
+            if not cfg["resume"]:
+                open(self.metrics_path, "w").close()  # --overwrite or a new run: fresh metrics
+        self.write_config()
+        self.log(f"{self.model_name}: {self.model.num_params():,} parameters | {self.world_size} process(es) on "
+                 f"{self.device} | {cfg['total_batch_size']:,} tokens/step = {cfg['micro_batch_size']} x "
+                 f"{cfg['seq_len']} x {self.grad_accum} accum x {self.world_size} | data {self.dataset_dir}")
+        if cfg["resume"]:
+            self.log(f"resuming at step {self.step} from {self.ckpt_path}")
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGTERM, self.request_stop)
+        dts = []
+        while self.step < cfg["max_steps"]:
+            if self.step % cfg["eval_interval"] == 0:
+                self.evaluate("val")
+            row = self.train_step()
+            dts.append(row["dt_ms"])
+            eta = (cfg["max_steps"] - self.step) * sum(dts[-20:]) / len(dts[-20:]) / 1000
+            self.log(f"step {row['step']:5d} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | norm "
+                     f"{row['grad_norm']:.2f} | {row['dt_ms']:.0f} ms | {row['tok_per_s']:,.0f} tok/s | "
+                     f"eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+            if self.step % cfg["checkpoint_interval"] == 0 and self.step < cfg["max_steps"]:
+                self.save_checkpoint()
+            if fault("kill_after_step", self.step):  # test hook: die like kill -9
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.should_stop():
+                self.save_checkpoint()
+                self.log(f"interrupted: checkpoint saved at step {self.step} in {self.ckpt_path}; "
+                         f"continue with --resume")
+                return 130
+        self.evaluate("val")
+        self.evaluate("test")
+        self.save_checkpoint()
+        self.log(f"done: {self.step} steps; checkpoint in {self.ckpt_path}")
+        return 0
+
+    def close(self):
+        if self.ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def fault(kind, step):
+    """Fault injection for the tests: LMSMALL_FAULT=kind:step makes the process die at that point."""
+    return os.environ.get("LMSMALL_FAULT") == f"{kind}:{step}"
+
+
+def main(model_name, argv=None):
+    """Entry point of every train_<model>.py. Bad input ends with one line on stderr and exit code 2."""
+    trainer = None
+    try:
+        cfg, typed = resolve_config(model_name, argv)
+        trainer = BaseTrainer(model_name, cfg, typed)
+        code = trainer.train() or 0
+    except (TrainError, DataError, CheckpointError, ModelConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing saved since the last checkpoint", file=sys.stderr)
+        code = 130
+    finally:
+        if trainer is not None:
+            trainer.close()
+    sys.exit(code)

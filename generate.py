@@ -1,0 +1,51 @@
+"""
+Text from a checkpoint:
+
+    python generate.py --checkpoint runs/baseline_gpt2/checkpoint.pt --prompt "Question: 2 + 3 =" --top-k 1
+"""
+
+import argparse
+import sys
+
+import torch
+
+from auto_regressive_model import AutoRegressiveModel, CheckpointError
+from base_data_preparer import get_tokenizer
+from data_file_utils import DataError
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Sample text from a trained lmsmall checkpoint.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    args = p.parse_args(argv)
+    try:
+        model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
+        enc = get_tokenizer(ckpt["config"]["tokenizer"])
+    except (CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.max_new_tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
+        print("error: --max-new-tokens and --temperature must be >= 0 and --top-k >= 1", file=sys.stderr)
+        return 2
+    tokens = enc.encode(args.prompt, allowed_special="all") if args.prompt else [enc.eot_token]
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    idx = torch.tensor([tokens] * args.num_samples, dtype=torch.long, device=args.device)
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         use_cache=not args.no_cache, generator=generator, vocab_limit=enc.n_vocab)
+    for i, row in enumerate(out.tolist()):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(enc.decode(row[len(tokens) if not args.prompt else 0:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

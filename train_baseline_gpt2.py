@@ -1,0 +1,5 @@
+"""Train the baseline GPT-2. `python train_baseline_gpt2.py --help` lists every option."""
+from base_trainer import main
+
+if __name__ == "__main__":
+    main("baseline_gpt2")
