@@ -54,7 +54,8 @@ TRAIN_PRESETS = {
                  weight_decay=0.1, grad_clip=1.0, eval_interval=50, eval_batches=8,
                  checkpoint_interval=50, max_tokens=None),
 }
-COMMON_DEFAULTS = dict(data_dir="data", seed=1337, device="auto", compile=False, resume=False, overwrite=False)
+COMMON_DEFAULTS = dict(data_dir="data", seed=1337, data_seed=1337, device="auto", compile=False, resume=False,
+                       overwrite=False)
 # What --resume may change; everything else comes from the checkpoint so the run continues exactly.
 RESUME_MAY_CHANGE = {"max_steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "compile",
                      "resume", "overwrite", "out_dir", "data_dir"}
@@ -90,7 +91,9 @@ def build_parser(model_name):
     p.add_argument("--checkpoint-interval", type=int)
     p.add_argument("--resume", action="store_true", default=None, help="continue from out-dir/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", default=None, help="start over in an existing run folder")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="initial weights and sampling")
+    p.add_argument("--data-seed", type=int, help="which synthetic-math problems (kept apart from --seed so that "
+                   "runs with different seeds see the same data)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--seq-len", type=int)
@@ -151,13 +154,12 @@ class BaseTrainer:
         if resume_ckpt is not None:
             self.adopt_saved_config(resume_ckpt)
         self.setup_data()
+        self.seed_everything(self.cfg["seed"])  # before the model: --seed decides the initial weights
         self.setup_model()
         self.step = 0
         self.tokens_seen = 0
         if resume_ckpt is not None:
             self.restore(resume_ckpt)
-        else:
-            self.seed_everything(cfg["seed"])
 
     # -- processes and devices --
     def setup_distributed(self):
@@ -225,7 +227,7 @@ class BaseTrainer:
     # -- data --
     def setup_data(self):
         cfg = self.cfg
-        args = dict(data_dir=cfg["data_dir"], max_tokens=cfg["max_tokens"], seed=cfg["seed"])
+        args = dict(data_dir=cfg["data_dir"], max_tokens=cfg["max_tokens"], seed=cfg["data_seed"])
         if self.master:  # one process prepares, the others wait and then find it ready
             self.dataset_dir = ensure_prepared(cfg["data"], cfg["tokenizer"], **args)
         if self.ddp:
