@@ -1,0 +1,245 @@
+"""
+Dual-mask GPT: one GPT-2-style network trained on the forward task (causal mask, predict the next token)
+and, with probability p_bw, on the backward task (anti-causal mask, predict the previous token).
+The task is announced by a special token, as in UL2 and the seed ("mask"): FW at the start of the text for
+the forward task, BW at the end of the text for the backward task.
+
+    fw:  [FW, x0, ..., x_{T-1}]  positions 0, 1, ..., T      causal (tril)       logit at x_i -> x_{i+1}
+    bw:  [x0, ..., x_{T-1}, BW]  positions T, ..., 1, 0      anti-causal (triu)  logit at x_i -> x_{i-1}
+
+    idx (B, T) -> add task token (B, T+1) -> wte + wpe -> n_layer x Block(mask) -> ln_f -> @ wte.T
+               -> drop the task token's row -> logits (B, T, V)
+
+Task tokens: FW = vocab_size - 2 and BW = vocab_size - 1 (EXTRA_TOKENS = 2; the trainer reserves them on
+top of the tokenizer's ids). The model adds the token itself, so idx is plain text in both directions and
+logits come back for every position of idx.
+
+Positions and block_size: block_size counts text tokens (= the trainer's --seq-len). The task token is an
+extra slot, so the network sees up to block_size + 1 positions and wpe has block_size + 1 rows. Positions are
+learned and counted from the task token in reading order (fw: left to right, bw: right to left). The two
+directions are then exact mirror images: bw on x is fw on reversed(x) with BW instead of FW, so the same
+weights, positions included, serve both tasks and the task token is the only thing that tells them apart.
+Leak-free by construction: fw logits at i depend only on idx[:, :i+1] (causal mask, position i+1); bw logits
+at i depend only on idx[:, i:] (anti-causal mask; its position T-i is the length of that suffix).
+The seed's backward mask, tril(ones).flip(0), is not anti-causal (its first row sees every position); here it
+is components.attention_mask("anticausal") == triu, and tests/test_dual_mask_gpt.py proves it.
+
+Training (training_loss): every step the fw loss; with probability p_bw
+    bw_mode="additional" (the seed's): the same tokens also get the bw loss, summed before one backward pass;
+    bw_mode="exclusive" (the seed's untried variant): the step does the bw task instead of the fw one.
+The coin of step s is random.Random(bw_seed * 1_000_003 + s), so all DDP ranks and a resumed run agree; every
+micro-batch of a step takes the same direction(s). dynamic_p_bw=True is the seed code's adjustment: after a
+step that ran bw, p_bw = clamp(ppl_bw / ppl_fw, 0.01, 1) (bw less often when it is easier), with the losses
+averaged over micro-batches and, under DDP, over ranks; p_bw is then only the starting value.
+For the bw task on a window z[0..T] the loader's x = z[:-1], y = z[1:] swap roles: input y, targets x.
+"""
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy
+from components import Block, KVCache, init_gpt2_weights
+
+EXTRA_TOKENS = 2          # FW = vocab_size - 2, BW = vocab_size - 1
+BW_MODES = ("additional", "exclusive")
+DIRECTIONS = ("fw", "bw")
+
+
+@dataclass
+class Config:
+    vocab_size: int = 50304   # GPT-2's 50257 + FW + BW, rounded up to a multiple of 64
+    block_size: int = 256     # longest text (the task token comes on top)
+    n_layer: int = 8          # the seed's default depth
+    n_head: int = 6
+    n_embd: int = 384         # the seed's default width
+    dropout: float = 0.0
+    p_bw: float = 0.05        # probability of the backward task per step (the starting value if dynamic)
+    bw_mode: str = "additional"   # additional: fw + bw on the same tokens; exclusive: fw or bw
+    dynamic_p_bw: bool = False    # the seed code's p_bw = clamp(ppl_bw / ppl_fw, 0.01, 1) after each bw step
+    bw_seed: int = 0          # seeds the per-step coin
+
+
+PRESETS = {
+    "rtx3080": dict(n_layer=8, n_head=6, n_embd=384, block_size=256),
+    "tiny": dict(n_layer=4, n_head=4, n_embd=64, block_size=128),
+}
+
+
+def check_config(config):
+    from models import ModelConfigError
+    if config.n_embd % config.n_head != 0:
+        raise ModelConfigError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
+    if min(config.block_size, config.n_layer, config.n_head) < 1 or config.vocab_size <= EXTRA_TOKENS:
+        raise ModelConfigError("vocab_size (> 2), block_size, n_layer and n_head must all be positive")
+    if config.bw_mode not in BW_MODES:
+        raise ModelConfigError(f"bw_mode {config.bw_mode!r} unknown; choose one of: {', '.join(BW_MODES)}")
+    if not 0.0 <= config.p_bw <= 1.0:
+        raise ModelConfigError(f"p_bw ({config.p_bw}) must lie in [0, 1]")
+
+
+def bw_coin(bw_seed, step):
+    """The uniform number in [0, 1) that decides step `step`'s direction(s); identical on every rank."""
+    return random.Random(bw_seed * 1_000_003 + step).random()
+
+
+def masked_accuracy(logits, targets, loss_mask=None):
+    hit = (logits.argmax(dim=-1) == targets).float()
+    weights = (targets != -1).float() if loss_mask is None else loss_mask.float() * (targets != -1).float()
+    return (hit * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+class Model(AutoRegressiveModel):
+    name = "dual_mask_gpt"
+    supports_kv_cache = True   # for the fw direction (generation)
+
+    def __init__(self, config):
+        super().__init__()
+        check_config(config)
+        self.config = config
+        self.fw_token = config.vocab_size - 2
+        self.bw_token = config.vocab_size - 1
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size + 1, config.n_embd)   # + 1: the task token
+        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout)
+                                    for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.apply(lambda m: init_gpt2_weights(m, config.n_layer))
+        self.p_bw_now = float(config.p_bw)   # changes only with dynamic_p_bw
+        self._reset_dynamic_sums()
+        self._last_fw_loss = None
+
+    # ---- the network --------------------------------------------------------------------
+    def add_task_token(self, idx, direction):
+        """(B, T) text -> (B, T+1) with FW in front (fw) or BW behind (bw)."""
+        token = torch.full_like(idx[:, :1], self.fw_token if direction == "fw" else self.bw_token)
+        return torch.cat([token, idx], dim=1) if direction == "fw" else torch.cat([idx, token], dim=1)
+
+    def forward(self, idx, targets=None, direction="fw", cache=None):
+        """logits (B, T, V) for every position of idx, and the loss against targets (aligned per position:
+        the next token for fw, the previous one for bw; -1 ignored) or None."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be 'fw' or 'bw', not {direction!r}")
+        B, T = idx.size()
+        if cache is not None:
+            assert direction == "fw", "the KV cache serves fw generation only"
+            start = cache.pos
+            if start == 0:
+                idx = self.add_task_token(idx, "fw")
+            pos = torch.arange(start, start + idx.size(1), device=idx.device)
+        else:
+            idx = self.add_task_token(idx, direction)
+            pos = torch.arange(T + 1, device=idx.device)
+            if direction == "bw":
+                pos = pos.flip(0)          # distance from BW: T, T-1, ..., 0
+        last = (start + idx.size(1) - 1) if cache is not None else T
+        assert last <= self.config.block_size, f"text length {last} > block_size {self.config.block_size}"
+        x = self.wte(idx) + self.wpe(pos)
+        mask = "causal" if direction == "fw" else "anticausal"
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, cache, slot=i)
+        if cache is not None:
+            cache.advance(idx.size(1))
+            if start == 0:
+                x = x[:, 1:]
+        elif direction == "fw":
+            x = x[:, 1:]                   # drop FW's row
+        else:
+            x = x[:, :-1]                  # drop BW's row
+        logits = self.ln_f(x) @ self.wte.weight.t()
+        loss = masked_cross_entropy(logits, targets) if targets is not None else None
+        return logits, loss
+
+    def forward_cached(self, idx, cache):
+        return self(idx, cache=cache)[0]
+
+    def new_cache(self, batch_size, device, dtype):
+        c = self.config
+        return KVCache(len(self.blocks), batch_size, c.n_head, c.block_size + 1, c.n_embd // c.n_head,
+                       device, dtype)
+
+    def keep_first_blocks(self, k):
+        """Layer cut: keep blocks 0..k-1 (ln_f and the head stay), in place; returns self."""
+        if not 1 <= k <= len(self.blocks):
+            raise ValueError(f"k must lie in 1..{len(self.blocks)}, not {k}")
+        self.blocks = nn.ModuleList(list(self.blocks)[:k])
+        return self
+
+    # ---- the two tasks on one loader batch ----------------------------------------------
+    @staticmethod
+    def bw_batch(x, y, loss_mask=None):
+        """The bw task on the window z = x | y[-1]: input y, target x (the previous token of each y).
+        The loss mask follows the predicted token: x[i] was y[i-1]'s target, so mask[:, i-1] (x[0]: mask[:, 0])."""
+        mask = None if loss_mask is None else torch.cat([loss_mask[:, :1], loss_mask[:, :-1]], dim=1)
+        return y, x, mask
+
+    def directions_for_step(self, step):
+        """The tasks step `step` runs: ("fw",), ("fw", "bw") or ("bw",)."""
+        p = self.p_bw_now
+        run_bw = p > 0 and bw_coin(self.config.bw_seed, step) < p
+        if self.config.bw_mode == "exclusive":
+            return ("bw",) if run_bw else ("fw",)
+        return ("fw", "bw") if run_bw else ("fw",)
+
+    def training_loss(self, x, y, loss_mask=None, step=0):
+        losses, metrics = [], {}
+        for d in self.directions_for_step(step):
+            inp, tgt, mask = (x, y, loss_mask) if d == "fw" else self.bw_batch(x, y, loss_mask)
+            logits, _ = self(inp, direction=d)
+            loss = masked_cross_entropy(logits, tgt, mask)
+            losses.append(loss)
+            metrics[f"loss_{d}"] = loss.item()
+            metrics[f"acc_{d}"] = masked_accuracy(logits.detach(), tgt, mask).item()
+            self._sums[f"{d}_sum"] += metrics[f"loss_{d}"]
+            self._sums[f"{d}_n"] += 1
+        metrics["bw_ran"] = float("loss_bw" in metrics)
+        return sum(losses), metrics
+
+    @torch.no_grad()
+    def evaluation_losses(self, x, y, loss_mask=None):
+        out = {}
+        for d in DIRECTIONS:
+            inp, tgt, mask = (x, y, loss_mask) if d == "fw" else self.bw_batch(x, y, loss_mask)
+            logits, _ = self(inp, direction=d)
+            out[f"loss_{d}"] = masked_cross_entropy(logits, tgt, mask)
+            out[f"acc_{d}"] = masked_accuracy(logits, tgt, mask)
+        out["loss"] = out["loss_fw"]
+        return out
+
+    # ---- dynamic p_bw ----------------------------------------------------------------------
+    def _reset_dynamic_sums(self):
+        self._sums = {"fw_sum": 0.0, "fw_n": 0, "bw_sum": 0.0, "bw_n": 0}
+
+    def on_train_step(self, step, max_steps):
+        """Once per optimizer step: with dynamic_p_bw, p_bw = clamp(ppl_bw / ppl_fw, 0.01, 1) if bw ran."""
+        if not self.config.dynamic_p_bw:
+            self._reset_dynamic_sums()
+            return False
+        s = self._sums
+        vals = [s["fw_sum"], s["fw_n"], s["bw_sum"], s["bw_n"]]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor(vals, dtype=torch.float64, device=self.wte.weight.device)
+            torch.distributed.all_reduce(t)          # every rank ends with the same p_bw
+            vals = t.tolist()
+        fw_sum, fw_n, bw_sum, bw_n = vals
+        if fw_n > 0:
+            self._last_fw_loss = fw_sum / fw_n
+        if bw_n > 0 and self._last_fw_loss is not None:
+            ratio = math.exp(min(bw_sum / bw_n - self._last_fw_loss, 50.0))  # ppl_bw / ppl_fw
+            self.p_bw_now = max(min(1.0, ratio), 0.01)
+        self._reset_dynamic_sums()
+        return False
+
+    def extra_state(self):
+        return {"p_bw_now": self.p_bw_now, "last_fw_loss": self._last_fw_loss, "sums": dict(self._sums)}
+
+    def load_extra_state(self, state):
+        self.p_bw_now = float(state.get("p_bw_now", self.config.p_bw))
+        self._last_fw_loss = state.get("last_fw_loss")
+        self._sums = dict(state.get("sums", self._sums))
+
+    def log_fields(self):
+        return {"p_bw": self.p_bw_now} if self.config.dynamic_p_bw else {}

@@ -1,0 +1,152 @@
+"""
+Sweep of dual-mask GPT runs: depths x widths x p_bw values x seeds, one run folder each, then the layer-cut
+evaluation of each finished run. Resumable: a run whose folder holds sweep_run.json is finished and skipped;
+a run with a checkpoint but no sweep_run.json is continued with --resume; anything else starts fresh.
+
+    # the seed's grid (4 x 4 x 3 x 3 = 144 runs; GPU-sized)
+    python sweep_dual_mask.py --out-dir runs/dual_mask_sweep
+    # a CPU-sized one (16 runs; 9 minutes on a busy 2-core machine), then the plots in docs/dual_mask
+    python sweep_dual_mask.py --out-dir runs/dm_tiny --preset tiny --depths 2 4 --widths 32 64 \
+        --p-bw 0 0.05 --seeds 0 1 --head-size 16 --jobs 2 --threads 1 -- --seq-len 64 \
+        --micro-batch-size 8 --total-batch-size 512 --max-steps 400 --eval-interval 25 --max-tokens 2000000
+    python analyze_dual_mask.py runs/dm_tiny --out docs/dual_mask
+
+Every run is `python train_dual_mask_gpt.py --preset P --n-layer D --n-embd W --n-head W//head_size
+--p-bw P --seed S --bw-seed S --out-dir OUT/d{D}_w{W}_p{P}_s{S} --data-dir DATA [args after --]`.
+The run folder ends with the trainer's config.json, metrics.jsonl, checkpoint.pt, layer_cuts.json and
+sweep_run.json (depth, width, p_bw, seed, num_params, ...).
+"""
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DONE_FILE = "sweep_run.json"
+
+
+def run_name(depth, width, p_bw, seed):
+    return f"d{depth}_w{width}_p{p_bw:g}_s{seed}"
+
+
+def grid(depths, widths, p_bws, seeds):
+    """Every (depth, width, p_bw, seed), seeds innermost, so one setting's seeds run one after another."""
+    return list(itertools.product(depths, widths, p_bws, seeds))
+
+
+def train_command(args, depth, width, p_bw, seed, run_dir, resume):
+    n_head = max(1, width // args.head_size)
+    cmd = [sys.executable, os.path.join(HERE, "train_dual_mask_gpt.py"), "--preset", args.preset,
+           "--n-layer", str(depth), "--n-embd", str(width), "--n-head", str(n_head),
+           "--p-bw", str(p_bw), "--bw-mode", args.bw_mode, "--dynamic-p-bw", str(args.dynamic_p_bw).lower(),
+           "--seed", str(seed), "--bw-seed", str(seed), "--out-dir", run_dir, "--data-dir", args.data_dir]
+    if resume:
+        cmd.append("--resume")
+    return cmd + list(args.train_args)
+
+
+def run_state(run_dir):
+    if os.path.exists(os.path.join(run_dir, DONE_FILE)):
+        return "done"
+    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        return "partial"
+    return "new"
+
+
+def run_one(args, depth, width, p_bw, seed, env):
+    """Train (or resume) one run, then its layer cuts, then the marker; returns (run_dir, ok, seconds)."""
+    name = run_name(depth, width, p_bw, seed)
+    run_dir = os.path.join(args.out_dir, name)
+    cmd = train_command(args, depth, width, p_bw, seed, run_dir, resume=(run_state(run_dir) == "partial"))
+    log_path = os.path.join(args.out_dir, name + ".log")
+    t0 = time.time()
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        ok = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE, env=env) == 0
+    if ok and args.layer_cuts:  # in this process: saves a second torch start-up per run
+        import evaluate_layer_cuts
+        try:
+            result = evaluate_layer_cuts.evaluate_checkpoint(run_dir, "val", args.cut_batches, log=None)
+            with open(os.path.join(run_dir, evaluate_layer_cuts.CUTS_FILE), "w") as f:
+                json.dump(result, f, indent=1)
+        except Exception as e:  # noqa: BLE001 - reported, the run stays unfinished and is retried next time
+            with open(log_path, "a") as log:
+                log.write(f"layer cuts failed: {type(e).__name__}: {e}\n")
+            ok = False
+    if ok:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            n_params = json.load(f).get("n_params")
+        info = dict(depth=depth, width=width, n_head=max(1, width // args.head_size), p_bw=p_bw, seed=seed,
+                    bw_mode=args.bw_mode, dynamic_p_bw=args.dynamic_p_bw, preset=args.preset,
+                    num_params=n_params, train_args=args.train_args, seconds=round(time.time() - t0, 1))
+        with open(os.path.join(run_dir, DONE_FILE), "w") as f:
+            json.dump(info, f, indent=1)
+    return run_dir, ok, time.time() - t0, log_path
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    train_args = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, train_args = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", default="runs/dual_mask_sweep")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--preset", default="rtx3080", choices=["rtx3080", "tiny"])
+    p.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32])
+    p.add_argument("--widths", type=int, nargs="+", default=[192, 384, 768, 1536])
+    p.add_argument("--p-bw", type=float, nargs="+", default=[0.0, 0.05, 0.1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--head-size", type=int, default=64, help="n_head = max(1, width // head_size)")
+    p.add_argument("--bw-mode", default="additional", choices=["additional", "exclusive"])
+    p.add_argument("--dynamic-p-bw", action="store_true")
+    p.add_argument("--no-layer-cuts", dest="layer_cuts", action="store_false")
+    p.add_argument("--cut-batches", type=int, default=8, help="validation batches per layer cut")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS of each run (small CPU models run fastest with 1)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = p.parse_args(argv)
+    args.train_args = train_args
+
+    runs = grid(args.depths, args.widths, args.p_bw, args.seeds)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "sweep.json"), "w") as f:
+        json.dump({k: v for k, v in vars(args).items()}, f, indent=1)
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+        import torch
+        torch.set_num_threads(args.threads)
+    t_start, failed, todo = time.time(), [], []
+    for n, (depth, width, p_bw, seed) in enumerate(runs, 1):
+        run_dir = os.path.join(args.out_dir, run_name(depth, width, p_bw, seed))
+        state = run_state(run_dir)
+        if state == "done":
+            print(f"[{n}/{len(runs)}] {run_dir}: finished, skipped")
+            continue
+        cmd = train_command(args, depth, width, p_bw, seed, run_dir, resume=(state == "partial"))
+        print(f"[{n}/{len(runs)}] {' '.join(cmd)}", flush=True)
+        todo.append((depth, width, p_bw, seed))
+    if not args.dry_run:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = [pool.submit(run_one, args, *r, env) for r in todo]
+            for fut in as_completed(futures):
+                run_dir, ok, seconds, log_path = fut.result()
+                print(f"    {run_dir}: {'done' if ok else 'FAILED, see ' + log_path} ({seconds:.0f} s)", flush=True)
+                if not ok:
+                    failed.append(run_dir)
+    print(f"sweep: {len(runs)} runs, {len(failed)} failed, {time.time() - t_start:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

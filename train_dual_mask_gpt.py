@@ -1,0 +1,5 @@
+"""Train the dual-mask GPT (forward + backward prediction): python train_dual_mask_gpt.py --preset tiny --p-bw 0.05"""
+from base_trainer import main
+
+if __name__ == "__main__":
+    main("dual_mask_gpt")
