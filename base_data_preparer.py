@@ -213,8 +213,9 @@ def _run_tasks(tasks, tokenizer_name, num_workers):
         for task in tasks:
             yield _process_task(task)
         return
-    # fork on Linux: workers start at once and inherit the loaded tokenizer; elsewhere the safe default
-    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+    # forkserver on Linux: a plain fork of a process that already ran torch's OpenMP threads can deadlock
+    # (seen in the test suite); elsewhere the platform's safe default.
+    ctx = multiprocessing.get_context("forkserver" if sys.platform == "linux" else None)
     with ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer_name,)) as pool:
         pending = deque()
         for task in tasks:

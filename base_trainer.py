@@ -49,8 +49,8 @@ TRAIN_PRESETS = {
                     weight_decay=0.1, grad_clip=1.0, eval_interval=25, eval_batches=64,
                     checkpoint_interval=25, max_tokens=None),
     # Offline on a laptop CPU in about a minute; a small model tolerates a large learning rate.
-    "tiny": dict(data="synthetic-math", tokenizer="bytes", micro_batch_size=16, seq_len=128,
-                 total_batch_size=2048, lr=3e-3, min_lr=3e-4, warmup_steps=20, max_steps=200,
+    "tiny": dict(data="synthetic-math", tokenizer="bytes", micro_batch_size=8, seq_len=128,
+                 total_batch_size=1024, lr=3e-3, min_lr=3e-4, warmup_steps=20, max_steps=200,
                  weight_decay=0.1, grad_clip=1.0, eval_interval=50, eval_batches=8,
                  checkpoint_interval=50, max_tokens=None),
 }

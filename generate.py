@@ -12,6 +12,7 @@ import torch
 from auto_regressive_model import AutoRegressiveModel, CheckpointError
 from base_data_preparer import get_tokenizer
 from data_file_utils import DataError
+from models import ModelConfigError
 
 
 def main(argv=None):
@@ -38,8 +39,12 @@ def main(argv=None):
     tokens = enc.encode(args.prompt, allowed_special="all") if args.prompt else [enc.eot_token]
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     idx = torch.tensor([tokens] * args.num_samples, dtype=torch.long, device=args.device)
-    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         use_cache=not args.no_cache, generator=generator, vocab_limit=enc.n_vocab)
+    try:
+        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             use_cache=not args.no_cache, generator=generator, vocab_limit=enc.n_vocab)
+    except ModelConfigError as e:  # e.g. a model trained to predict 64 tokens ahead cannot continue text
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for i, row in enumerate(out.tolist()):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")

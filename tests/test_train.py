@@ -13,7 +13,11 @@ import torch
 from conftest import REPO, run_script, train_args
 
 STEPS = 40
-COMMON = ("--max-steps", STEPS, "--eval-interval", 10, "--checkpoint-interval", 10)
+# A smaller model than --preset tiny for the tests of mechanics (resume, DDP, errors): seconds, not minutes.
+# Two micro-steps per optimizer step, so gradient accumulation is part of every comparison.
+SMALL = ("--n-layer", 2, "--n-head", 2, "--n-embd", 64, "--micro-batch-size", 4, "--seq-len", 64,
+         "--total-batch-size", 512)
+COMMON = ("--max-steps", STEPS, "--eval-interval", 10, "--checkpoint-interval", 10, *SMALL)
 
 
 def metrics(run_dir):
@@ -43,17 +47,27 @@ def reference_run(data_dir, tmp_path_factory):
     return out
 
 
-def test_tiny_run_learns_and_writes_its_files(reference_run):
-    for name in ("config.json", "metrics.jsonl", "checkpoint.pt"):
-        assert (reference_run / name).is_file()
-    config = json.loads((reference_run / "config.json").read_text())
+def test_tiny_preset_learns_in_40_steps(data_dir, tmp_path):
+    out = tmp_path / "tiny"
+    result = run_script("train_baseline_gpt2.py", *train_args(data_dir, out, "--max-steps", STEPS,
+                                                               "--eval-interval", STEPS))
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
     assert config["model_name"] == "baseline_gpt2" and config["max_steps"] == STEPS
     assert config["model_config"]["n_layer"] == 4 and config["data"] == "synthetic-math"
-    rows = metrics(reference_run)
-    train = [loss for _, loss in losses(rows, "train")]
+    train = [loss for _, loss in losses(metrics(out), "train")]
     assert len(train) == STEPS
     first, last = train[0], sum(train[-5:]) / 5
     assert last <= 0.75 * first, f"train loss fell only from {first:.3f} to {last:.3f}"
+
+
+def test_a_run_writes_its_files(reference_run):
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt"):
+        assert (reference_run / name).is_file()
+    config = json.loads((reference_run / "config.json").read_text())
+    assert config["grad_accum"] == 2 and config["model_config"]["n_embd"] == 64
+    rows = metrics(reference_run)
+    assert [s for s, _ in losses(rows, "train")] == list(range(STEPS))
     assert [s for s, _ in losses(rows, "val")] == [0, 10, 20, 30, 40]
     test_rows = [r for r in rows if r["split"] == "test"]
     assert len(test_rows) == 1 and test_rows[0]["bpb"] > 0
@@ -79,7 +93,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(reference_run, data_di
 
 def test_two_processes_match_one(data_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo) and the same --total-batch-size gives the one-process losses."""
-    args = ("--max-steps", 6, "--eval-interval", 3, "--total-batch-size", 4096)
+    args = ("--max-steps", 6, "--eval-interval", 3, *SMALL)
     one = run_script("train_baseline_gpt2.py", *train_args(data_dir, tmp_path / "one", *args))
     assert one.returncode == 0, one.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -100,7 +114,7 @@ def test_two_processes_match_one(data_dir, tmp_path):
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(data_dir, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(REPO / "train_baseline_gpt2.py"),
-                             *map(str, train_args(data_dir, out, "--max-steps", 100000))],
+                             *map(str, train_args(data_dir, out, "--max-steps", 100000, *SMALL))],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -114,7 +128,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(data_dir, tmp_path):
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
     assert saved["step"] >= 3
     resumed = run_script("train_baseline_gpt2.py",
-                         *train_args(data_dir, out, "--resume", "--max-steps", saved["step"] + 2))
+                         *train_args(data_dir, out, "--resume", "--max-steps", saved["step"] + 2, *SMALL))
     assert resumed.returncode == 0, resumed.stderr
     assert max(s for s, _ in losses(metrics(out), "train")) == saved["step"] + 1
 
@@ -161,7 +175,7 @@ def test_resume_refuses_a_changed_setting(reference_run, data_dir):
 
 
 def test_generate_from_checkpoint(reference_run):
-    long_prompt = "Question: what is 12 + 30?\n" * 20  # longer than the 128-token context: cropped
+    long_prompt = "Question: what is 12 + 30?\n" * 5  # longer than the 64-token context: cropped
     result = run_script("generate.py", "--checkpoint", reference_run / "checkpoint.pt", "--prompt", long_prompt,
                         "--max-new-tokens", 30, "--top-k", "1")
     assert result.returncode == 0, result.stderr
