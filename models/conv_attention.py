@@ -1,0 +1,186 @@
+"""
+Convolution-attention model: the seed's compressor/expander idea, wired causally as an hourglass
+transformer (Nawrot et al. 2021, "Hierarchical Transformers Are More Efficient Language Models").
+
+Shape (rtx3080 preset: C = n_embd = 48, T = 1024, factor 4, 3 levels; the seed's layer list):
+
+    idx (B, T) -> wte + wpe -> right-pad with zeros to Tp, a multiple of 4**3 = 64
+    (B, Tp,    C)  1 block   -- skip_0 ----------------------------------------+
+    shorten: (B, Tp/4,  2C)  2 blocks -- skip_1 ----------------------------+  |
+    shorten: (B, Tp/16, 4C)  2 blocks -- skip_2 -------------------------+  |  |
+    shorten: (B, Tp/64, 8C)  2 blocks (the middle)                       |  |  |
+    upsample + skip_2: (B, Tp/16, 4C)  2 blocks  <-----------------------+  |  |
+    upsample + skip_1: (B, Tp/4,  2C)  2 blocks  <--------------------------+  |
+    upsample + skip_0: (B, Tp,     C)  1 block   <-----------------------------+
+    -> drop the padding -> ln_f -> @ wte.T -> logits (B, T, V)
+
+12 blocks in all (the seed's 1 + 2 + 2 + 2 + 2 + 2 + 1; its code built 3 x (block, compressor, block) and
+3 x (block, expander, block), which puts the same counts at each resolution). Every block is pre-LN causal
+self-attention + MLP (components.Block); the head count is the same at every level, so the head size
+doubles with the width.
+
+shorten  = LayerNorm, shift right by factor-1, then a strided convolution (kernel = stride = factor, width
+           x2) written as "group factor neighbours side by side, one Linear" (the same operation).
+upsample = LayerNorm, a transposed convolution (kernel = stride = factor, width /2) written as
+           "one Linear to factor vectors", added to the skip saved at that resolution (U-Net residual).
+
+Why it is leak-free (the seed's was not: its expander was a Conv1d whose channels were the sequence
+positions, so every output position mixed every input position, future ones included).
+After the shift by factor-1, group g holds positions 4g-3 .. 4g, so compressed token g summarises tokens
+<= 4g. Causal attention at the short level lets token g see groups <= g, still tokens <= 4g. Upsampling
+sends token g to positions 4g .. 4g+3, all >= 4g. So position i only receives groups ending at or before i;
+the same argument holds level by level. Right padding is harmless for the same reason: nothing flows left.
+Without the shift, group g would hold 4g .. 4g+3 and position 4g would read 4g+1 .. 4g+3 (the tests show
+both the seed's expander and an unshifted hourglass leak).
+
+target_offset: 1 (default) trains the usual next-token objective; 64 is the seed's "predict the token 64
+ahead" objective (the trainer's loader builds y that many tokens ahead). Such a model is not a next-token
+model, so generate() refuses it.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy
+from components import Block, init_gpt2_weights
+
+
+@dataclass
+class Config:
+    vocab_size: int = 50304     # GPT-2's 50257 rounded up to a multiple of 64
+    block_size: int = 1024      # longest context; any T <= block_size works
+    n_head: int = 6             # at every level; must divide n_embd (then it divides every width)
+    n_embd: int = 48            # width at full resolution; level l has n_embd * 2**l
+    n_levels: int = 3           # compressor levels (and as many expander levels)
+    shorten_factor: int = 4     # tokens merged into one by each compressor
+    n_full_blocks: int = 1      # blocks at full resolution before the first compressor (and after the last expander)
+    n_level_blocks: int = 2     # blocks at each shortened resolution, on the way down and on the way up
+    dropout: float = 0.0
+    target_offset: int = 1      # the target of position i is token i + target_offset (1 = next token)
+
+
+PRESETS = {
+    "rtx3080": dict(n_embd=48, n_head=6, block_size=1024),
+    "tiny": dict(n_embd=32, n_head=4, block_size=256),
+}
+
+# Trainer defaults that differ for this model: the seed trains at context 1024, micro batch 8.
+TRAIN_PRESETS = {
+    "rtx3080": dict(micro_batch_size=8, seq_len=1024),
+    "tiny": dict(micro_batch_size=8, seq_len=256),
+}
+
+
+def check_sizes(config):
+    from models import ModelConfigError
+    c = config
+    if min(c.vocab_size, c.block_size, c.n_head, c.n_embd, c.n_levels, c.target_offset) < 1:
+        raise ModelConfigError("vocab_size, block_size, n_head, n_embd, n_levels and target_offset must be >= 1")
+    if c.shorten_factor < 2:
+        raise ModelConfigError(f"shorten_factor ({c.shorten_factor}) must be >= 2")
+    if c.n_full_blocks < 0 or c.n_level_blocks < 0:
+        raise ModelConfigError("n_full_blocks and n_level_blocks must be >= 0")
+    for level in range(c.n_levels + 1):
+        width = c.n_embd * 2 ** level
+        if width % c.n_head != 0:
+            raise ModelConfigError(f"n_head ({c.n_head}) must divide the width {width} of level {level} "
+                                   f"(n_embd {c.n_embd} * 2**{level})")
+
+
+class Shorten(nn.Module):
+    """(B, T, C) -> (B, T/factor, 2C); T a multiple of factor. Output token g summarises inputs <= factor*g."""
+
+    def __init__(self, n_embd, factor):
+        super().__init__()
+        self.factor = factor
+        self.shift = factor - 1  # the causal shift; the tests set it to 0 to show that it is needed
+        self.ln = nn.LayerNorm(n_embd)
+        self.proj = nn.Linear(factor * n_embd, 2 * n_embd)  # == Conv1d(C, 2C, kernel=factor, stride=factor)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        x = self.ln(x)
+        x = F.pad(x, (0, 0, self.shift, 0))[:, :T]          # position i now holds x[i - shift] (zeros first)
+        return self.proj(x.reshape(B, T // self.factor, self.factor * C))
+
+
+class Upsample(nn.Module):
+    """(B, T', 2C) -> (B, T' * factor, C): token g becomes positions factor*g .. factor*g + factor-1."""
+
+    def __init__(self, n_embd, factor):
+        super().__init__()
+        self.factor = factor
+        self.ln = nn.LayerNorm(2 * n_embd)
+        self.proj = nn.Linear(2 * n_embd, factor * n_embd)  # == ConvTranspose1d(2C, C, kernel=stride=factor)
+        self.proj.RESIDUAL_SCALE_INIT = True                # it adds into a residual stream
+
+    def forward(self, x):
+        B, T, C2 = x.size()
+        return self.proj(self.ln(x)).view(B, T * self.factor, C2 // 2)
+
+
+class Model(AutoRegressiveModel):
+    name = "conv_attention"
+    supports_kv_cache = False  # generate() recomputes the window each step
+
+    def __init__(self, config):
+        super().__init__()
+        check_sizes(config)
+        self.config = c = config
+        L, f = c.n_levels, c.shorten_factor
+        width = [c.n_embd * 2 ** level for level in range(L + 1)]
+        down_counts = [c.n_full_blocks] + [c.n_level_blocks] * (L - 1)
+
+        def blocks(n, w):
+            return nn.ModuleList(Block(w, c.n_head, c.dropout) for _ in range(n))
+
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe = nn.Embedding(c.block_size, c.n_embd)
+        self.down_blocks = nn.ModuleList(blocks(down_counts[l], width[l]) for l in range(L))
+        self.shorten = nn.ModuleList(Shorten(width[l], f) for l in range(L))
+        self.middle_blocks = blocks(c.n_level_blocks, width[L])
+        self.upsample = nn.ModuleList(Upsample(width[l], f) for l in range(L))
+        self.up_blocks = nn.ModuleList(blocks(down_counts[l], width[l]) for l in range(L))
+        self.ln_f = nn.LayerNorm(c.n_embd)
+        self.n_blocks = 2 * sum(down_counts) + c.n_level_blocks
+        self.apply(lambda m: init_gpt2_weights(m, self.n_blocks))
+
+    @property
+    def pad_multiple(self):
+        return self.config.shorten_factor ** self.config.n_levels
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"length {T} > block_size {self.config.block_size}"
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))   # (B, T, C)
+        Tp = math.ceil(T / self.pad_multiple) * self.pad_multiple
+        x = F.pad(x, (0, 0, 0, Tp - T))                                     # (B, Tp, C), zeros on the right
+        skips = []
+        for level, (blocks, shorten) in enumerate(zip(self.down_blocks, self.shorten)):
+            for block in blocks:
+                x = block(x, "causal")
+            skips.append(x)
+            x = shorten(x)                                                  # (B, Tp / f**(level+1), C * 2**(level+1))
+        for block in self.middle_blocks:
+            x = block(x, "causal")
+        for level in reversed(range(self.config.n_levels)):
+            x = skips.pop() + self.upsample[level](x)                       # back to (B, Tp / f**level, C * 2**level)
+            for block in self.up_blocks[level]:
+                x = block(x, "causal")
+        x = self.ln_f(x[:, :T])
+        logits = x @ self.wte.weight.t()                                    # tied head: (B, T, V)
+        loss = masked_cross_entropy(logits, targets) if targets is not None else None
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, *args, **kwargs):
+        if self.config.target_offset != 1:
+            from models import ModelConfigError
+            raise ModelConfigError(f"this model predicts the token {self.config.target_offset} ahead "
+                                   f"(target_offset={self.config.target_offset}); only a target_offset=1 "
+                                   f"model can generate text")
+        return super().generate(idx, max_new_tokens, *args, **kwargs)
