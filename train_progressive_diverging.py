@@ -1,0 +1,6 @@
+"""Train the progressive diverging model (3 -> 6 -> 12 blocks, LoRA on attention from stage 2):
+python train_progressive_diverging.py --preset tiny. `--help` lists every option (--stage2-at, --lora-rank, ...)."""
+from base_trainer import main
+
+if __name__ == "__main__":
+    main("progressive_diverging")
