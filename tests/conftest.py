@@ -12,6 +12,9 @@ TIKTOKEN_CACHE = REPO.parent / "shared" / "tiktoken-cache"
 if TIKTOKEN_CACHE.is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
 sys.path.insert(0, str(REPO))
+# The test models are tiny: one OpenMP thread per process beats two fighting over 2 cores (and the
+# subprocess tests run several processes at once). Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Small enough to prepare in seconds, large enough for a few hundred tiny steps without wrapping much.
 TINY_TOKENS = 400_000

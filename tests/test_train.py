@@ -195,3 +195,14 @@ def test_plot_loss(reference_run, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_one_line_error(run_script("plot_loss.py", empty, "--out", tmp_path / "x.png"), "metrics.jsonl")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "rtx3080"])
+def test_every_model_preset_has_a_consistent_batch(preset):
+    """Each train_<model>.py --preset X must start: tokens per step divisible into micro-batches."""
+    from base_trainer import resolve_config
+    from models import MODELS
+    for name in MODELS:
+        cfg, _ = resolve_config(name, ["--preset", preset])
+        assert cfg["total_batch_size"] % (cfg["micro_batch_size"] * cfg["seq_len"]) == 0, name
+        assert (REPO / f"train_{name}.py").is_file()
