@@ -1,0 +1,74 @@
+"""The bench/ scripts, run with their smallest settings so that they cannot rot (their figures are not checked).
+
+bench/data.py --smoke takes about a minute on a 2-core box (it prepares GSM8K twice), too long here: its CLI is
+checked with --help and its loader and memory benchmarks are called with tiny sizes on the shared dataset.
+"""
+
+import importlib.util
+import json
+
+from conftest import REPO, TINY_TOKENS, run_script
+
+MODEL_NAMES = ["baseline_gpt2", "conv_attention", "progressive_diverging", "dual_mask_gpt"]
+SEED_MODELS = ["baseline_gpt2", "conv_attention", "progressive_diverging"]
+
+
+def ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def rows_of(out, name):
+    """The table rows of model `name` (not the seed's reference rows, marked "(seed)")."""
+    return [line for line in out.splitlines() if line.startswith(name + " ") and "(seed)" not in line]
+
+
+def test_throughput_prints_a_row_per_model():
+    out = ok(run_script("bench/throughput.py", "--batch", 2, "--seq-len", 64, "--steps", 1, "--rounds", 1,
+                        timeout=120))
+    assert "ms/step" in out and "tok/s" in out and "GFLOP/tok" in out
+    for name in MODEL_NAMES:
+        assert len(rows_of(out, name)) == 1, out
+
+
+def test_generate_cached_and_uncached_for_every_model():
+    out = ok(run_script("bench/generate.py", "--smoke", "--new-tokens", 8, timeout=120))
+    assert "machine: CPU" in out and "ms/token" in out and "cache speedup" in out
+    for name in ["baseline_gpt2", "dual_mask_gpt"]:
+        cache_col = sorted(line.split()[-5] for line in rows_of(out, name))
+        assert cache_col == ["off", "on"], out
+    conv = rows_of(out, "conv_attention")
+    assert len(conv) == 1 and "no KV cache" in conv[0] and " off " in conv[0], out
+    prog = rows_of(out, "progressive_diverging")
+    assert len(prog) == 4 and sum("unmerged" in line for line in prog) == 2, out
+    # greedy decoding: the cached path gives the uncached path's tokens
+    assert all(line.split()[-1] == "yes" for line in out.splitlines() if " on " in line and "x " in line), out
+
+
+def test_data_bench_cli_and_small_parts(data_dir, tmp_path, capsys):
+    assert "--smoke" in ok(run_script("bench/data.py", "--help", timeout=60))
+    spec = importlib.util.spec_from_file_location("bench_data", REPO / "bench" / "data.py")
+    bench_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_data)
+    from base_data_preparer import prepare
+    dataset = prepare("synthetic-math", "bytes", data_dir=str(data_dir), max_tokens=TINY_TOKENS, quiet=True)
+    bench_data.bench_loader(dataset, 5, 2)
+    bench_data.bench_memory(tmp_path, 300_000)
+    out = capsys.readouterr().out
+    assert "us/batch" in out and "B=16, T=128" in out and "file-backed" in out, out
+
+
+def test_reproduce_seed_table_smallest(data_dir, tmp_path):
+    out_dir = tmp_path / "runs"
+    out = ok(run_script("bench/reproduce_seed_table.py", "--scale", "smoke", "--data-dir", data_dir,
+                        "--max-tokens", TINY_TOKENS, "--out-dir", out_dir, "--max-steps", 2,
+                        "--total-batch-size", 256, "--eval-batches", 1, "--infer-tokens", 4,
+                        "--train-args", "--micro-batch-size", 2, "--seq-len", 64, timeout=240))
+    assert "final train loss" in out and "test loss" in out and "bpb" in out and "infer ms/tok" in out
+    for name in SEED_MODELS:
+        row = rows_of(out, name)
+        assert len(row) == 1, out
+        assert "2 / 4" in row[0], row  # 2 optimizer steps of 256 tokens = 4 micro-batches of 2 x 64
+        with open(out_dir / name / "config.json") as f:
+            assert json.load(f)["seq_len"] == 64
+    assert "same data, 512 training tokens per model" in out, out
