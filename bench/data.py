@@ -59,13 +59,14 @@ def table(title, header, rows):
             print("  " + "  ".join("-" * w for w in widths))
 
 
-def bench_prepare(work: Path, synthetic_tokens: int):
+def bench_prepare(work: Path, synthetic_tokens: int, tokenizers=("bytes", "gpt2")):
     cores = os.cpu_count()
     rows, dirs = [], {}
-    for label, spec, tok, budget in [("GSM8K train (json)", f"json:{GSM8K}", "bytes", None),
-                                     ("GSM8K train (json)", f"json:{GSM8K}", "gpt2", None),
-                                     ("synthetic-math", "synthetic-math", "bytes", synthetic_tokens),
-                                     ("synthetic-math", "synthetic-math", "gpt2", synthetic_tokens)]:
+    cases = [("GSM8K train (json)", f"json:{GSM8K}", "bytes", None),
+             ("GSM8K train (json)", f"json:{GSM8K}", "gpt2", None),
+             ("synthetic-math", "synthetic-math", "bytes", synthetic_tokens),
+             ("synthetic-math", "synthetic-math", "gpt2", synthetic_tokens)]
+    for label, spec, tok, budget in [case for case in cases if case[2] in tokenizers]:
         cpu0, t0 = cpu_seconds(), time.perf_counter()
         d = prepare(spec, tok, work / f"prep-{tok}", max_tokens=budget, num_workers=cores, quiet=True)
         dt, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
@@ -190,16 +191,18 @@ def bench_memory(work: Path, tokens: int):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--smoke", action="store_true", help="tiny settings (< 1 min)")
+    parser.add_argument("--smoke", action="store_true", help="small settings (< 1 min)")
+    parser.add_argument("--tiny", action="store_true", help="smallest settings, bytes tokenizer only (for the tests)")
     args = parser.parse_args()
-    synthetic_tokens = 1_000_000 if args.smoke else 10_000_000
-    big_tokens = 20_000_000 if args.smoke else 200_000_000
-    n_batches = 200 if args.smoke else 2000
+    args.smoke = args.smoke or args.tiny
+    synthetic_tokens = 400_000 if args.tiny else 1_000_000 if args.smoke else 10_000_000
+    big_tokens = 2_000_000 if args.tiny else 20_000_000 if args.smoke else 200_000_000
+    n_batches = 50 if args.tiny else 200 if args.smoke else 2000
     print(f"lmsmall data benchmark{' (smoke)' if args.smoke else ''}: {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f} at start")
     with tempfile.TemporaryDirectory(prefix="lmsmall-bench-") as tmp:
         work = Path(tmp)
-        dirs = bench_prepare(work, synthetic_tokens)
+        dirs = bench_prepare(work, synthetic_tokens, ("bytes",) if args.tiny else ("bytes", "gpt2"))
         bench_loader(dirs[("synthetic-math", "bytes")], n_batches, 3 if args.smoke else 5)
         bench_memory(work, big_tokens)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f} (other processes on the machine slow the wall-clock "

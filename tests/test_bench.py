@@ -1,7 +1,6 @@
 """The bench/ scripts, run with their smallest settings so that they cannot rot (their figures are not checked).
 
-bench/data.py --smoke takes about a minute on a 2-core box (it prepares GSM8K twice), too long here: its CLI is
-checked with --help and its loader and memory benchmarks are called with tiny sizes on the shared dataset.
+bench/data.py runs whole with --tiny (bytes tokenizer only, small budgets).
 """
 
 import importlib.util
@@ -45,17 +44,10 @@ def test_generate_cached_and_uncached_for_every_model():
     assert all(line.split()[-1] == "yes" for line in out.splitlines() if " on " in line and "x " in line), out
 
 
-def test_data_bench_cli_and_small_parts(data_dir, tmp_path, capsys):
-    assert "--smoke" in ok(run_script("bench/data.py", "--help", timeout=60))
-    spec = importlib.util.spec_from_file_location("bench_data", REPO / "bench" / "data.py")
-    bench_data = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_data)
-    from base_data_preparer import prepare
-    dataset = prepare("synthetic-math", "bytes", data_dir=str(data_dir), max_tokens=TINY_TOKENS, quiet=True)
-    bench_data.bench_loader(dataset, 5, 2)
-    bench_data.bench_memory(tmp_path, 300_000)
-    out = capsys.readouterr().out
-    assert "us/batch" in out and "B=16, T=128" in out and "file-backed" in out, out
+def test_data_bench_tiny():
+    out = ok(run_script("bench/data.py", "--tiny", timeout=120))
+    assert "Preparation" in out and "tok/CPU-s" in out and "synthetic-math" in out and "GSM8K" in out, out
+    assert "us/batch" in out and "file-backed" in out, out
 
 
 def test_reproduce_seed_table_smallest(data_dir, tmp_path):
