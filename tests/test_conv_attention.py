@@ -197,7 +197,7 @@ def test_tiny_training_loss_falls(data_dir, tmp_path):
     assert sum(train[-5:]) / 5 < sum(train[:5]) / 5 - 1.0
     assert any(row["split"] == "test" for row in rows)
     config = json.load(open(out / "config.json"))
-    assert config["micro_batch_size"] == 8 and config["model_config"]["n_embd"] == 32  # this model's tiny preset
+    assert config["micro_batch_size"] == 4 and config["model_config"]["n_embd"] == 32  # this model's tiny preset
 
 
 def test_tiny_kill_and_resume_matches_uninterrupted(data_dir, tmp_path):
