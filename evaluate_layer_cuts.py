@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from auto_regressive_model import AutoRegressiveModel, CheckpointError, masked_cross_entropy
+from auto_regressive_model import AutoRegressiveModel, CheckpointError
 
 CUTS_FILE = "layer_cuts.json"
 

@@ -20,7 +20,6 @@ speed does not depend on them (the cached and uncached paths are checked to give
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,19 +27,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.machine import describe as describe_machine  # noqa: E402
 from models import MODELS, create_model  # noqa: E402
-
-
-def machine(device):
-    if device.startswith("cuda"):
-        return f"GPU {torch.cuda.get_device_name(device)}"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {name}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores visible"
 
 
 class Case:
@@ -130,7 +118,7 @@ def main(argv=None):
         for case in cases:
             run(case, prompt, args)
 
-    print(f"machine: {machine(args.device)} | torch {torch.__version__} | preset {args.preset} | batch "
+    print(f"machine: {describe_machine(args.device)} | torch {torch.__version__} | preset {args.preset} | batch "
           f"{args.batch} | prompt {args.prompt_len} + {args.new_tokens} new tokens | greedy | median of "
           f"{args.rounds} round(s)")
     print(f"{'model':<22} {'variant':<24} {'params':>10} {'ctx':>5} {'cache':>5} {'ms/token':>9} "

@@ -23,13 +23,13 @@ Columns (the seed's, plus bits per byte)
     test loss, bpb          the run's test row (written at the end of training on the test split)
     infer ms/tok            generation from the run's checkpoint (merged for inference), batch 1, greedy,
                             KV cache where the model has one (conv_attention: none), ms per new token
-Runs go to OUT_DIR/<model>; each run folder is started over (--overwrite) unless --reuse finds it finished.
+Runs go to OUT_DIR/<model>. A folder that already holds a run is refused unless --reuse finds it finished
+(then it is kept) or --overwrite says to start it over.
 """
 
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.machine import describe as describe_machine  # noqa: E402
 
 SEED_MODELS = ["baseline_gpt2", "conv_attention", "progressive_diverging"]
 SCALES = {
@@ -54,18 +55,6 @@ SEED_ROWS = [
     ("conv_attention (seed)", 6, "48-496", 8, 1024, "80k micro", "250", 1.42, 1.3, "12.23", "-"),
     ("progressive_diverging (seed)", 6, "192", 8, 256, "80k micro", "655", 4.65, 4.7, "5", "-"),
 ]
-
-
-def machine(device):
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        return f"GPU {torch.cuda.get_device_name()}"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {name}, {os.cpu_count()} cores"
 
 
 def read_run(run_dir):
@@ -94,7 +83,7 @@ def train_command(model, args, out):
             cmd += ["--" + flag.replace("_", "-"), str(value)]
     if args.max_steps is not None:  # validate at the end only: the table needs the last val/test rows
         cmd += ["--eval-interval", str(args.max_steps), "--checkpoint-interval", str(args.max_steps)]
-    return cmd + ["--overwrite"] + args.train_args
+    return cmd + (["--overwrite"] if args.overwrite else []) + args.train_args
 
 
 def inference_ms_per_token(run_dir, n_tokens, device):
@@ -168,6 +157,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the train scripts (smoke: 1)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per training run (default: none)")
     p.add_argument("--reuse", action="store_true", help="keep a finished run with the same --max-steps")
+    p.add_argument("--overwrite", action="store_true", help="start over runs that already exist in OUT_DIR")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                    help="everything after this goes to every train script, e.g. --train-args --compile")
     args = p.parse_args(argv)
@@ -180,8 +170,14 @@ def main(argv=None):
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)  # the inference timing in this process too
-    print(f"reproduce the seed's table | scale {args.scale} | machine: {machine(args.device or 'auto')} | "
+    print(f"reproduce the seed's table | scale {args.scale} | machine: {describe_machine(args.device or 'auto')} | "
           f"threads {args.threads or 'default'} | torch {torch.__version__}", flush=True)
+    existing = [m for m in args.models if (out_root / m / "checkpoint.pt").exists()
+                and not (args.reuse and finished(out_root / m, args.max_steps))]
+    if existing and not args.overwrite:
+        print(f"error: {out_root} already holds runs of {', '.join(existing)}; add --overwrite to start them "
+              f"over, --reuse to keep finished ones, or choose another --out-dir", file=sys.stderr)
+        return 2
     rows, t_all = [], time.perf_counter()
     for model in args.models:
         run_dir = out_root / model

@@ -3,10 +3,9 @@
 bench/data.py runs whole with --tiny (bytes tokenizer only, small budgets).
 """
 
-import importlib.util
 import json
 
-from conftest import REPO, TINY_TOKENS, run_script
+from conftest import TINY_TOKENS, run_script
 
 MODEL_NAMES = ["baseline_gpt2", "conv_attention", "progressive_diverging", "dual_mask_gpt"]
 SEED_MODELS = ["baseline_gpt2", "conv_attention", "progressive_diverging"]
@@ -64,3 +63,6 @@ def test_reproduce_seed_table_smallest(data_dir, tmp_path):
         with open(out_dir / name / "config.json") as f:
             assert json.load(f)["seq_len"] == 64
     assert "same data, 512 training tokens per model" in out, out
+    # The same command again: the runs exist, so it refuses instead of overwriting them.
+    again = run_script("bench/reproduce_seed_table.py", "--scale", "smoke", "--out-dir", out_dir, timeout=60)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
