@@ -428,7 +428,7 @@ class BaseTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        totals = {"loss": 0.0}
+        totals, loss_sum = {}, 0.0
         for micro_step in range(self.grad_accum):
             x, y = self.train_loader.next_batch()
             last = micro_step == self.grad_accum - 1
@@ -438,9 +438,10 @@ class BaseTrainer:
                 with self.autocast:
                     loss, metrics = self.step_module(x, y, None, self.step)
                 (loss / self.grad_accum).backward()
-            totals["loss"] += loss.item() / self.grad_accum
+            loss_sum = loss_sum + loss.detach()  # no .item() here: a GPU sync per micro-step stalls the queue
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / self.grad_accum
+        totals = {"loss": float(loss_sum) / self.grad_accum, **totals}
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])  # clip first, then step
         self.optimizer.step()
