@@ -62,6 +62,7 @@ class Runner:
         self.y = torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)
         self.tokens = batch * seq_len
         self.autocast = torch.autocast("cuda", dtype=dtype) if device.startswith("cuda") else None
+        self.flops = self.flops_per_token()  # counted eagerly: the counter cannot see inside a compiled graph
         if compile_model:
             model.compile()  # in place: model(...) now runs the compiled graph
         self.times = []
@@ -90,6 +91,12 @@ class Runner:
             self.step()
         sync()
         self.times.append((time.perf_counter() - t0) / n)
+
+    def resident_bytes(self):
+        """Memory this runner holds between steps: weights, buffers and optimizer state."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def flops_per_token(self):
         counter = FlopCounterMode(display=False)
@@ -132,7 +139,7 @@ def main(argv=None):
         model = load_nanogpt(args.nanogpt, overrides, args.vocab_size, seq_len)
         runners.append(Runner("nanoGPT model.py", model, args.batch, seq_len, args.vocab_size, args.device,
                               args.compile, torch.bfloat16))
-    flops = {r.label: r.flops_per_token() for r in runners}
+    flops = {r.label: r.flops for r in runners}
     for r in runners:  # warm-up: allocator, kernels, compilation
         r.timed_steps(2)
         r.times.clear()
@@ -140,9 +147,10 @@ def main(argv=None):
         for r in runners:
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
+                others = torch.cuda.memory_allocated() - r.resident_bytes()  # the other models' weights, Adam
             r.timed_steps(args.steps)
-            if args.device.startswith("cuda"):
-                r.peak_mem = torch.cuda.max_memory_allocated() / 2**30
+            if args.device.startswith("cuda"):  # this model's own peak, as if it were alone on the GPU
+                r.peak_mem = (torch.cuda.max_memory_allocated() - others) / 2**30
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if gpu and k in gpu), None)
     print(f"device: {gpu or 'cpu'} ({torch.get_num_threads()} threads) | preset {args.preset} | batch {args.batch} "
