@@ -32,11 +32,9 @@ part smoke 120 bash -c "$PY train_baseline_gpt2.py --preset tiny --device cuda -
     --out-dir /tmp/lmsmall_smoke --resume"
 
 # 2. Every model at its rtx3080 preset (GPT-2 vocabulary, the seed's micro batch of 8): speed, MFU and memory,
-#    eager and compiled.
+#    eager here, compiled at the end (compiling four models takes minutes).
 part throughput_rtx3080 150 $PY bench/throughput.py --preset rtx3080 --vocab-size 50304 --batch 8 --device cuda \
     --steps 10 --rounds 3
-part throughput_rtx3080_compile 240 $PY bench/throughput.py --preset rtx3080 --vocab-size 50304 --batch 8 \
-    --device cuda --steps 10 --rounds 3 --compile
 
 # 3. GPT-2 124M (12 layers, 12 heads, 768 wide, context 1024) in bf16, eager and with --compile.
 part gpt2_124m 120 $PY bench/throughput.py --models baseline_gpt2 --set n_layer=12 n_head=12 n_embd=768 \
@@ -52,3 +50,7 @@ part seed_table 420 $PY bench/reproduce_seed_table.py --scale full --device cuda
 
 # 5. Generation with and without the KV cache at the rtx3080 sizes.
 part generate 120 $PY bench/generate.py --preset rtx3080 --vocab-size 50304 --device cuda --new-tokens 200
+
+# 6. Every model at its rtx3080 preset again, compiled.
+part throughput_rtx3080_compile 240 $PY bench/throughput.py --preset rtx3080 --vocab-size 50304 --batch 8 \
+    --device cuda --steps 10 --rounds 3 --compile
