@@ -27,7 +27,7 @@ part() {  # part NAME SECONDS command...: run, keep the output, say how it ended
 
 # 1. The trainer end to end on CUDA (bf16 autocast, fused AdamW, checkpoint, resume).
 part smoke 120 bash -c "$PY train_baseline_gpt2.py --preset tiny --device cuda --max-steps 6 --eval-interval 3 \
-    --checkpoint-interval 3 --max-tokens 1M --data-dir /tmp/lmsmall_data --out-dir /tmp/lmsmall_smoke --overwrite && \
+    --checkpoint-interval 3 --max-tokens 1000000 --data-dir /tmp/lmsmall_data --out-dir /tmp/lmsmall_smoke --overwrite && \
     $PY train_baseline_gpt2.py --preset tiny --device cuda --max-steps 8 --data-dir /tmp/lmsmall_data \
     --out-dir /tmp/lmsmall_smoke --resume"
 
