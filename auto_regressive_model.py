@@ -2,9 +2,14 @@
 AutoRegressiveModel: what every model in models/ is, and what the trainer and generate.py rely on.
 
 The forward contract
-    logits, loss = model(idx, targets=None)
-    idx (B, T) long with T <= block_size; logits (B, T, V) for every position; loss a scalar or None.
+    logits, loss = model(idx, targets=None, key_mask=None)
+    idx (B, T) long with T <= block_size (longer works where the positions allow it: pos alibi, sinusoidal,
+    none); logits (B, T, V) for every position; loss a scalar or None.
     In the forward direction the logits at position i depend only on idx[:, :i+1] (tests prove it).
+    key_mask (B, T) bool, aligned with idx: False marks filler / padding tokens that no other position may
+    attend to (each position still attends to itself). A model that cannot honour it raises ValueError.
+    hidden = model.features(idx, key_mask=None): the final hidden states (B, T, C) after the final
+    LayerNorm, before the head, one row per idx position (for embeddings; forward is head(features)).
 
 Hooks the trainer calls (a model overrides what it needs; the defaults are plain next-token training)
     training_loss(x, y, loss_mask, step) -> (loss, {metric: float})   one micro-batch of training
@@ -47,9 +52,10 @@ class AutoRegressiveModel(nn.Module):
 
     # ---- training hooks -------------------------------------------------------------------
     def training_loss(self, x, y, loss_mask=None, step=0):
+        if loss_mask is None:  # the loss inside forward: a compiled model fuses it with the head
+            return self(x, y)[1], {}
         logits, _ = self(x)
-        loss = masked_cross_entropy(logits, y, loss_mask)
-        return loss, {}
+        return masked_cross_entropy(logits, y, loss_mask), {}
 
     def evaluation_losses(self, x, y, loss_mask=None):
         logits, _ = self(x)
@@ -70,6 +76,11 @@ class AutoRegressiveModel(nn.Module):
     def prepare_for_inference(self):
         pass
 
+    # ---- the network ----------------------------------------------------------------------
+    def features(self, idx, key_mask=None):
+        """Final hidden states (B, T, C) of idx (B, T): after the final LayerNorm, before the head."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose features()")
+
     # ---- generation -----------------------------------------------------------------------
     def forward_cached(self, idx, cache):
         """Logits (B, T, V) of idx placed after the cache.pos tokens already in `cache`; advances it."""
@@ -84,6 +95,10 @@ class AutoRegressiveModel(nn.Module):
         """Append max_new_tokens sampled tokens to idx (B, T). temperature 0 or top_k=1 is greedy.
         A prompt longer than block_size is cropped to its last block_size tokens. vocab_limit keeps
         sampling below the tokenizer's size (the embedding table is padded to a multiple of 64)."""
+        if getattr(self.config, "attention", "causal") != "causal":
+            from models import ModelConfigError
+            raise ModelConfigError(f"this model attends {self.config.attention}ly (an encoder, e.g. for "
+                                   f"MNTP): it does not predict the next token and cannot generate text")
         block_size = self.config.block_size
         cache = None
         use_cache = use_cache and self.supports_kv_cache

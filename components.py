@@ -1,8 +1,8 @@
 """
-Building blocks shared by every model: attention with its masks and KV cache, MLP, the pre-LN Block,
-LoRALinear, and GPT-2 weight initialisation.
+Building blocks shared by every model: attention with its masks, ALiBi biases and KV cache, position
+embeddings, the output heads, MLP, the pre-LN Block, LoRALinear, and GPT-2 weight initialisation.
 
-Shapes: B batch, T sequence length, C = n_embd channels, H heads, D = C // H head size.
+Shapes: B batch, T sequence length, C = n_embd channels, H heads, D = C // H head size, V vocabulary.
 
 Masks (True = query row may attend to key column), for T = 4:
     causal        anti-causal   bidirectional
@@ -12,8 +12,25 @@ Masks (True = query row may attend to key column), for T = 4:
     1 1 1 1       0 0 0 1       1 1 1 1
 Causal is `tril`, anti-causal is `triu`. (One of the seeds used `tril(ones).flip(0)`, which is neither:
 its first row sees every position, so early positions can read their own target.)
+
+Key (padding / filler) masks: key_mask (B, T_k) bool, True = that key may be attended. It is ANDed with the
+mask above, and the diagonal is always allowed, so a query whose every allowed key is masked (a filler
+position under a causal mask) attends to itself instead of producing NaN.
+
+ALiBi (Press et al. 2022, "Train Short, Test Long"): no position embedding; head h adds -m_h * distance to
+the attention score, m_h the geometric slopes of alibi_slopes(). Per head, for T = 5 with m = 1 (-inf = masked):
+    causal                 anti-causal (mirrored)    bidirectional symmetric   bidirectional "shifted" (the seed's)
+     0 -  -  -  -           0 -1 -2 -3 -4             0 -1 -2 -3 -4             0 -.5 -1.5 -2.5 -3.5
+    -1  0 -  -  -           -  0 -1 -2 -3            -1  0 -1 -2 -3            -1   0  -.5 -1.5 -2.5
+    -2 -1  0 -  -           -  -  0 -1 -2            -2 -1  0 -1 -2            -2  -1    0  -.5 -1.5
+    -3 -2 -1  0 -           -  -  -  0 -1            -3 -2 -1  0 -1            -3  -2   -1    0  -.5
+    -4 -3 -2 -1  0          -  -  -  -  0            -4 -3 -2 -1  0            -4  -3   -2   -1    0
+"Shifted" moves the biases of keys ahead of the query up by 0.5 * m, so that a head can tell "ahead" from
+"behind" (ofirpress/attention_with_linear_biases issue 5). The bias only depends on the distance, so it
+works at any length: an ALiBi model can be evaluated on contexts longer than it was trained on.
 """
 
+import functools
 import math
 
 import torch
@@ -21,6 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MASK_KINDS = ("causal", "anticausal", "bidirectional")
+POS_KINDS = ("learned", "sinusoidal", "alibi", "none")
+HEAD_KINDS = ("tied", "clap")
+ALIBI_BIDIRECTIONAL = ("shifted", "symmetric")
 
 
 def attention_mask(kind, T_q, T_k, device, q_start=0):
@@ -35,6 +55,54 @@ def attention_mask(kind, T_q, T_k, device, q_start=0):
     if kind == "anticausal":
         return k_pos >= q_pos
     raise ValueError(f"unknown mask kind {kind!r}; expected one of {MASK_KINDS}")
+
+
+def alibi_slopes(n_head):
+    """Press et al.'s head slopes: 2^(-8/n), 2^(-16/n), ... for n a power of two; otherwise the slopes of
+    the nearest lower power of two, then every other slope of the next power of two."""
+    def powers(n):
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+    if n_head & (n_head - 1) == 0:
+        return powers(n_head)
+    low = 2 ** int(math.log2(n_head))
+    return powers(low) + powers(2 * low)[0::2][:n_head - low]
+
+
+@functools.lru_cache(maxsize=16)
+def alibi_bias(kind, T_q, T_k, n_head, q_start=0, shifted=False, device="cpu", dtype=torch.float32):
+    """Additive attention bias (H, T_q, T_k): -slope * distance where `kind`'s mask allows, -inf elsewhere.
+    Query i sits at position q_start + i. shifted: for bidirectional attention, keys ahead get + 0.5 * slope
+    (the seed's asymmetric variant). Built once per argument tuple and cached (do not modify it in place)."""
+    with torch.inference_mode(False):  # a cached tensor must stay usable outside inference mode
+        q_pos = torch.arange(q_start, q_start + T_q, device=device)[:, None]
+        k_pos = torch.arange(T_k, device=device)[None, :]
+        distance = (q_pos - k_pos).abs().float()                                    # (T_q, T_k)
+        slopes = torch.tensor(alibi_slopes(n_head), device=device)[:, None, None]  # (H, 1, 1)
+        bias = -slopes * distance
+        if kind == "bidirectional" and shifted:
+            bias = bias + 0.5 * slopes * (k_pos > q_pos)
+        allowed = attention_mask(kind, T_q, T_k, device, q_start)
+        if allowed is not None:
+            bias = bias.masked_fill(~allowed, float("-inf"))
+        return bias.to(dtype)
+
+
+def attention_bias(kind, T_q, T_k, device, q_start=0, key_mask=None, alibi=None, n_head=1,
+                   dtype=torch.float32):
+    """The attn_mask for F.scaled_dot_product_attention, broadcastable to (B, H, T_q, T_k):
+    None (attend everywhere), a bool mask (True = attend), or with alibi ("shifted"/"symmetric") a float
+    bias with -inf where masked. key_mask (B, T_k) bool removes keys; the diagonal always stays allowed."""
+    if key_mask is not None:
+        q_pos = torch.arange(q_start, q_start + T_q, device=device)[:, None]
+        diagonal = q_pos == torch.arange(T_k, device=device)[None, :]               # (T_q, T_k)
+        keep = key_mask[:, None, None, :] | diagonal                                # (B, 1, T_q, T_k)
+    if alibi is not None:
+        bias = alibi_bias(kind, T_q, T_k, n_head, q_start, alibi == "shifted", device, dtype)
+        return bias if key_mask is None else bias.masked_fill(~keep, float("-inf"))  # (B, H, T_q, T_k)
+    allowed = attention_mask(kind, T_q, T_k, device, q_start)
+    if key_mask is None:
+        return allowed
+    return keep if allowed is None else allowed & keep                              # (B, 1, T_q, T_k)
 
 
 class KVCache:
@@ -60,18 +128,25 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention through F.scaled_dot_product_attention (flash / memory-efficient kernels)."""
+    """Multi-head self-attention through F.scaled_dot_product_attention (flash / memory-efficient kernels).
+    alibi: None (positions come from elsewhere) or the ALiBi variant for bidirectional masks, "shifted"
+    or "symmetric" (causal and anti-causal masks have one ALiBi each; the variant only matters there)."""
 
-    def __init__(self, n_embd, n_head, dropout=0.0):
+    def __init__(self, n_embd, n_head, dropout=0.0, alibi=None):
         super().__init__()
         assert n_embd % n_head == 0, f"n_embd {n_embd} must be divisible by n_head {n_head}"
+        assert alibi in (None, *ALIBI_BIDIRECTIONAL), f"alibi must be None or one of {ALIBI_BIDIRECTIONAL}"
         self.n_head = n_head
+        self.alibi = alibi
         self.c_attn = nn.Linear(n_embd, 3 * n_embd)  # q, k, v for all heads in one matmul
         self.c_proj = nn.Linear(n_embd, n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True
         self.dropout = dropout
 
-    def forward(self, x, mask="causal", cache=None, slot=0):
+    def forward(self, x, mask="causal", cache=None, slot=0, key_mask=None):
+        """x (B, T, C) -> (B, T, C). mask: a MASK_KINDS name; cache: a KVCache whose `slot` this layer uses
+        (queries then sit at positions cache.pos..); key_mask (B, T_k) bool, True = key may be attended
+        (T_k = cache.pos + T with a cache)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
@@ -80,13 +155,80 @@ class SelfAttention(nn.Module):
             q_start = cache.pos
             k, v = cache.update(slot, k, v)
         dropout_p = self.dropout if self.training else 0.0
-        if mask == "causal" and q_start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        if mask == "causal" and q_start == 0 and key_mask is None and self.alibi is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)  # fast path
         else:
-            attn_mask = attention_mask(mask, T, k.size(2), x.device, q_start)
+            attn_mask = attention_bias(mask, T, k.size(2), x.device, q_start, key_mask, self.alibi,
+                                       self.n_head, q.dtype)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.c_proj(y)
+
+
+def sinusoidal_table(pos, n_embd):
+    """Vaswani et al.'s fixed position vectors for positions pos (T,) -> (T, C): sin and cos of
+    pos / 10000^(2i/C), sin in the first half of the channels, cos in the second."""
+    half = n_embd // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=pos.device, dtype=torch.float32) / half)
+    angle = pos.float()[:, None] * freq[None, :]                                  # (T, C/2)
+    table = torch.cat([angle.sin(), angle.cos()], dim=1)
+    return F.pad(table, (0, n_embd - 2 * half))                                   # odd C: one zero channel
+
+
+class PositionEmbedding(nn.Module):
+    """What is added to the token embeddings for positions pos (T,) long: (T, C), or 0.0 for nothing.
+        learned     a trained (n_positions, C) table, GPT-2's wpe (n_positions = the longest context)
+        sinusoidal  sinusoidal_table(pos), computed on the fly: any length
+        alibi/none  nothing: ALiBi puts positions into the attention biases; "none" relies on the causal
+                    mask alone (NoPE)
+    With "learned" the weight is `weight`, as nn.Embedding's, so checkpoints keep the key `wpe.weight`."""
+
+    def __init__(self, kind, n_positions, n_embd):
+        super().__init__()
+        assert kind in POS_KINDS, f"pos must be one of {POS_KINDS}, not {kind!r}"
+        self.kind, self.n_positions, self.n_embd = kind, n_positions, n_embd
+        if kind == "learned":
+            self.weight = nn.Parameter(torch.empty(n_positions, n_embd))
+            nn.init.normal_(self.weight, mean=0.0, std=0.02)
+
+    @property
+    def max_positions(self):
+        """How many positions (0 .. max_positions - 1) this embedding can serve."""
+        return self.n_positions if self.kind == "learned" else math.inf
+
+    def forward(self, pos):
+        if self.kind == "learned":
+            return F.embedding(pos, self.weight)
+        if self.kind == "sinusoidal":
+            return sinusoidal_table(pos, self.n_embd)
+        return 0.0
+
+
+class OutputHead(nn.Module):
+    """The token embedding's partner: how tokens enter the network and how logits come out, weights tied.
+        tied  x = E[idx];               logits = h @ E^T                                        (GPT-2)
+        clap  x = normalize(E[idx]);    logits = beta * normalize(h) @ normalize(E)^T, beta = exp(log_beta)
+    CLAP (the seed "ALiBi and CLAP head"): no extra layer and no output bias, unit-length embeddings in and
+    out; the cosine similarities are scaled by a learned inverse temperature, so |logits| <= beta.
+    beta starts at 1/0.07 as CLIP's logit scale; log-parameterised so it stays positive."""
+
+    def __init__(self, kind="tied", init_beta=1 / 0.07):
+        super().__init__()
+        assert kind in HEAD_KINDS, f"head must be one of {HEAD_KINDS}, not {kind!r}"
+        self.kind = kind
+        if kind == "clap":
+            self.log_beta = nn.Parameter(torch.tensor(math.log(init_beta)))
+
+    def embed(self, wte, idx):
+        """idx (B, T) -> token embeddings (B, T, C) through the nn.Embedding wte."""
+        x = wte(idx)
+        return F.normalize(x, dim=-1) if self.kind == "clap" else x
+
+    def forward(self, h, weight):
+        """h (B, T, C) final hidden states, weight (V, C) the token embedding -> logits (B, T, V)."""
+        if self.kind == "tied":
+            return h @ weight.t()
+        return self.log_beta.exp() * (F.normalize(h, dim=-1) @ F.normalize(weight, dim=-1).t())
 
 
 class MLP(nn.Module):
@@ -104,15 +246,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, n_embd, n_head, dropout=0.0):
+    def __init__(self, n_embd, n_head, dropout=0.0, alibi=None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd)
-        self.attn = SelfAttention(n_embd, n_head, dropout)
+        self.attn = SelfAttention(n_embd, n_head, dropout, alibi)
         self.ln_2 = nn.LayerNorm(n_embd)
         self.mlp = MLP(n_embd)
 
-    def forward(self, x, mask="causal", cache=None, slot=0):
-        x = x + self.attn(self.ln_1(x), mask, cache, slot)
+    def forward(self, x, mask="causal", cache=None, slot=0, key_mask=None):
+        x = x + self.attn(self.ln_1(x), mask, cache, slot, key_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -170,5 +312,5 @@ def init_gpt2_weights(module, n_layer):
         nn.init.normal_(module.weight, mean=0.0, std=std)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
+    elif isinstance(module, (nn.Embedding, PositionEmbedding)) and hasattr(module, "weight"):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)

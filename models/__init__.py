@@ -7,10 +7,19 @@ The model registry. Every model lives in one file of this folder and exposes:
 
     from models import create_model, MODELS
     model = create_model("baseline_gpt2", preset="tiny", n_layer=2)
+    model = create_model("baseline_gpt2", preset="tiny", pos="alibi", head="clap")
+
+Options shared by several models (each Config has those that make sense for it; check_options validates):
+    pos                  learned | sinusoidal | alibi | none    how positions enter (components.py)
+    head                 tied | clap                            the output head (components.OutputHead)
+    attention            causal | bidirectional                 bidirectional = an encoder (MNTP); no generate()
+    alibi_bidirectional  shifted | symmetric                    ALiBi for bidirectional attention
 """
 
 import dataclasses
 import importlib
+
+import components
 
 MODELS = {
     "baseline_gpt2": "models.baseline_gpt2",
@@ -22,6 +31,22 @@ MODELS = {
 
 class ModelConfigError(ValueError):
     """An unknown model, preset or option; the message lists the valid ones."""
+
+
+CHOICES = {
+    "pos": components.POS_KINDS,
+    "head": components.HEAD_KINDS,
+    "attention": ("causal", "bidirectional"),
+    "alibi_bidirectional": components.ALIBI_BIDIRECTIONAL,
+}
+
+
+def check_options(config):
+    """ModelConfigError unless each of the CHOICES options that `config` has holds one of its values."""
+    for name, choices in CHOICES.items():
+        value = getattr(config, name, choices[0])
+        if value not in choices:
+            raise ModelConfigError(f"{name} {value!r} unknown; choose one of: {', '.join(choices)}")
 
 
 def model_module(name):

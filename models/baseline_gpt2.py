@@ -4,6 +4,12 @@ Baseline GPT-2, as in build-nanogpt: learned token and position embeddings, n_la
 
     idx (B, T) -> wte (B, T, C) + wpe (T, C) -> n_layer x Block -> ln_f -> @ wte.T -> logits (B, T, V)
 
+Options (components.py): pos = learned (GPT-2's wpe) | sinusoidal | alibi (no wpe; linear biases in every
+attention layer) | none; head = tied | clap (unit-length embeddings, logits = beta * cosine);
+attention = causal | bidirectional (an encoder, e.g. for MNTP: it sees both sides, so it cannot generate;
+with ALiBi it uses the alibi_bidirectional variant, the seed's "shifted" or "symmetric").
+With pos alibi, sinusoidal or none there is no position table, so T may exceed block_size at evaluation.
+
 The rtx3080 preset is the seed's size (12 layers, 6 heads, 192 wide, context 256), which fits a 10 GB GPU
 with micro batches of 8; tiny trains on a laptop CPU in a couple of minutes.
 """
@@ -14,17 +20,21 @@ import torch
 import torch.nn as nn
 
 from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy
-from components import Block, KVCache, init_gpt2_weights
+from components import Block, KVCache, OutputHead, PositionEmbedding, init_gpt2_weights
 
 
 @dataclass
 class Config:
     vocab_size: int = 50304   # GPT-2's 50257 rounded up to a multiple of 64 (faster matmuls)
-    block_size: int = 256     # longest context
+    block_size: int = 256     # longest context (of the training data; alibi/sinusoidal/none can go further)
     n_layer: int = 12
     n_head: int = 6
     n_embd: int = 192
     dropout: float = 0.0
+    pos: str = "learned"      # learned | sinusoidal | alibi | none
+    head: str = "tied"        # tied | clap
+    attention: str = "causal"  # causal | bidirectional (an encoder: no generate())
+    alibi_bidirectional: str = "shifted"  # ALiBi under bidirectional attention: shifted (the seed's) | symmetric
 
 
 PRESETS = {
@@ -34,40 +44,47 @@ PRESETS = {
 
 
 def check_sizes(config):
-    from models import ModelConfigError
+    from models import ModelConfigError, check_options
     if config.n_embd % config.n_head != 0:
         raise ModelConfigError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
     if min(config.vocab_size, config.block_size, config.n_layer, config.n_head) < 1:
         raise ModelConfigError("vocab_size, block_size, n_layer and n_head must all be positive")
+    check_options(config)
 
 
 class Model(AutoRegressiveModel):
     name = "baseline_gpt2"
-    supports_kv_cache = True
+    supports_kv_cache = True   # per instance: False when bidirectional
 
     def __init__(self, config):
         super().__init__()
         check_sizes(config)
         self.config = config
+        self.supports_kv_cache = config.attention == "causal"
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout)
+        self.wpe = PositionEmbedding(config.pos, config.block_size, config.n_embd)
+        alibi = config.alibi_bidirectional if config.pos == "alibi" else None
+        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout, alibi)
                                     for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
+        self.head = OutputHead(config.head)                   # tied to wte; no weights of its own but beta
         self.apply(lambda m: init_gpt2_weights(m, config.n_layer))
 
-    def forward(self, idx, targets=None, cache=None):
+    def features(self, idx, key_mask=None, cache=None):
+        """idx (B, T) -> final hidden states (B, T, C) after ln_f; key_mask (B, T) bool, True = attendable."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
-        assert start + T <= self.config.block_size, f"length {start + T} > block_size {self.config.block_size}"
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)                      # (B, T, C)
+        assert start + T <= self.wpe.max_positions, f"length {start + T} > block_size {self.config.block_size}"
+        assert cache is None or key_mask is None, "key_mask is for full sequences, not for the KV cache"
+        x = self.head.embed(self.wte, idx) + self.wpe(torch.arange(start, start + T, device=idx.device))
         for i, block in enumerate(self.blocks):
-            x = block(x, "causal", cache, slot=i)
+            x = block(x, self.config.attention, cache, slot=i, key_mask=key_mask)
         if cache is not None:
             cache.advance(T)
-        x = self.ln_f(x)
-        logits = x @ self.wte.weight.t()                      # tied head: (B, T, V)
+        return self.ln_f(x)
+
+    def forward(self, idx, targets=None, cache=None, key_mask=None):
+        logits = self.head(self.features(idx, key_mask, cache), self.wte.weight)  # (B, T, V)
         loss = masked_cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
 

@@ -33,6 +33,12 @@ the same argument holds level by level. Right padding is harmless for the same r
 Without the shift, group g would hold 4g .. 4g+3 and position 4g would read 4g+1 .. 4g+3 (the tests show
 both the seed's expander and an unshifted hourglass leak).
 
+Options (components.py): pos = learned | sinusoidal (added at full resolution) | alibi (the causal ALiBi bias
+in every block, distances counted in that level's tokens; no wpe) | none; head = tied | clap.
+No key_mask (filler tokens): a compressor mixes each group of neighbours into one token, so a filler token
+would reach its neighbours whatever the attention masks say. forward/features raise ValueError if given one.
+No bidirectional attention: the hourglass is built for causal language modelling.
+
 target_offset: 1 (default) trains the usual next-token objective; 64 is the seed's "predict the token 64
 ahead" objective (the trainer's loader builds y that many tokens ahead). Such a model is not a next-token
 model, so generate() refuses it.
@@ -46,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy
-from components import Block, init_gpt2_weights
+from components import Block, OutputHead, PositionEmbedding, init_gpt2_weights
 
 
 @dataclass
@@ -61,6 +67,8 @@ class Config:
     n_level_blocks: int = 2     # blocks at each shortened resolution, on the way down and on the way up
     dropout: float = 0.0
     target_offset: int = 1      # the target of position i is token i + target_offset (1 = next token)
+    pos: str = "learned"        # learned | sinusoidal | alibi | none
+    head: str = "tied"          # tied | clap
 
 
 PRESETS = {
@@ -76,7 +84,7 @@ TRAIN_PRESETS = {
 
 
 def check_sizes(config):
-    from models import ModelConfigError
+    from models import ModelConfigError, check_options
     c = config
     if min(c.vocab_size, c.block_size, c.n_head, c.n_embd, c.n_levels, c.target_offset) < 1:
         raise ModelConfigError("vocab_size, block_size, n_head, n_embd, n_levels and target_offset must be >= 1")
@@ -89,6 +97,7 @@ def check_sizes(config):
         if width % c.n_head != 0:
             raise ModelConfigError(f"n_head ({c.n_head}) must divide the width {width} of level {level} "
                                    f"(n_embd {c.n_embd} * 2**{level})")
+    check_options(c)
 
 
 class Shorten(nn.Module):
@@ -135,17 +144,20 @@ class Model(AutoRegressiveModel):
         width = [c.n_embd * 2 ** level for level in range(L + 1)]
         down_counts = [c.n_full_blocks] + [c.n_level_blocks] * (L - 1)
 
+        alibi = "symmetric" if c.pos == "alibi" else None  # (the variant matters for bidirectional only)
+
         def blocks(n, w):
-            return nn.ModuleList(Block(w, c.n_head, c.dropout) for _ in range(n))
+            return nn.ModuleList(Block(w, c.n_head, c.dropout, alibi) for _ in range(n))
 
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
-        self.wpe = nn.Embedding(c.block_size, c.n_embd)
+        self.wpe = PositionEmbedding(c.pos, c.block_size, c.n_embd)
         self.down_blocks = nn.ModuleList(blocks(down_counts[l], width[l]) for l in range(L))
         self.shorten = nn.ModuleList(Shorten(width[l], f) for l in range(L))
         self.middle_blocks = blocks(c.n_level_blocks, width[L])
         self.upsample = nn.ModuleList(Upsample(width[l], f) for l in range(L))
         self.up_blocks = nn.ModuleList(blocks(down_counts[l], width[l]) for l in range(L))
         self.ln_f = nn.LayerNorm(c.n_embd)
+        self.head = OutputHead(c.head)                    # tied to wte; no weights of its own but beta
         self.n_blocks = 2 * sum(down_counts) + c.n_level_blocks
         self.apply(lambda m: init_gpt2_weights(m, self.n_blocks))
 
@@ -153,10 +165,13 @@ class Model(AutoRegressiveModel):
     def pad_multiple(self):
         return self.config.shorten_factor ** self.config.n_levels
 
-    def forward(self, idx, targets=None):
+    def features(self, idx, key_mask=None):
+        """idx (B, T) -> final hidden states (B, T, C) after ln_f. key_mask: not supported (ValueError)."""
+        if key_mask is not None:
+            raise ValueError("conv_attention does not support filler/key masks")
         B, T = idx.size()
-        assert T <= self.config.block_size, f"length {T} > block_size {self.config.block_size}"
-        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))   # (B, T, C)
+        assert T <= self.wpe.max_positions, f"length {T} > block_size {self.config.block_size}"
+        x = self.head.embed(self.wte, idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
         Tp = math.ceil(T / self.pad_multiple) * self.pad_multiple
         x = F.pad(x, (0, 0, 0, Tp - T))                                     # (B, Tp, C), zeros on the right
         skips = []
@@ -171,8 +186,10 @@ class Model(AutoRegressiveModel):
             x = skips.pop() + self.upsample[level](x)                       # back to (B, Tp / f**level, C * 2**level)
             for block in self.up_blocks[level]:
                 x = block(x, "causal")
-        x = self.ln_f(x[:, :T])
-        logits = x @ self.wte.weight.t()                                    # tied head: (B, T, V)
+        return self.ln_f(x[:, :T])
+
+    def forward(self, idx, targets=None, key_mask=None):
+        logits = self.head(self.features(idx, key_mask), self.wte.weight)  # (B, T, V)
         loss = masked_cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
 

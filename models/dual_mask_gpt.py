@@ -21,6 +21,12 @@ directions are then exact mirror images: bw on x is fw on reversed(x) with BW in
 weights, positions included, serve both tasks and the task token is the only thing that tells them apart.
 Leak-free by construction: fw logits at i depend only on idx[:, :i+1] (causal mask, position i+1); bw logits
 at i depend only on idx[:, i:] (anti-causal mask; its position T-i is the length of that suffix).
+Options (components.py): pos = learned | sinusoidal | alibi | none, head = tied | clap. With pos=alibi there
+is no wpe: the fw direction adds the causal ALiBi bias (-m * (i - j) for keys j <= i) and the bw direction
+its mirror image (-m * (j - i) for keys j >= i), so the mirror property above holds for every option.
+Sinusoidal positions use the same mirrored position numbers as the learned ones.
+key_mask (B, T) marks filler tokens of idx; the task token is always attendable.
+
 The seed's backward mask, tril(ones).flip(0), is not anti-causal (its first row sees every position); here it
 is components.attention_mask("anticausal") == triu, and tests/test_dual_mask_gpt.py proves it.
 
@@ -42,7 +48,7 @@ import torch
 import torch.nn as nn
 
 from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy
-from components import Block, KVCache, init_gpt2_weights
+from components import Block, KVCache, OutputHead, PositionEmbedding, init_gpt2_weights
 
 EXTRA_TOKENS = 2          # FW = vocab_size - 2, BW = vocab_size - 1
 BW_MODES = ("additional", "exclusive")
@@ -61,6 +67,8 @@ class Config:
     bw_mode: str = "additional"   # additional: fw + bw on the same tokens; exclusive: fw or bw
     dynamic_p_bw: bool = False    # the seed code's p_bw = clamp(ppl_bw / ppl_fw, 0.01, 1) after each bw step
     bw_seed: int = 0          # seeds the per-step coin
+    pos: str = "learned"      # learned | sinusoidal | alibi | none
+    head: str = "tied"        # tied | clap
 
 
 PRESETS = {
@@ -70,7 +78,7 @@ PRESETS = {
 
 
 def check_config(config):
-    from models import ModelConfigError
+    from models import ModelConfigError, check_options
     if config.n_embd % config.n_head != 0:
         raise ModelConfigError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
     if min(config.block_size, config.n_layer, config.n_head) < 1 or config.vocab_size <= EXTRA_TOKENS:
@@ -79,6 +87,7 @@ def check_config(config):
         raise ModelConfigError(f"bw_mode {config.bw_mode!r} unknown; choose one of: {', '.join(BW_MODES)}")
     if not 0.0 <= config.p_bw <= 1.0:
         raise ModelConfigError(f"p_bw ({config.p_bw}) must lie in [0, 1]")
+    check_options(config)
 
 
 def bw_coin(bw_seed, step):
@@ -103,10 +112,12 @@ class Model(AutoRegressiveModel):
         self.fw_token = config.vocab_size - 2
         self.bw_token = config.vocab_size - 1
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size + 1, config.n_embd)   # + 1: the task token
-        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout)
+        self.wpe = PositionEmbedding(config.pos, config.block_size + 1, config.n_embd)  # + 1: the task token
+        alibi = "symmetric" if config.pos == "alibi" else None   # (the variant matters for bidirectional only)
+        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout, alibi)
                                     for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
+        self.head = OutputHead(config.head)                   # tied to wte; no weights of its own but beta
         self.apply(lambda m: init_gpt2_weights(m, config.n_layer))
         self.p_bw_now = float(config.p_bw)   # changes only with dynamic_p_bw
         self._reset_dynamic_sums()
@@ -118,12 +129,13 @@ class Model(AutoRegressiveModel):
         token = torch.full_like(idx[:, :1], self.fw_token if direction == "fw" else self.bw_token)
         return torch.cat([token, idx], dim=1) if direction == "fw" else torch.cat([idx, token], dim=1)
 
-    def forward(self, idx, targets=None, direction="fw", cache=None):
-        """logits (B, T, V) for every position of idx, and the loss against targets (aligned per position:
-        the next token for fw, the previous one for bw; -1 ignored) or None."""
+    def features(self, idx, direction="fw", key_mask=None, cache=None):
+        """idx (B, T) -> final hidden states (B, T, C) after ln_f, one row per idx position (the task token's
+        row dropped). key_mask (B, T) bool, True = attendable; the task token always is."""
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be 'fw' or 'bw', not {direction!r}")
         B, T = idx.size()
+        assert cache is None or key_mask is None, "key_mask is for full sequences, not for the KV cache"
         if cache is not None:
             assert direction == "fw", "the KV cache serves fw generation only"
             start = cache.pos
@@ -135,12 +147,16 @@ class Model(AutoRegressiveModel):
             pos = torch.arange(T + 1, device=idx.device)
             if direction == "bw":
                 pos = pos.flip(0)          # distance from BW: T, T-1, ..., 0
+            if key_mask is not None:       # the task token's slot is always attendable
+                task = torch.ones_like(key_mask[:, :1], dtype=torch.bool)
+                parts = [task, key_mask.bool()] if direction == "fw" else [key_mask.bool(), task]
+                key_mask = torch.cat(parts, dim=1)
         last = (start + idx.size(1) - 1) if cache is not None else T
-        assert last <= self.config.block_size, f"text length {last} > block_size {self.config.block_size}"
-        x = self.wte(idx) + self.wpe(pos)
+        assert last < self.wpe.max_positions, f"text length {last} > block_size {self.config.block_size}"
+        x = self.head.embed(self.wte, idx) + self.wpe(pos)
         mask = "causal" if direction == "fw" else "anticausal"
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, cache, slot=i)
+            x = block(x, mask, cache, slot=i, key_mask=key_mask)
         if cache is not None:
             cache.advance(idx.size(1))
             if start == 0:
@@ -149,7 +165,12 @@ class Model(AutoRegressiveModel):
             x = x[:, 1:]                   # drop FW's row
         else:
             x = x[:, :-1]                  # drop BW's row
-        logits = self.ln_f(x) @ self.wte.weight.t()
+        return self.ln_f(x)
+
+    def forward(self, idx, targets=None, direction="fw", cache=None, key_mask=None):
+        """logits (B, T, V) for every position of idx, and the loss against targets (aligned per position:
+        the next token for fw, the previous one for bw; -1 ignored) or None."""
+        logits = self.head(self.features(idx, direction, key_mask, cache), self.wte.weight)
         loss = masked_cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
 

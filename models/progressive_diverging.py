@@ -21,6 +21,10 @@ rebuilds AdamW over exactly the parameters that now require grad. (The seed crea
 forward(), after the optimizer was built, so they never trained.) The stage is in every metrics row and in
 every checkpoint; load_extra_state() rebuilds the stage's structure before the weights are loaded.
 
+Options as baseline_gpt2 (components.py): pos = learned | sinusoidal | alibi | none, head = tied | clap,
+attention = causal | bidirectional (an encoder: no generate()), alibi_bidirectional = shifted | symmetric.
+Stages copy whole blocks, so an ALiBi model stays an ALiBi model in every stage.
+
 prepare_for_inference() merges every LoRA into its weight: a trained model costs what a plain 12-layer GPT
 costs. Generation keeps one KV cache slot per layer application (12), shared blocks included.
 
@@ -37,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy
-from components import Block, KVCache, LoRALinear, init_gpt2_weights, merge_lora
+from components import Block, KVCache, LoRALinear, OutputHead, PositionEmbedding, init_gpt2_weights, merge_lora
 
 
 @dataclass
@@ -52,6 +56,10 @@ class Config:
     stage3_at: float = 2 / 3  # ... and stage 3
     lora_rank: int = 8
     lora_alpha: float = 16.0  # the LoRA update is scaled by lora_alpha / lora_rank
+    pos: str = "learned"      # learned | sinusoidal | alibi | none
+    head: str = "tied"        # tied | clap
+    attention: str = "causal"  # causal | bidirectional (an encoder: no generate())
+    alibi_bidirectional: str = "shifted"  # ALiBi under bidirectional attention: shifted (the seed's) | symmetric
 
 
 PRESETS = {
@@ -61,7 +69,7 @@ PRESETS = {
 
 
 def check_sizes(config):
-    from models import ModelConfigError
+    from models import ModelConfigError, check_options
     c = config
     if c.n_embd % c.n_head != 0:
         raise ModelConfigError(f"n_embd ({c.n_embd}) must be a multiple of n_head ({c.n_head})")
@@ -72,6 +80,7 @@ def check_sizes(config):
                                f"4 times")
     if not 0.0 <= c.stage2_at <= c.stage3_at <= 1.0:
         raise ModelConfigError(f"need 0 <= stage2_at ({c.stage2_at}) <= stage3_at ({c.stage3_at}) <= 1")
+    check_options(c)
 
 
 class _LoRAMatmul(torch.autograd.Function):
@@ -117,7 +126,7 @@ class LoRAProjection(LoRALinear):
 
 class Model(AutoRegressiveModel):
     name = "progressive_diverging"
-    supports_kv_cache = True
+    supports_kv_cache = True   # per instance: False when bidirectional
 
     def __init__(self, config):
         super().__init__()
@@ -125,27 +134,33 @@ class Model(AutoRegressiveModel):
         self.config = config
         self.stage = 1
         self.merged = False
+        self.supports_kv_cache = config.attention == "causal"
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout)
+        self.wpe = PositionEmbedding(config.pos, config.block_size, config.n_embd)
+        alibi = config.alibi_bidirectional if config.pos == "alibi" else None
+        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout, alibi)
                                     for _ in range(config.n_layer // 4))
         self.ln_f = nn.LayerNorm(config.n_embd)
+        self.head = OutputHead(config.head)                   # tied to wte; no weights of its own but beta
         # Residual projections are scaled for the 12 applications, as in a 12-layer GPT-2.
         self.apply(lambda m: init_gpt2_weights(m, config.n_layer))
 
-    def forward(self, idx, targets=None, cache=None):
+    def features(self, idx, key_mask=None, cache=None):
+        """idx (B, T) -> final hidden states (B, T, C) after ln_f; key_mask (B, T) bool, True = attendable."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
-        assert start + T <= self.config.block_size, f"length {start + T} > block_size {self.config.block_size}"
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)                      # (B, T, C)
+        assert start + T <= self.wpe.max_positions, f"length {start + T} > block_size {self.config.block_size}"
+        assert cache is None or key_mask is None, "key_mask is for full sequences, not for the KV cache"
+        x = self.head.embed(self.wte, idx) + self.wpe(torch.arange(start, start + T, device=idx.device))
         repeats = self.config.n_layer // len(self.blocks)      # 4, 2, 1 in stages 1, 2, 3
-        for a in range(self.config.n_layer):
-            x = self.blocks[a // repeats](x, "causal", cache, slot=a)  # one cache slot per application
+        for a in range(self.config.n_layer):                   # one cache slot per application
+            x = self.blocks[a // repeats](x, self.config.attention, cache, slot=a, key_mask=key_mask)
         if cache is not None:
             cache.advance(T)
-        x = self.ln_f(x)
-        logits = x @ self.wte.weight.t()                      # tied head: (B, T, V)
+        return self.ln_f(x)
+
+    def forward(self, idx, targets=None, cache=None, key_mask=None):
+        logits = self.head(self.features(idx, key_mask, cache), self.wte.weight)  # (B, T, V)
         loss = masked_cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
 

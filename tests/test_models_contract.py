@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from models import MODELS, ModelConfigError, create_model
+from components import HEAD_KINDS, POS_KINDS
+from models import MODELS, ModelConfigError, create_model, model_module
 
 VOCAB = 64
 
@@ -25,22 +26,38 @@ def test_logits_for_every_position_and_any_length(name):
         assert loss.dim() == 0 and torch.isfinite(loss)
 
 
+OPTIONS = [(pos, head) for pos in POS_KINDS for head in HEAD_KINDS]
+
+
+@pytest.mark.parametrize("pos,head", OPTIONS)
 @pytest.mark.parametrize("name", list(MODELS))
-def test_forward_is_leak_free(name):
-    """Changing tokens at positions >= j leaves the logits at positions < j exactly as they were."""
-    model = tiny(name)
+def test_forward_is_leak_free(name, pos, head):
+    """Changing tokens at positions >= j leaves the logits at positions < j exactly as they were
+    (dual_mask_gpt bw: changing positions < j leaves positions >= j as they were), for every pos x head."""
+    model = tiny(name, pos=pos, head=head)
     T = min(100, model.config.block_size)
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, VOCAB - 8, (2, T), generator=g)
+    cuts = (1, 2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 63, 64, 65, T - 1)
     with torch.no_grad():
         base = model(idx)[0]
-        for j in (1, 2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 63, 64, 65, T - 1):
+        for j in cuts:
             changed = idx.clone()
             changed[:, j:] = torch.randint(0, VOCAB - 8, (2, T - j), generator=g)
             out = model(changed)[0]
             torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-5,
                                        msg=f"{name}: position < {j} saw the future")
             assert not torch.allclose(out[:, j:], base[:, j:]), "the perturbation must change something"
+        if name != "dual_mask_gpt":
+            return
+        base = model(idx, direction="bw")[0]
+        for j in cuts:
+            changed = idx.clone()
+            changed[:, :j] = torch.randint(0, VOCAB - 8, (2, j), generator=g)
+            out = model(changed, direction="bw")[0]
+            torch.testing.assert_close(out[:, j:], base[:, j:], rtol=0, atol=1e-5,
+                                       msg=f"{name} bw: position >= {j} saw the past")
+            assert not torch.allclose(out[:, :j], base[:, :j]), "the perturbation must change something"
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -54,10 +71,37 @@ def test_greedy_generation_cached_equals_uncached(name):
     assert torch.equal(cached, uncached)
 
 
+CACHED_MODELS = [n for n in MODELS if model_module(n).Model.supports_kv_cache]
+
+
+@pytest.mark.parametrize("pos,head", [("alibi", "tied"), ("alibi", "clap"), ("sinusoidal", "clap"), ("none", "tied")])
+@pytest.mark.parametrize("name", CACHED_MODELS)
+def test_greedy_generation_cached_equals_uncached_for_every_option(name, pos, head):
+    """The KV-cache path applies the same ALiBi biases / positions / head as the full forward."""
+    model = tiny(name, pos=pos, head=head, block_size=24)
+    prompt = torch.randint(0, VOCAB - 8, (2, 5), generator=torch.Generator().manual_seed(2))
+    n_new = 24 + 6  # crosses the end of the context window (the cache is refilled)
+    cached = model.generate(prompt, n_new, top_k=1, use_cache=True)
+    assert torch.equal(cached, model.generate(prompt, n_new, top_k=1, use_cache=False))
+    full = model(cached[:, :24])[0]
+    cache = model.new_cache(2, "cpu", torch.float32)
+    steps = [model.forward_cached(cached[:, :10], cache)] + [model.forward_cached(cached[:, t:t + 1], cache)
+                                                             for t in range(10, 24)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_unknown_override_is_a_clear_error(name):
     with pytest.raises(ModelConfigError, match="unknown option"):
         create_model(name, preset="tiny", n_lyer=3)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_unknown_pos_or_head_is_a_clear_error(name):
+    with pytest.raises(ModelConfigError, match="pos 'rope' unknown"):
+        create_model(name, preset="tiny", pos="rope")
+    with pytest.raises(ModelConfigError, match="head 'mlp' unknown"):
+        create_model(name, preset="tiny", head="mlp")
 
 
 def test_unknown_model_and_preset():
@@ -65,3 +109,83 @@ def test_unknown_model_and_preset():
         create_model("gpt5")
     with pytest.raises(ModelConfigError, match="unknown preset"):
         create_model("baseline_gpt2", preset="huge")
+
+
+# ---- key (filler) masks, features(), bidirectional attention -------------------------------------------
+
+def forward(model, idx, **kw):
+    """Logits for every direction the model has: {"fw": (B, T, V)[, "bw": ...]}."""
+    directions = ("fw", "bw") if model.name == "dual_mask_gpt" else ("fw",)
+    if model.name == "dual_mask_gpt":
+        return {d: model(idx, direction=d, **kw)[0] for d in directions}
+    return {"fw": model(idx, **kw)[0]}
+
+
+KEY_MASK_CASES = [(n, {}) for n in MODELS if n != "conv_attention"] + [
+    ("baseline_gpt2", {"attention": "bidirectional"}), ("baseline_gpt2", {"pos": "alibi"}),
+    ("baseline_gpt2", {"pos": "alibi", "attention": "bidirectional"}), ("dual_mask_gpt", {"pos": "alibi"}),
+    ("progressive_diverging", {"attention": "bidirectional"})]
+
+
+@pytest.mark.parametrize("name,options", KEY_MASK_CASES)
+def test_masked_tokens_reach_no_other_position(name, options):
+    """Changing a token whose key_mask is False changes no other position's logits (it still sees itself)."""
+    model = tiny(name, **options)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, VOCAB - 8, (2, 24), generator=g)
+    key_mask = torch.ones_like(idx, dtype=torch.bool)
+    filler = [0, 5, 6, 23]                       # both ends and a run in the middle
+    key_mask[:, filler] = False
+    changed = idx.clone()
+    changed[:, filler] = torch.randint(0, VOCAB - 8, (2, len(filler)), generator=g)
+    others = [i for i in range(24) if i not in filler]
+    with torch.no_grad():
+        base, out = forward(model, idx, key_mask=key_mask), forward(model, changed, key_mask=key_mask)
+        unmasked = forward(model, changed)
+    for d in base:
+        assert torch.isfinite(base[d]).all()
+        torch.testing.assert_close(out[d][:, others], base[d][:, others], rtol=0, atol=1e-5)
+        assert not torch.allclose(unmasked[d][:, others], base[d][:, others]), "without the mask it must leak"
+
+
+def test_conv_attention_refuses_key_masks():
+    model = tiny("conv_attention")
+    idx = torch.randint(0, VOCAB - 8, (1, 8))
+    with pytest.raises(ValueError, match="does not support filler/key masks"):
+        model(idx, key_mask=torch.ones_like(idx, dtype=torch.bool))
+
+
+def test_all_true_key_mask_changes_nothing():
+    model = tiny("baseline_gpt2")
+    idx = torch.randint(0, VOCAB - 8, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, key_mask=torch.ones_like(idx, dtype=torch.bool))[0], model(idx)[0])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_features_are_the_hidden_states_before_the_head(name):
+    model = tiny(name)
+    idx = torch.randint(0, VOCAB - 8, (2, 11))
+    kw_list = [{"direction": "fw"}, {"direction": "bw"}] if name == "dual_mask_gpt" else [{}]
+    with torch.no_grad():
+        for kw in kw_list:
+            h = model.features(idx, **kw)
+            assert h.shape == (2, 11, model.config.n_embd)
+            torch.testing.assert_close(h @ model.wte.weight.t(), model(idx, **kw)[0])
+
+
+@pytest.mark.parametrize("name", ["baseline_gpt2", "progressive_diverging"])
+def test_bidirectional_attention_sees_the_next_token(name):
+    model = tiny(name, attention="bidirectional")
+    assert not model.supports_kv_cache and tiny(name).supports_kv_cache
+    idx = torch.randint(0, VOCAB - 8, (2, 12))
+    with torch.no_grad():
+        base = model(idx)[0]
+        for i in (0, 5, 10):
+            changed = idx.clone()
+            changed[:, i + 1] = (idx[:, i + 1] + 1) % (VOCAB - 8)
+            assert not torch.allclose(model(changed)[0][:, i], base[:, i]), f"position {i} ignored token {i + 1}"
+    with pytest.raises(ModelConfigError, match="cannot generate"):
+        model.generate(idx, 3)
+    with pytest.raises(ModelConfigError, match="attention"):
+        create_model(name, preset="tiny", attention="sideways")
