@@ -155,8 +155,9 @@ class SelfAttention(nn.Module):
             q_start = cache.pos
             k, v = cache.update(slot, k, v)
         dropout_p = self.dropout if self.training else 0.0
-        if mask == "causal" and q_start == 0 and key_mask is None and self.alibi is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)  # fast path
+        if mask == "causal" and key_mask is None and self.alibi is None and (q_start == 0 or T == 1):
+            # Fast paths: is_causal without a cache; one new token after the cache sees every key, no mask.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=q_start == 0 and T > 1, dropout_p=dropout_p)
         else:
             attn_mask = attention_bias(mask, T, k.size(2), x.device, q_start, key_mask, self.alibi,
                                        self.n_head, q.dtype)
