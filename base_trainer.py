@@ -13,6 +13,17 @@ A model supplies its loss and hooks (see auto_regressive_model.py); this file ow
 accumulation, the LR schedule, clipping (before the step), evaluation, metrics.jsonl, atomic checkpoints,
 exact --resume and Ctrl-C.
 
+What is scored (seed 001, "masked causal language modeling"):
+    --loss-on all       every next-token prediction counts (default)
+    --loss-on answer    only the answer tokens of question/answer data (synthetic-math, GSM8K-style JSON) and
+                        the <|endoftext|> that ends each answer (so the model still learns to stop); the loader's
+                        loss mask. Val rows then hold the answer-only "loss" plus "loss_all" (every token) and
+                        bpb from loss_all.
+    --filler-token T    the token T (one token of the tokenizer, e.g. " blah" with gpt2) is filler: no position
+                        attends to it (a key mask, ANDed with the causal mask in scaled_dot_product_attention)
+                        and it is never a scored target.
+finetune.py and train_mntp.py subclass BaseTrainer (start from a checkpoint, LoRA, another objective).
+
 Step numbering: `step` counts completed optimizer steps. A val row with step s measures the model after s
 steps; the train row with step s is the loss of the batch that update s+1 trains on (build-nanogpt's habit).
 """
@@ -35,8 +46,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from auto_regressive_model import CHECKPOINT_FORMAT, AutoRegressiveModel, CheckpointError
-from base_data_preparer import ensure_prepared
+from auto_regressive_model import CHECKPOINT_FORMAT, AutoRegressiveModel, CheckpointError, masked_cross_entropy
+from base_data_preparer import ensure_prepared, get_tokenizer
 from data_file_utils import DataError
 from dataloader import TokenDataLoader
 from models import ModelConfigError, model_config, model_module
@@ -55,11 +66,14 @@ TRAIN_PRESETS = {
                  checkpoint_interval=50, max_tokens=None),
 }
 COMMON_DEFAULTS = dict(data_dir="data", seed=1337, data_seed=1337, device="auto", compile=False, resume=False,
-                       overwrite=False)
+                       overwrite=False, loss_on="all", filler_token=None)
 # What --resume may change; everything else comes from the checkpoint so the run continues exactly.
 RESUME_MAY_CHANGE = {"max_steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "compile",
                      "resume", "overwrite", "out_dir", "data_dir"}
-NOT_FLAGS = {"vocab_size", "block_size"}  # set from the data and --seq-len
+# vocab_size and block_size are set from the data and --seq-len; attention="bidirectional" would let a
+# next-token model see its targets (only train_mntp.py switches it, for an encoder).
+NOT_FLAGS = {"vocab_size", "block_size", "attention"}
+LOSS_ON = ("all", "answer")
 
 
 class TrainError(Exception):
@@ -80,6 +94,19 @@ def build_parser(model_name):
     p = argparse.ArgumentParser(description=f"Train {model_name}. Every default comes from --preset.")
     # Every option defaults to None so that we know what the user typed: preset < typed.
     p.add_argument("--preset", choices=list(TRAIN_PRESETS), default="rtx3080")
+    add_trainer_arguments(p, model_name)
+    group = p.add_argument_group(f"{model_name} options")
+    for field in dataclasses.fields(model_module(model_name).Config):
+        if field.name in NOT_FLAGS:
+            continue
+        kind = str2bool if field.type in (bool, "bool") else type(field.default)
+        group.add_argument("--" + field.name.replace("_", "-"), dest="model." + field.name, type=kind,
+                           help=f"(preset default: see models/{model_name}.py)")
+    return p
+
+
+def add_trainer_arguments(p, model_name="<model>"):
+    """The options of the training loop, shared by train_<model>.py, finetune.py and train_mntp.py."""
     p.add_argument("--data", help="synthetic-math | math-reasoning | json:PATH | text:PATH")
     p.add_argument("--tokenizer", choices=["gpt2", "bytes"])
     p.add_argument("--max-tokens", type=int, help="token budget when preparing the data")
@@ -104,13 +131,10 @@ def build_parser(model_name):
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--grad-clip", type=float)
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    group = p.add_argument_group(f"{model_name} options")
-    for field in dataclasses.fields(model_module(model_name).Config):
-        if field.name in NOT_FLAGS:
-            continue
-        kind = str2bool if field.type in (bool, "bool") else type(field.default)
-        group.add_argument("--" + field.name.replace("_", "-"), dest="model." + field.name, type=kind,
-                           help=f"(preset default: see models/{model_name}.py)")
+    p.add_argument("--loss-on", choices=LOSS_ON, help="all tokens (default) or only the answers of question/answer "
+                   "data (the loader's loss mask)")
+    p.add_argument("--filler-token", help="a string that is one token of the tokenizer (e.g. ' blah' with gpt2): "
+                   "such tokens are neither attended to nor scored")
     return p
 
 
@@ -130,6 +154,15 @@ def resolve_config(model_name, argv):
 
 # ---- the trainer ----------------------------------------------------------------------------
 
+def filler_token_id(tokenizer_name, text):
+    """The token id of --filler-token: the string must be exactly one token of the tokenizer."""
+    ids = get_tokenizer(tokenizer_name).encode(text, allowed_special="all")
+    if len(ids) != 1:
+        raise TrainError(f"--filler-token {text!r} is {len(ids)} tokens with the {tokenizer_name} tokenizer; give "
+                         f"a string that is exactly one token (e.g. ' blah' with gpt2, one character with bytes)")
+    return ids[0]
+
+
 class TrainingStep(nn.Module):
     """Wraps the model so that DDP's forward (which arms gradient sync) runs the model's own training loss."""
 
@@ -137,11 +170,21 @@ class TrainingStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, y, loss_mask, step):
-        return self.model.training_loss(x, y, loss_mask, step)
+    def forward(self, x, y, loss_mask, step, key_mask=None):
+        if key_mask is None:
+            return self.model.training_loss(x, y, loss_mask, step)
+        # Filler keys masked: the default next-token loss (setup_model checked the model does not override it).
+        logits, _ = self.model(x, key_mask=key_mask)
+        return masked_cross_entropy(logits, y, loss_mask), {}
 
 
 class BaseTrainer:
+    reports_bpb = True  # evaluation rows carry bits per byte (False where "loss" is no language-model loss)
+
+    def entry_point(self):
+        """The script that resumes this kind of run (subclasses: finetune.py, train_mntp.py)."""
+        return f"train_{self.model_name}.py"
+
     def __init__(self, model_name, cfg, typed=None):
         self.model_name = model_name
         self.cfg = cfg
@@ -150,7 +193,7 @@ class BaseTrainer:
         self.setup_distributed()
         self.ckpt_path = os.path.join(cfg["out_dir"], "checkpoint.pt")
         self.metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
-        resume_ckpt = self.check_run_folder()
+        self.resume_ckpt = resume_ckpt = self.check_run_folder()
         if resume_ckpt is not None:
             self.adopt_saved_config(resume_ckpt)
         self.setup_data()
@@ -204,6 +247,10 @@ class BaseTrainer:
             if ckpt.get("model_name") != self.model_name:
                 raise CheckpointError(f"{self.ckpt_path} holds a {ckpt.get('model_name')} run, not "
                                       f"{self.model_name}; resume it with train_{ckpt.get('model_name')}.py")
+            made_by = ckpt["config"].get("entry_point", f"train_{self.model_name}.py")
+            if made_by != self.entry_point():
+                raise TrainError(f"{self.ckpt_path} was written by {made_by}; resume it with "
+                                 f"python {made_by} --out-dir {self.cfg['out_dir']} --resume")
             return ckpt
         if has_ckpt and not self.cfg["overwrite"]:
             raise TrainError(f"{self.cfg['out_dir']} already holds a run (checkpoint.pt); add --resume to "
@@ -211,7 +258,7 @@ class BaseTrainer:
         return None
 
     def adopt_saved_config(self, ckpt):
-        saved = dict(ckpt["config"])
+        saved = {"loss_on": "all", "filler_token": None, **ckpt["config"]}  # runs from before these options
         for key, value in self.typed.items():
             name = key[len("model."):] if key.startswith("model.") else key
             saved_value = saved["model_overrides"].get(name) if key.startswith("model.") else saved.get(key)
@@ -242,15 +289,36 @@ class BaseTrainer:
             raise TrainError(f"--total-batch-size {cfg['total_batch_size']} is not a multiple of micro batch x "
                              f"seq len x processes = {B} x {T} x {self.world_size} = {per_micro_step}")
         self.grad_accum = cfg["total_batch_size"] // per_micro_step
-        # The model's config decides how far ahead the targets are (conv_attention can predict 64 ahead).
-        planned = model_config(self.model_name, cfg["preset"], **cfg["model_overrides"])
-        self.target_offset = getattr(planned, "target_offset", 1)
-        self.train_loader = TokenDataLoader(self.dataset_dir, "train", B, T, self.rank, self.world_size,
-                                            self.target_offset, device=self.device)
+        if cfg["loss_on"] not in LOSS_ON:
+            raise TrainError(f"--loss-on must be one of {', '.join(LOSS_ON)}, not {cfg['loss_on']!r}")
+        self.with_loss_mask = cfg["loss_on"] == "answer"
+        self.filler_id = filler_token_id(cfg["tokenizer"], cfg["filler_token"]) if cfg["filler_token"] else None
+        self.target_offset = self.planned_target_offset()
+        self.train_loader = self.make_loader("train")
+
+    def planned_target_offset(self):
+        """How far ahead the targets are: the model's config decides (conv_attention can predict 64 ahead)."""
+        planned = model_config(self.model_name, self.cfg["preset"], **self.cfg["model_overrides"])
+        return getattr(planned, "target_offset", 1)
+
+    def make_loader(self, split):
+        return TokenDataLoader(self.dataset_dir, split, self.cfg["micro_batch_size"], self.cfg["seq_len"],
+                               self.rank, self.world_size, self.target_offset, with_loss_mask=self.with_loss_mask,
+                               device=self.device, score_answer_end=True)
 
     def eval_loader(self, split):
-        return TokenDataLoader(self.dataset_dir, split, self.cfg["micro_batch_size"], self.cfg["seq_len"],
-                               self.rank, self.world_size, self.target_offset, device=self.device)
+        return self.make_loader(split)
+
+    def next_batch(self, loader):
+        """(x, y, loss_mask or None, key_mask or None): the answer mask with --loss-on answer; with
+        --filler-token, filler keys are masked (key_mask False) and filler targets are not scored."""
+        x, y, *rest = loader.next_batch()
+        loss_mask, key_mask = (rest[0] if rest else None), None
+        if self.filler_id is not None:
+            key_mask = x != self.filler_id
+            scored = (y != self.filler_id).float()
+            loss_mask = scored if loss_mask is None else loss_mask * scored
+        return x, y, loss_mask, key_mask
 
     # -- model and optimizer --
     def setup_model(self):
@@ -260,10 +328,25 @@ class BaseTrainer:
         overrides = dict(cfg["model_overrides"], vocab_size=vocab_size, block_size=cfg["seq_len"])
         self.model_cfg = model_config(self.model_name, cfg["preset"], **overrides)
         self.model = module.Model(self.model_cfg).to(self.device)
+        self.check_filler_support()
         if cfg["compile"]:
             self.model.compile()
         self.optimizer = None
         self.build_optimizer()
+
+    def check_filler_support(self):
+        """--filler-token needs a model that takes a key mask and trains with the plain next-token loss."""
+        if self.filler_id is None:
+            return
+        if type(self.model).training_loss is not AutoRegressiveModel.training_loss:
+            raise TrainError(f"--filler-token is not supported by {self.model.name}: it has its own training loss")
+        try:
+            with torch.no_grad():
+                probe = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+                self.model(probe, key_mask=torch.ones_like(probe, dtype=torch.bool))
+        except (TypeError, ValueError) as e:
+            raise TrainError(f"--filler-token is not supported by {self.model.name} ({str(e).splitlines()[0]})") \
+                from None
 
     def build_optimizer(self):
         """AdamW over exactly the trainable parameters; weight decay on matrices and embeddings only.
@@ -279,10 +362,14 @@ class BaseTrainer:
                 if p in self.optimizer.state:
                     new.state[p] = self.optimizer.state[p]
         self.optimizer = new
-        self.step_module = TrainingStep(self.model)
+        self.step_module = self.make_step_module()
         if self.ddp:
             self.step_module = DDP(self.step_module, device_ids=[self.local_rank] if self.device_type == "cuda"
                                    else None)
+
+    def make_step_module(self):
+        """The module whose forward returns (loss, metrics) of one micro-batch (DDP wraps it)."""
+        return TrainingStep(self.model)
 
     def lr_at(self, step):
         """Linear warmup, then cosine decay from lr to min_lr at max_steps."""
@@ -325,7 +412,7 @@ class BaseTrainer:
             return
         ckpt = {
             "format": CHECKPOINT_FORMAT, "model_name": self.model_name,
-            "model_config": dataclasses.asdict(self.model_cfg), "model_state": self.model.state_dict(),
+            "model_config": dataclasses.asdict(self.model_cfg), **self.model_states(),
             "model_extra_state": self.model.extra_state(), "optimizer_state": self.optimizer.state_dict(),
             "step": self.step, "tokens_seen": self.tokens_seen, "loader_state": self.train_loader.state_dict(),
             "rng": self.rng_state(), "config": self.cfg, "metrics_offset": self.metrics_offset(),
@@ -344,10 +431,15 @@ class BaseTrainer:
             os.fsync(f.fileno())
         os.replace(tmp, self.ckpt_path)
 
+    def model_states(self):
+        """The weights a checkpoint stores. "model_state" is what from_checkpoint() loads; a subclass that
+        trains another structure (LoRA) adds "train_model_state", which --resume loads instead."""
+        return {"model_state": self.model.state_dict()}
+
     def restore(self, ckpt):
         self.model.load_extra_state(ckpt["model_extra_state"])
         try:
-            self.model.load_state_dict(ckpt["model_state"])
+            self.model.load_state_dict(ckpt.get("train_model_state", ckpt["model_state"]))
         except RuntimeError as e:
             raise CheckpointError(f"{self.ckpt_path} does not fit this model: {str(e).splitlines()[0]}") from None
         self.optimizer = None
@@ -395,6 +487,20 @@ class BaseTrainer:
         return dict(zip(keys, t.tolist()))
 
     # -- evaluation and training --
+    def evaluation_losses(self, x, y, loss_mask, key_mask):
+        """{"loss": ..., ...} of one batch. With a loss mask, "loss" is what training scores and "loss_all"
+        the loss over every (non-filler) token, from which bits per byte are computed."""
+        if key_mask is not None:
+            logits, _ = self.model(x, key_mask=key_mask)
+            out = {"loss": masked_cross_entropy(logits, y, loss_mask)}
+            if self.with_loss_mask:
+                out["loss_all"] = masked_cross_entropy(logits, y, (y != self.filler_id).float())
+            return out
+        out = dict(self.model.evaluation_losses(x, y, loss_mask))
+        if loss_mask is not None:
+            out["loss_all"] = self.model.evaluation_losses(x, y, None)["loss"]
+        return out
+
     @torch.no_grad()
     def evaluate(self, split):
         self.model.eval()
@@ -402,15 +508,16 @@ class BaseTrainer:
         batches = max(1, self.cfg["eval_batches"] // self.world_size)
         sums = {}
         for _ in range(batches):
-            x, y = loader.next_batch()
+            x, y, loss_mask, key_mask = self.next_batch(loader)
             with self.autocast:
-                losses = self.model.evaluation_losses(x, y)
+                losses = self.evaluation_losses(x, y, loss_mask, key_mask)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / batches
         self.model.train()
         result = self.all_reduce_mean(sums)
         # Bits per byte: tokenizer-independent, so byte-level and BPE runs compare.
-        result["bpb"] = result["loss"] / math.log(2) * loader.tokens / max(1, loader.bytes)
+        if self.reports_bpb:
+            result["bpb"] = result.get("loss_all", result["loss"]) / math.log(2) * loader.tokens / max(1, loader.bytes)
         row = {"step": self.step, "split": split, **result, "tokens": self.tokens_seen}
         self.write_metrics(row)
         extras = " | ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "loss")
@@ -430,13 +537,13 @@ class BaseTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         totals, loss_sum = {}, 0.0
         for micro_step in range(self.grad_accum):
-            x, y = self.train_loader.next_batch()
+            x, y, loss_mask, key_mask = self.next_batch(self.train_loader)
             last = micro_step == self.grad_accum - 1
             # Gradients are summed across ranks only on the last micro-step: one all-reduce per step.
             sync = self.step_module.no_sync() if (self.ddp and not last) else contextlib.nullcontext()
             with sync:
                 with self.autocast:
-                    loss, metrics = self.step_module(x, y, None, self.step)
+                    loss, metrics = self.step_module(x, y, loss_mask, self.step, key_mask)
                 (loss / self.grad_accum).backward()
             loss_sum = loss_sum + loss.detach()  # no .item() here: a GPU sync per micro-step stalls the queue
             for k, v in metrics.items():

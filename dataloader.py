@@ -14,6 +14,8 @@ in the same steps. After the last whole chunk the stream starts again at chunk 0
 
 Loss mask (with_loss_mask=True, datasets that have one): a float32 (B, T) tensor aligned with y,
 1.0 where the target token y is part of an answer, 0.0 for question/prompt tokens and <|endoftext|>.
+With score_answer_end=True the <|endoftext|> that directly follows an answer token is 1.0 as well: the end of
+the answer is part of it, so an answer-only loss still teaches the model to stop (the trainer's --loss-on answer).
 """
 import bisect
 import mmap
@@ -53,12 +55,14 @@ class _Shard:
 
 class TokenDataLoader:
     def __init__(self, dataset_dir, split, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                 target_offset: int = 1, with_loss_mask: bool = False, device="cpu"):
+                 target_offset: int = 1, with_loss_mask: bool = False, device="cpu",
+                 score_answer_end: bool = False):
         self.dataset_dir = Path(dataset_dir)
         self.split = Split(split)
         self.B, self.T, self.offset = int(batch_size), int(seq_len), int(target_offset)
         self.rank, self.world_size = int(rank), int(world_size)
         self.with_loss_mask = with_loss_mask
+        self.score_answer_end = score_answer_end
         self.device = torch.device(device)
         if self.B < 1 or self.T < 1 or self.offset < 0:
             raise DataError(f"batch size, sequence length must be >= 1 and target offset >= 0, "
@@ -74,7 +78,7 @@ class TokenDataLoader:
         self.bytes = int(info["bytes"])
         if with_loss_mask and not self.manifest.get("has_loss_mask"):
             raise DataError(f"{self.dataset_dir} has no loss mask (only synthetic-math and question/answer JSON have "
-                            f"one); train without the answer-only loss or use such a dataset")
+                            f"one); use --loss-on all or such a dataset")
 
         sizes = [int(n) for n in info["shard_tokens"]]
         if sum(sizes) != self.tokens or len(sizes) != len(info["shards"]):
@@ -170,7 +174,13 @@ class TokenDataLoader:
         y = torch.from_numpy(buf[self.offset:self.offset + n].copy()).view(self.B, self.T)  # no aliasing with x
         out = [self._to_device(x), self._to_device(y)]
         if self.with_loss_mask:
-            mask = self._read(self._masks, p + self.offset, n, np.float32)
+            if self.score_answer_end and self.offset >= 1:
+                m = self._read(self._masks, p, n + self.offset, np.float32)  # the mask of x's tokens too
+                mask = m[self.offset:]
+                before = m[self.offset - 1:self.offset - 1 + n]  # the mask of the token just before each target
+                mask = np.where((buf[self.offset:] == self.eot_token) & (before > 0), np.float32(1.0), mask)
+            else:
+                mask = self._read(self._masks, p + self.offset, n, np.float32)
             out.append(self._to_device(torch.from_numpy(mask).view(self.B, self.T)))
         return tuple(out)
 

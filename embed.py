@@ -1,0 +1,201 @@
+"""
+Text embeddings from lmsmall checkpoints: mean-pooled vectors, and token vectors for late interaction (MaxSim).
+
+    python embed.py --checkpoint runs/mntp/checkpoint.pt --input texts.txt --out emb.npy            # a text a line
+    python embed.py --checkpoint runs/dual/checkpoint.pt --input gsm8k.jsonl --field question --out q.npy
+    python embed.py --checkpoint ... --input texts.txt --tokens --out tokens.npz                     # MaxSim
+
+    from embed import embed, token_embeddings, maxsim
+    E = embed(model, enc, ["What is 2 + 3?", ...])          # (N, D) float32, unit rows: cosine = E @ E.T
+
+Every text is fed as <|endoftext|> text <|endoftext|> (how documents sit in the training stream; truncated to
+the context) and only the text's own tokens are pooled. The features are model.features(): the final hidden
+states after the last LayerNorm. The kind follows from the checkpoint (--kind to check it):
+    causal  a next-token model (baseline_gpt2, progressive_diverging, conv_attention): the mean of its token
+            features. Token i has seen only tokens 0..i, so early tokens know little of the text.
+    mntp    an encoder from train_mntp.py (bidirectional attention): the mean of its token features; padding
+            is removed from attention with the key mask.
+    dual    dual_mask_gpt: a fw pass (causal, FW task token) and a bw pass (anti-causal, BW task token). Each
+            pass is mean-pooled and L2-normalised, and the two are concatenated and divided by sqrt(2), so the
+            dot product of two dual embeddings is the mean of their fw and bw cosines. Per token, fw feature i
+            has seen the prefix and bw feature i the suffix: together, the whole text (seed 000, point 3).
+Pooled embeddings are L2-normalised: (N, C), (N, 2C) for dual. Token embeddings are one (L, C) or (L, 2C)
+matrix of unit rows per text (dual: per token the normalised fw and bw vectors, concatenated, / sqrt(2)).
+maxsim(Q, D) is ColBERT's late interaction: for every query token the best-matching document token's cosine,
+averaged over the query's tokens. Batching pads so that the padding changes nothing: right padding for causal
+passes (no real token sees later positions), left padding for dual's bw pass (its positions count from the
+BW token at the end), a key mask for the bidirectional encoder.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from auto_regressive_model import AutoRegressiveModel, CheckpointError
+from base_data_preparer import get_tokenizer
+from data_file_utils import DataError
+
+KINDS = ("causal", "mntp", "dual")
+
+
+class EmbedError(Exception):
+    """Bad input; printed as one line."""
+
+
+def embedding_kind(model):
+    if model.name == "dual_mask_gpt":
+        return "dual"
+    return "mntp" if getattr(model.config, "attention", "causal") == "bidirectional" else "causal"
+
+
+def encode(enc, texts, max_len):
+    """Token ids of each text between two <|endoftext|>, the text cut to fit max_len tokens in all."""
+    return [[enc.eot_token] + enc.encode_ordinary(t)[:max_len - 2] + [enc.eot_token] for t in texts]
+
+
+@torch.no_grad()
+def _pass(model, kind, rows, direction=None):
+    """Features (B, T, C) of the id lists `rows`, padded as the pass needs, and for each row the slice of its
+    text tokens (the two <|endoftext|> left out)."""
+    device = next(model.parameters()).device
+    T = max(map(len, rows))
+    idx = torch.zeros(len(rows), T, dtype=torch.long, device=device)
+    real = torch.zeros(len(rows), T, dtype=torch.bool, device=device)
+    spans = []
+    for r, ids in enumerate(rows):
+        start = T - len(ids) if direction == "bw" else 0  # left padding for the bw pass only
+        idx[r, start:start + len(ids)] = torch.tensor(ids, device=device)
+        real[r, start:start + len(ids)] = True
+        spans.append(slice(start + 1, start + len(ids) - 1))
+    if kind == "dual":
+        h = model.features(idx, direction=direction)
+    elif kind == "mntp":
+        h = model.features(idx, key_mask=real)
+    else:
+        h = model.features(idx)
+    return h.float(), spans
+
+
+def text_features(model, enc, texts, kind=None, batch_size=32):
+    """Per text its token features (L, C) as a float tensor; for dual a pair (fw, bw). Texts are batched by
+    length; the result is in input order."""
+    kind = kind or embedding_kind(model)
+    if kind not in KINDS:
+        raise EmbedError(f"unknown embedding kind {kind!r}; choose one of: {', '.join(KINDS)}")
+    if (kind == "dual") != (model.name == "dual_mask_gpt") or (kind == "mntp") != (embedding_kind(model) == "mntp"):
+        raise EmbedError(f"a {model.name} checkpoint ({embedding_kind(model)}) cannot give {kind} embeddings")
+    rows = encode(enc, texts, model.config.block_size)
+    if any(len(r) < 3 for r in rows):
+        raise EmbedError("an empty text has no tokens to embed")
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths together: little padding
+    out = [None] * len(rows)
+    for b in range(0, len(order), batch_size):
+        batch = order[b:b + batch_size]
+        passes = [("fw", "bw")] if kind == "dual" else [(None,)]
+        feats = [_pass(model, kind, [rows[i] for i in batch], d) for d in passes[0]]
+        for j, i in enumerate(batch):
+            per_pass = [h[j, spans[j]].cpu() for h, spans in feats]
+            out[i] = tuple(per_pass) if kind == "dual" else per_pass[0]
+    model.train(was_training)
+    return out
+
+
+def _combine(parts):
+    """Unit vectors of each part, concatenated and scaled so that the whole is a unit vector again."""
+    return torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1) / math.sqrt(len(parts))
+
+
+def embed(model, enc, texts, kind=None, batch_size=32):
+    """Mean-pooled, L2-normalised embeddings: float32 array (N, C), or (N, 2C) for dual."""
+    feats = text_features(model, enc, texts, kind, batch_size)
+    rows = [_combine([p.mean(0) for p in f]) if isinstance(f, tuple) else F.normalize(f.mean(0), dim=-1)
+            for f in feats]
+    return torch.stack(rows).numpy().astype(np.float32)
+
+
+def token_embeddings(model, enc, texts, kind=None, batch_size=32):
+    """Per text an (L, C) (dual: (L, 2C)) float32 array of unit token vectors, for late interaction."""
+    feats = text_features(model, enc, texts, kind, batch_size)
+    return [(_combine(list(f)) if isinstance(f, tuple) else F.normalize(f, dim=-1)).numpy().astype(np.float32)
+            for f in feats]
+
+
+def maxsim(queries, documents):
+    """Late-interaction scores (Nq, Nd): score[q, d] = mean over q's tokens of the max over d's tokens of the
+    dot product (cosine, for unit token vectors). All document tokens are stacked into one matrix, so each
+    query costs one matmul and one segmented max."""
+    assert all(len(d) for d in documents), "every document needs at least one token"
+    D = np.concatenate(documents)
+    starts = np.cumsum([0] + [len(d) for d in documents[:-1]])
+    scores = np.empty((len(queries), len(documents)), dtype=np.float32)
+    for i, q in enumerate(queries):
+        scores[i] = np.maximum.reduceat(q @ D.T, starts, axis=1).mean(0)  # (Lq, Nd) -> mean over q tokens
+    return scores
+
+
+def read_texts(path, field=None):
+    """One text per line of a text file, or the string `field` of each record of a JSON lines file."""
+    p = Path(path)
+    if not p.is_file():
+        raise EmbedError(f"--input {path}: no such file")
+    texts = []
+    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if field is None:
+            texts.append(line)
+            continue
+        try:
+            value = json.loads(line).get(field)
+        except (json.JSONDecodeError, AttributeError):
+            raise EmbedError(f"{path}: line {lineno} is not a JSON object") from None
+        if not isinstance(value, str):
+            raise EmbedError(f"{path}: line {lineno} has no string field {field!r}")
+        texts.append(value)
+    if not texts:
+        raise EmbedError(f"--input {path} holds no texts")
+    return texts
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Embed texts with an lmsmall checkpoint (causal, MNTP encoder, dual).")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input", required=True, help="a text per line, or JSON lines with --field")
+    p.add_argument("--field", help="take this string field of each JSON line")
+    p.add_argument("--out", required=True, help=".npy (pooled, N x D) or, with --tokens, .npz")
+    p.add_argument("--kind", choices=KINDS, help="check the checkpoint gives this kind (default: its own)")
+    p.add_argument("--tokens", action="store_true", help="token embeddings for MaxSim: an .npz with 'tokens' "
+                   "(all texts' token vectors stacked) and 'offsets' (text i is tokens[offsets[i]:offsets[i+1]])")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    try:
+        model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
+        enc = get_tokenizer(ckpt["config"]["tokenizer"])
+        texts = read_texts(args.input, args.field)
+        if args.tokens:
+            mats = token_embeddings(model, enc, texts, args.kind, args.batch_size)
+            offsets = np.cumsum([0] + [len(m) for m in mats])
+            np.savez(args.out, tokens=np.concatenate(mats), offsets=offsets)
+            shape = f"{offsets[-1]} tokens x {mats[0].shape[1]}"
+        else:
+            E = embed(model, enc, texts, args.kind, args.batch_size)
+            np.save(args.out, E)
+            shape = f"{E.shape[0]} x {E.shape[1]}"
+    except (EmbedError, CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{embedding_kind(model)} embeddings of {len(texts)} texts ({shape}) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
