@@ -175,8 +175,10 @@ def main(argv=None):
     p.add_argument("--tokens", action="store_true", help="token embeddings for MaxSim: an .npz with 'tokens' "
                    "(all texts' token vectors stacked) and 'offsets' (text i is tokens[offsets[i]:offsets[i+1]])")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, mps")
     args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
         enc = get_tokenizer(ckpt["config"]["tokenizer"])

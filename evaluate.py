@@ -201,10 +201,12 @@ def main(argv=None):
     p.add_argument("--limit", type=int, help="evaluate the first N problems (default: synthetic-math 200, json all)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest generated answer (default: twice the longest reference solution, in tokens)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, mps")
     p.add_argument("--out", help="write every figure (and the generated answers) to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         if args.limit is not None and args.limit < 1:
             raise EvalError("--limit must be >= 1")
