@@ -216,14 +216,26 @@ def _run_tasks(tasks, tokenizer_name, num_workers):
     # forkserver on Linux: a plain fork of a process that already ran torch's OpenMP threads can deadlock
     # (seen in the test suite); elsewhere the platform's safe default.
     ctx = multiprocessing.get_context("forkserver" if sys.platform == "linux" else None)
-    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer_name,)) as pool:
-        pending = deque()
+    pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer_name,))
+    pending = deque()
+    try:
         for task in tasks:
             pending.append(pool.apply_async(_process_task, (task,)))
             if len(pending) >= 2 * num_workers:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+    finally:
+        # The caller usually stops early (the token budget is reached) with tasks still in flight. Pool's
+        # terminate() (what `with Pool()` does) can deadlock while workers are sending results, so let them
+        # finish and shut the pool down in order.
+        for result in pending:
+            result.wait(timeout=120)
+        if all(result.ready() for result in pending):
+            pool.close()
+            pool.join()
+        else:
+            pool.terminate()
 
 
 # ----------------------------------------------------------------------------- sources
