@@ -47,7 +47,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from auto_regressive_model import CHECKPOINT_FORMAT, AutoRegressiveModel, CheckpointError, masked_cross_entropy
-from base_data_preparer import ensure_prepared, get_tokenizer
+from base_data_preparer import ensure_prepared, get_tokenizer, parse_count
 from data_file_utils import DataError
 from dataloader import TokenDataLoader
 from models import ModelConfigError, model_config, model_module
@@ -109,7 +109,7 @@ def add_trainer_arguments(p, model_name="<model>"):
     """The options of the training loop, shared by train_<model>.py, finetune.py and train_mntp.py."""
     p.add_argument("--data", help="synthetic-math | math-reasoning | json:PATH | text:PATH")
     p.add_argument("--tokenizer", choices=["gpt2", "bytes"])
-    p.add_argument("--max-tokens", type=int, help="token budget when preparing the data")
+    p.add_argument("--max-tokens", type=parse_count, help="token budget when preparing the data, e.g. 10M")
     p.add_argument("--data-dir", help="where prepared token shards live (default data/)")
     p.add_argument("--out-dir", help=f"run folder (default runs/{model_name})")
     p.add_argument("--max-steps", type=int)

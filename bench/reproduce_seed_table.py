@@ -40,6 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from base_data_preparer import parse_count  # noqa: E402
 from bench.machine import describe as describe_machine  # noqa: E402
 
 SEED_MODELS = ["baseline_gpt2", "conv_attention", "progressive_diverging"]
@@ -146,7 +147,7 @@ def main(argv=None):
     p.add_argument("--data", help="dataset spec passed to every train script (default: the scale's)")
     p.add_argument("--tokenizer", choices=["gpt2", "bytes"])
     p.add_argument("--data-dir", help="prepared shards (default: the train scripts' data/)")
-    p.add_argument("--max-tokens", type=int, help="token budget when preparing the data")
+    p.add_argument("--max-tokens", type=parse_count, help="token budget when preparing the data, e.g. 40M")
     p.add_argument("--out-dir", help="runs go to OUT_DIR/<model> (default runs/seed_table_<scale>)")
     p.add_argument("--max-steps", type=int, help="optimizer steps per model (default: the scale's)")
     p.add_argument("--total-batch-size", type=int, help="tokens per optimizer step (default: the scale's)")

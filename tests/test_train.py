@@ -206,3 +206,11 @@ def test_every_model_preset_has_a_consistent_batch(preset):
         cfg, _ = resolve_config(name, ["--preset", preset])
         assert cfg["total_batch_size"] % (cfg["micro_batch_size"] * cfg["seq_len"]) == 0, name
         assert (REPO / f"train_{name}.py").is_file()
+
+
+def test_max_tokens_takes_the_preparers_units():
+    from base_trainer import resolve_config
+    cfg, _ = resolve_config("baseline_gpt2", ["--preset", "tiny", "--max-tokens", "2M"])
+    assert cfg["max_tokens"] == 2_000_000
+    with pytest.raises(SystemExit):  # argparse: one usage line and exit 2
+        resolve_config("baseline_gpt2", ["--preset", "tiny", "--max-tokens", "lots"])
