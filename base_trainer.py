@@ -627,12 +627,13 @@ def fault(kind, step):
     return os.environ.get("LMSMALL_FAULT") == f"{kind}:{step}"
 
 
-def main(model_name, argv=None):
-    """Entry point of every train_<model>.py. Bad input ends with one line on stderr and exit code 2."""
+def run(trainer_class, resolve, argv=None):
+    """Build and train; bad input ends with one line on stderr and exit code 2. resolve(argv) returns
+    (model_name, cfg, typed). Shared by train_<model>.py, finetune.py and train_mntp.py."""
     trainer = None
     try:
-        cfg, typed = resolve_config(model_name, argv)
-        trainer = BaseTrainer(model_name, cfg, typed)
+        model_name, cfg, typed = resolve(argv)
+        trainer = trainer_class(model_name, cfg, typed)
         code = trainer.train() or 0
     except (TrainError, DataError, CheckpointError, ModelConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -643,4 +644,9 @@ def main(model_name, argv=None):
     finally:
         if trainer is not None:
             trainer.close()
-    sys.exit(code)
+    return code
+
+
+def main(model_name, argv=None):
+    """Entry point of every train_<model>.py."""
+    sys.exit(run(BaseTrainer, lambda a: (model_name, *resolve_config(model_name, a)), argv))

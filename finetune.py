@@ -29,10 +29,10 @@ import sys
 import torch.nn as nn
 
 from auto_regressive_model import AutoRegressiveModel, CheckpointError
+import base_trainer
 from base_trainer import COMMON_DEFAULTS, BaseTrainer, TrainError, add_trainer_arguments
 from components import MLP, LoRALinear, SelfAttention
-from data_file_utils import DataError
-from models import ModelConfigError, create_model, model_module
+from models import create_model, model_module
 
 FINETUNE_DEFAULTS = dict(max_steps=100, warmup_steps=10, eval_interval=25, checkpoint_interval=25)
 # Taken over from the base run unless given on the command line.
@@ -203,22 +203,8 @@ def resolve_config(argv, parser=None, defaults=FINETUNE_DEFAULTS, entry_point="f
 
 
 def run(trainer_class, argv=None, resolve=resolve_config):
-    """Entry point shared with train_mntp.py: one line and exit 2 on bad input, as base_trainer.main."""
-    trainer = None
-    try:
-        name, cfg, typed = resolve(argv)
-        trainer = trainer_class(name, cfg, typed)
-        code = trainer.train() or 0
-    except (TrainError, DataError, CheckpointError, ModelConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing saved since the last checkpoint", file=sys.stderr)
-        code = 130
-    finally:
-        if trainer is not None:
-            trainer.close()
-    return code
+    """Entry point shared with train_mntp.py (base_trainer.run: one line and exit 2 on bad input)."""
+    return base_trainer.run(trainer_class, resolve, argv)
 
 
 if __name__ == "__main__":
