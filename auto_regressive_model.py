@@ -14,7 +14,9 @@ The forward contract
 Hooks the trainer calls (a model overrides what it needs; the defaults are plain next-token training)
     training_loss(x, y, loss_mask, step) -> (loss, {metric: float})   one micro-batch of training
     evaluation_losses(x, y, loss_mask)    -> {"loss": tensor, ...}    one batch of evaluation
-    on_train_step(step, max_steps)        -> True when the trainable parameters changed (optimizer rebuilt)
+    on_train_step(step, max_steps)        -> True when the trainable parameters changed (optimizer rebuilt;
+                                             a `parameter_origins` dict {copy: source} lets copies inherit
+                                             their source's Adam state)
     log_fields()                          -> {field: value} added to every metrics row (e.g. the stage)
     extra_state() / load_extra_state(d)   what a checkpoint must hold besides the weights (e.g. the stage)
     prepare_for_inference()               e.g. merge LoRA weights before generation

@@ -178,6 +178,18 @@ class TrainingStep(nn.Module):
         return masked_cross_entropy(logits, y, loss_mask), {}
 
 
+def carry_adam_state(old, new, params, origins):
+    """Move Adam's state from optimizer `old` to `new` for params: a parameter that stays keeps its own; a
+    new parameter copied from another (origins: {copy: source}, e.g. progressive_diverging's new blocks)
+    starts with a copy of its source's moments, so the copies do not restart from zero momentum (which
+    makes their first updates lr-sized whatever the gradient, and bumps the loss)."""
+    for p in params:
+        if p in old.state:
+            new.state[p] = old.state[p]
+        elif p in origins and origins[p] in old.state:
+            new.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in old.state[origins[p]].items()}
+
+
 class BaseTrainer:
     reports_bpb = True  # evaluation rows carry bits per byte (False where "loss" is no language-model loss)
 
@@ -351,16 +363,14 @@ class BaseTrainer:
     def build_optimizer(self):
         """AdamW over exactly the trainable parameters; weight decay on matrices and embeddings only.
         Called again when a model hook changes which parameters train: Adam state carries over for
-        parameters that stay."""
+        parameters that stay, and a copied parameter starts from its source's (see carry_adam_state)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg["weight_decay"]},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         fused = self.device_type == "cuda"
         new = torch.optim.AdamW(groups, lr=self.cfg["lr"], betas=(0.9, 0.95), eps=1e-8, fused=fused)
         if self.optimizer is not None:
-            for p in params:
-                if p in self.optimizer.state:
-                    new.state[p] = self.optimizer.state[p]
+            carry_adam_state(self.optimizer, new, params, getattr(self.model, "parameter_origins", {}))
         self.optimizer = new
         self.step_module = self.make_step_module()
         if self.ddp:

@@ -177,9 +177,10 @@ class Model(AutoRegressiveModel):
     @torch.no_grad()
     def _diverge(self):
         c = self.config
-        blocks = nn.ModuleList()
+        blocks, origins = nn.ModuleList(), {}
         for i in range(2 * len(self.blocks)):
             block = copy.deepcopy(self.blocks[i // 2])
+            origins.update(zip(block.parameters(), self.blocks[i // 2].parameters()))  # copy -> source
             for name in ("c_attn", "c_proj"):
                 layer = getattr(block.attn, name)
                 if isinstance(layer, LoRALinear):
@@ -187,6 +188,7 @@ class Model(AutoRegressiveModel):
                 setattr(block.attn, name, LoRAProjection(layer, c.lora_rank, c.lora_alpha))  # freezes layer
             blocks.append(block)
         self.blocks = blocks
+        self.parameter_origins = origins  # the trainer starts each copy's Adam state from its source's
         self.stage += 1
         self.merged = False  # the new blocks carry fresh LoRA
 

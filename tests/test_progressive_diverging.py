@@ -241,6 +241,37 @@ def test_after_a_switch_the_right_parameters_train():
             assert moved == p.requires_grad, f"stage {stage}: {n} moved={moved}"
 
 
+def test_copied_parameters_start_with_their_sources_adam_state():
+    from base_trainer import carry_adam_state
+    torch.manual_seed(0)
+    model = create_model("progressive_diverging", preset=None, **SMALL).train()
+    idx = tokens((4, 32))
+    opt = adamw(model)
+    train_step(model, opt, idx)
+    train_step(model, opt, idx)
+    sources = dict(model.blocks.named_parameters())
+    model.set_stage(2)
+    new = adamw(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    carry_adam_state(opt, new, params, model.parameter_origins)
+    copied = 0
+    for name, p in model.blocks.named_parameters():
+        if not p.requires_grad or "lora_" in name:
+            assert p not in new.state  # frozen, or a fresh LoRA: nothing to inherit
+            continue
+        i, rest = name.split(".", 1)
+        source = sources[f"{int(i) // 2}.{rest}"]  # stage-2 block i is a copy of stage-1 block i // 2
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(new.state[p][key], opt.state[source][key])
+            assert new.state[p][key] is not opt.state[source][key]  # its own tensor: two copies, two updates
+        copied += 1
+    assert copied == 2 * sum(1 for n in sources if ".attn." not in n)  # LayerNorms and MLPs, twice each
+    for p in model.parameters():  # the parameters outside the blocks keep their own state
+        if p.requires_grad and not any(p is q for q in model.blocks.parameters()):
+            assert p in new.state and new.state[p] is opt.state[p]
+    train_step(model, new, idx)  # and training goes on with it
+
+
 # ---- checkpoints ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("stage,merged", [(2, False), (3, False), (3, True)])
