@@ -53,10 +53,10 @@ class AutoRegressiveModel(nn.Module):
     supports_kv_cache = False
 
     # ---- training hooks -------------------------------------------------------------------
-    def training_loss(self, x, y, loss_mask=None, step=0):
-        if loss_mask is None:  # the loss inside forward: a compiled model fuses it with the head
+    def training_loss(self, x, y, loss_mask=None, step=0, key_mask=None):
+        if loss_mask is None and key_mask is None:  # the loss inside forward: compiled with the head
             return self(x, y)[1], {}
-        logits, _ = self(x)
+        logits, _ = self(x, key_mask=key_mask)
         return masked_cross_entropy(logits, y, loss_mask), {}
 
     def evaluation_losses(self, x, y, loss_mask=None):

@@ -173,9 +173,8 @@ class TrainingStep(nn.Module):
     def forward(self, x, y, loss_mask, step, key_mask=None):
         if key_mask is None:
             return self.model.training_loss(x, y, loss_mask, step)
-        # Filler keys masked: the default next-token loss (setup_model checked the model does not override it).
-        logits, _ = self.model(x, key_mask=key_mask)
-        return masked_cross_entropy(logits, y, loss_mask), {}
+        # Filler keys masked: only the default training_loss takes them (check_filler_support made sure).
+        return self.model.training_loss(x, y, loss_mask, step, key_mask=key_mask)
 
 
 def carry_adam_state(old, new, params, origins):
@@ -500,15 +499,16 @@ class BaseTrainer:
     def evaluation_losses(self, x, y, loss_mask, key_mask):
         """{"loss": ..., ...} of one batch. With a loss mask, "loss" is what training scores and "loss_all"
         the loss over every (non-filler) token, from which bits per byte are computed."""
-        if key_mask is not None:
-            logits, _ = self.model(x, key_mask=key_mask)
-            out = {"loss": masked_cross_entropy(logits, y, loss_mask)}
-            if self.with_loss_mask:
-                out["loss_all"] = masked_cross_entropy(logits, y, (y != self.filler_id).float())
+        if type(self.model).evaluation_losses is not AutoRegressiveModel.evaluation_losses:
+            out = dict(self.model.evaluation_losses(x, y, loss_mask))  # a model's own (e.g. per direction)
+            if loss_mask is not None:
+                out["loss_all"] = self.model.evaluation_losses(x, y, None)["loss"]
             return out
-        out = dict(self.model.evaluation_losses(x, y, loss_mask))
-        if loss_mask is not None:
-            out["loss_all"] = self.model.evaluation_losses(x, y, None)["loss"]
+        logits, _ = self.model(x, key_mask=key_mask)  # one forward for both losses
+        out = {"loss": masked_cross_entropy(logits, y, loss_mask)}
+        if self.with_loss_mask:
+            scored = None if self.filler_id is None else (y != self.filler_id).float()
+            out["loss_all"] = masked_cross_entropy(logits, y, scored)
         return out
 
     @torch.no_grad()

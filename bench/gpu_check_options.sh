@@ -11,13 +11,7 @@ export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 D=/tmp/lmsmall_opt_data
 R=/tmp/lmsmall_opt_runs
-part() {  # part NAME SECONDS command...: run, keep the output, say how it ended
-    local name=$1 limit=$2; shift 2
-    local t0=$SECONDS
-    echo "=== $name: $*" | tee "$OUT/$name.txt"
-    timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.txt"
-    echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$OUT/$name.txt"
-}
+source "$(dirname "$0")/gpu_part.sh"
 T="--preset tiny --device cuda --max-tokens 1000000 --data-dir $D --eval-interval 20 --checkpoint-interval 20"
 
 part options 200 bash -c "set -e

@@ -13,13 +13,7 @@ SEED_STEPS=${SEED_STEPS:-24}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-part() {  # part NAME SECONDS command...: run, keep the output, say how it ended
-    local name=$1 limit=$2; shift 2
-    local t0=$SECONDS
-    echo "=== $name: $*" | tee "$OUT/$name.txt"
-    timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.txt"
-    echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$OUT/$name.txt"
-}
+source "$(dirname "$0")/gpu_part.sh"
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"; } \

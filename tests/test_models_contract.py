@@ -29,35 +29,55 @@ def test_logits_for_every_position_and_any_length(name):
 OPTIONS = [(pos, head) for pos in POS_KINDS for head in HEAD_KINDS]
 
 
-@pytest.mark.parametrize("pos,head", OPTIONS)
-@pytest.mark.parametrize("name", list(MODELS))
-def test_forward_is_leak_free(name, pos, head):
+def assert_leak_free(model, **kw):
     """Changing tokens at positions >= j leaves the logits at positions < j exactly as they were
-    (dual_mask_gpt bw: changing positions < j leaves positions >= j as they were), for every pos x head."""
-    model = tiny(name, pos=pos, head=head)
+    (dual_mask_gpt bw: changing positions < j leaves positions >= j as they were). kw go to every forward."""
+    name = model.name
     T = min(100, model.config.block_size)
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, VOCAB - 8, (2, T), generator=g)
     cuts = (1, 2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 63, 64, 65, T - 1)
     with torch.no_grad():
-        base = model(idx)[0]
+        base = model(idx, **kw)[0]
         for j in cuts:
             changed = idx.clone()
             changed[:, j:] = torch.randint(0, VOCAB - 8, (2, T - j), generator=g)
-            out = model(changed)[0]
+            out = model(changed, **kw)[0]
             torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-5,
                                        msg=f"{name}: position < {j} saw the future")
             assert not torch.allclose(out[:, j:], base[:, j:]), "the perturbation must change something"
         if name != "dual_mask_gpt":
             return
-        base = model(idx, direction="bw")[0]
+        base = model(idx, direction="bw", **kw)[0]
         for j in cuts:
             changed = idx.clone()
             changed[:, :j] = torch.randint(0, VOCAB - 8, (2, j), generator=g)
-            out = model(changed, direction="bw")[0]
+            out = model(changed, direction="bw", **kw)[0]
             torch.testing.assert_close(out[:, j:], base[:, j:], rtol=0, atol=1e-5,
                                        msg=f"{name} bw: position >= {j} saw the past")
             assert not torch.allclose(out[:, :j], base[:, :j]), "the perturbation must change something"
+
+
+@pytest.mark.parametrize("pos,head", OPTIONS)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_forward_is_leak_free(name, pos, head):
+    assert_leak_free(tiny(name, pos=pos, head=head))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("pos,head", [("alibi", "clap"), ("sinusoidal", "tied"), ("none", "clap")])
+def test_progressive_later_stages_are_leak_free_with_every_option(stage, pos, head):
+    model = tiny("progressive_diverging", pos=pos, head=head)
+    model.set_stage(stage)
+    assert_leak_free(model)
+
+
+@pytest.mark.parametrize("pos", ["learned", "alibi"])
+@pytest.mark.parametrize("name", [n for n in MODELS if n != "conv_attention"])
+def test_leak_free_with_a_filler_key_mask(name, pos):
+    model = tiny(name, pos=pos)
+    key_mask = torch.rand(2, min(100, model.config.block_size), generator=torch.Generator().manual_seed(2)) > 0.2
+    assert_leak_free(model, key_mask=key_mask)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
