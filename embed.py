@@ -30,6 +30,7 @@ BW token at the end), a key mask for the bidirectional encoder.
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -175,11 +176,14 @@ def main(argv=None):
     p.add_argument("--tokens", action="store_true", help="token embeddings for MaxSim: an .npz with 'tokens' "
                    "(all texts' token vectors stacked) and 'offsets' (text i is tokens[offsets[i]:offsets[i+1]])")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, mps")
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        if os.path.exists(args.out) and not args.overwrite:
+            raise EmbedError(f"{args.out} already exists; add --overwrite to replace it or choose another --out")
         model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
         enc = get_tokenizer(ckpt["config"]["tokenizer"])
         texts = read_texts(args.input, args.field)

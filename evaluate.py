@@ -204,12 +204,15 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, mps")
     p.add_argument("--out", help="write every figure (and the generated answers) to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         if args.limit is not None and args.limit < 1:
             raise EvalError("--limit must be >= 1")
+        if args.out and Path(args.out).exists() and not args.overwrite:
+            raise EvalError(f"{args.out} already exists; add --overwrite to replace it or choose another --out")
         model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
         if getattr(model.config, "attention", "causal") != "causal":
             raise EvalError(f"{args.checkpoint} is an encoder ({model.config.attention} attention, e.g. MNTP): it "

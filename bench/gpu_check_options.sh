@@ -31,8 +31,8 @@ $PY finetune.py --checkpoint $R/alibi_clap/checkpoint.pt --loss-on answer --lora
 $PY evaluate.py --checkpoint $R/ft/checkpoint.pt --task synthetic-math --limit 20 --quiet
 $PY train_mntp.py --checkpoint $R/prog_sin/checkpoint.pt --max-steps 20 --device cuda --out-dir $R/mntp
 printf 'What is 2 + 3?\nA train travels 60 km.\n' > /tmp/texts.txt
-$PY embed.py --checkpoint $R/mntp/checkpoint.pt --input /tmp/texts.txt --out /tmp/e.npy
-$PY embed.py --checkpoint $R/dual_alibi/checkpoint.pt --input /tmp/texts.txt --out /tmp/d.npy
+$PY embed.py --checkpoint $R/mntp/checkpoint.pt --input /tmp/texts.txt --out /tmp/e.npy --overwrite
+$PY embed.py --checkpoint $R/dual_alibi/checkpoint.pt --input /tmp/texts.txt --out /tmp/d.npy --overwrite
 $PY -c \"import numpy as np; print('embeddings', np.load('/tmp/e.npy').shape, np.load('/tmp/d.npy').shape)\""
 
 G="--models baseline_gpt2 --set n_layer=12 n_head=12 n_embd=768 --seq-len 1024 --vocab-size 50304 --device cuda"

@@ -116,10 +116,17 @@ def test_embed_command_line_and_retrieval_bench(tmp_path, capsys):
     saved = np.load(tmp_path / "t.npz")
     assert saved["offsets"][-1] == len(saved["tokens"]) and len(saved["offsets"]) == len(TEXTS) + 1
     capsys.readouterr()
-    assert embed.main(["--checkpoint", str(paths["causal"]), "--input", str(texts), "--out", str(out),
-                       "--kind", "mntp"]) == 2
+    assert embed.main(["--checkpoint", str(paths["causal"]), "--input", str(texts), "--out",
+                       str(tmp_path / "k.npy"), "--kind", "mntp"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "mntp" in err[0]
+    before = out.read_bytes()  # an existing output is kept unless --overwrite
+    assert embed.main(["--checkpoint", str(paths["causal"]), "--input", str(texts), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0] and out.read_bytes() == before
+    assert embed.main(["--checkpoint", str(paths["causal"]), "--input", str(texts), "--out", str(out),
+                       "--overwrite"]) == 0
+    assert np.load(out).shape == (len(TEXTS), C)
     result = run_script("bench/retrieval.py", "--causal", paths["causal"], "--mntp", paths["mntp"], "--dual",
                         paths["dual"], "--pairs", "train", "--limit", 12, "--out", tmp_path / "r.json")
     assert result.returncode == 0, result.stderr

@@ -134,4 +134,7 @@ def test_evaluate_command_line(tiny_run, tmp_path):
     assert sum(f["total"] for f in data["accuracy"]["per_family"].values()) == 3
     assert_one_line_error(run_script("evaluate.py", "--checkpoint", tiny_run / "checkpoint.pt", "--no-loss",
                                      "--task", "wikipedia"), "--task")
+    assert_one_line_error(run_script("evaluate.py", "--checkpoint", tiny_run / "checkpoint.pt", "--out", out),
+                          "--overwrite")  # an existing --out is kept
+    assert json.loads(out.read_text()) == data
     assert_one_line_error(run_script("evaluate.py", "--checkpoint", tmp_path / "missing.pt"), "missing.pt")
