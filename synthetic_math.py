@@ -8,30 +8,51 @@ A built-in, offline generator of math problems with worked solutions, GSM8K styl
 
 Deterministic from a seed: problems come in chunks of CHUNK_SIZE, chunk c is drawn from
 random.Random(f"{seed}:{c}"), so any worker can make any chunk and the stream never depends on how many
-workers made it. The split (train/val/test) of a problem is a hash of its question text, so the same
-question can never be in two splits (disjoint by construction), and held_out_problems() can hand out
-val/test problems with their exact answers for accuracy evaluation.
+workers made it.
+
+The split (train/val/test) of a problem is decided by what makes it the same problem, not by its wording:
+problem_key() is the numbers of the question (in any order) and the final answer. Two problems that differ only
+in a name, an item or a template have the same key, so they land in the same split: no val/test problem has a
+training twin, and held_out_problems() can hand out val/test problems with their exact answers for accuracy
+evaluation. (Every template writes every number of a problem as digits and no other number; a test checks it.)
 
 Everything is exact integer / Fraction / Decimal arithmetic: the final answers are right, not rounded floats.
 """
 import random
+import re
 from decimal import Decimal
 from fractions import Fraction
 from math import gcd
 
 from data_file_utils import Split, split_of_text
 
+VERSION = 2  # bump when the problems or the split change: prepared datasets of another version are rebuilt
 CHUNK_SIZE = 1000
 NAMES = ["Ava", "Ben", "Chen", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lena",
-         "Mateo", "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq", "Uma", "Vera", "Wei", "Yusuf", "Zoe"]
+         "Mateo", "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq", "Uma", "Vera", "Wei", "Yusuf", "Zoe",
+         "Amara", "Bruno", "Carmen", "Dmitri", "Elena", "Felix", "Grace", "Hugo", "Ines", "Jonas", "Keiko",
+         "Luis", "Maya", "Noah", "Olga", "Pablo", "Ravi", "Sofia", "Theo", "Yara"]
 ITEMS = [("notebook", "notebooks"), ("apple", "apples"), ("pencil", "pencils"), ("ticket", "tickets"),
          ("book", "books"), ("sandwich", "sandwiches"), ("plant", "plants"), ("marker", "markers"),
-         ("cupcake", "cupcakes"), ("toy car", "toy cars")]
+         ("cupcake", "cupcakes"), ("toy car", "toy cars"), ("orange", "oranges"), ("candle", "candles"),
+         ("sticker", "stickers"), ("muffin", "muffins"), ("puzzle", "puzzles"), ("shirt", "shirts"),
+         ("comic", "comics"), ("bracelet", "bracelets"), ("mug", "mugs"), ("kite", "kites")]
+PRICED = ["bike", "laptop", "sofa", "camera", "jacket", "guitar", "phone", "desk", "lamp", "watch"]
+PLACES = ["garden", "room", "field", "yard", "pool", "parking lot", "playground", "classroom"]
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def problem_split(question: str) -> Split:
-    """The split of a problem: a hash of its question text (~98/1/1)."""
-    return split_of_text(question)
+def problem_key(question: str, final: str) -> str:
+    """What makes two problems the same problem: the numbers of the question as a multiset (so neither the
+    wording nor the order a template puts them in matters) and the final answer. Names, items and templates
+    are not part of it. No family either: a word problem and a bare sum with the same numbers and the same
+    answer are twins too, and go to the same split."""
+    return " ".join(sorted(_NUMBER.findall(question))) + " => " + str(final)
+
+
+def problem_split(question: str, final: str) -> Split:
+    """The split of a problem (~98/1/1): a hash of its problem_key, never of its wording."""
+    return split_of_text(problem_key(question, final))
 
 
 def format_document(problem: dict) -> str:
@@ -54,6 +75,32 @@ def _problem(family, question, steps, final):
     return {"question": question, "answer": "\n".join(steps) + f"\n#### {final}", "final": final, "family": family}
 
 
+# Wordings of one problem: str.format templates with named fields. Every template of a list uses the same
+# fields and writes no digit of its own, so that all wordings of a problem have the same problem_key.
+TEMPLATES = {
+    "add": ["What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "Find the sum of {a} and {b}."],
+    "sub": ["Compute {a} - {b}.", "What is {a} - {b}?", "Subtract {b} from {a}.", "What is {a} minus {b}?"],
+    "mul": ["What is {a} * {b}?", "Compute {a} * {b}.", "Multiply {a} by {b}.", "Find the product of {a} and {b}."],
+    "div": ["Divide {a} by {b}.", "What is {a} / {b}?", "Compute {a} / {b}.", "How many times does {b} go into {a}?"],
+    "simplify": ["Simplify the fraction {n}/{m}.", "Write {n}/{m} in lowest terms.", "Reduce {n}/{m} to lowest terms."],
+    "percent_of": ["What is {p}% of {n}?", "Find {p}% of {n}.", "Compute {p}% of {n}.", "How much is {p}% of {n}?"],
+    "price_change": ["A price of ${n} is {word} by {p}%. What is the new price in dollars?",
+                     "A {thing} costs ${n}. Its price is {word} by {p}%. What is the new price in dollars?",
+                     "The price of a {thing} was ${n} and is {word} by {p}%. How many dollars does it cost now?"],
+    "times_decimal": ["Multiply {a} by {b}.", "What is {a} * {b}?", "Compute the product {a} * {b}."],
+    "gcd": ["Find the greatest common divisor of {a} and {b}.", "What is the greatest common divisor of {a} and {b}?",
+            "Compute gcd({a}, {b})."],
+    "lcm": ["Find the least common multiple of {a} and {b}.", "What is the least common multiple of {a} and {b}?",
+            "Compute lcm({a}, {b})."],
+    "factor": ["Write {n} as a product of prime factors.", "Find the prime factorization of {n}.",
+               "Factor {n} into primes."],
+}
+
+
+def _say(rng, kind, **fields):
+    return rng.choice(TEMPLATES[kind]).format(**fields)
+
+
 # ----------------------------------------------------------------------------- 1. integer arithmetic
 
 def arithmetic(rng: random.Random) -> dict:
@@ -63,24 +110,24 @@ def arithmetic(rng: random.Random) -> dict:
         high = b - b % 100
         steps = [f"Split {b} into {high} + {b - high}.", f"{a} + {high} = {a + high}.",
                  f"{a + high} + {b - high} = {a + b}."] if high and b - high else [f"{a} + {b} = {a + b}."]
-        return _problem("arithmetic", f"What is {a} + {b}?", steps, a + b)
+        return _problem("arithmetic", _say(rng, "add", a=a, b=b), steps, a + b)
     if op == 1:
         a, b = rng.randint(1000, 99999), rng.randint(100, 9999)
         a, b = max(a, b), min(a, b)
         high = b - b % 100
         steps = [f"Split {b} into {high} + {b - high}.", f"{a} - {high} = {a - high}.",
                  f"{a - high} - {b - high} = {a - b}."] if high and b - high else [f"{a} - {b} = {a - b}."]
-        return _problem("arithmetic", f"Compute {a} - {b}.", steps, a - b)
+        return _problem("arithmetic", _say(rng, "sub", a=a, b=b), steps, a - b)
     if op == 2:
         a, b = rng.randint(12, 999), rng.randint(12, 99)
         tens, ones = b - b % 10, b % 10
         steps = [f"Split {b} into {tens} + {ones}.", f"{a} * {tens} = {a * tens}.", f"{a} * {ones} = {a * ones}.",
                  f"Add the parts: {a * tens} + {a * ones} = {a * b}."]
-        return _problem("arithmetic", f"What is {a} * {b}?", steps, a * b)
-    q, b = rng.randint(12, 999), rng.randint(3, 49)
+        return _problem("arithmetic", _say(rng, "mul", a=a, b=b), steps, a * b)
+    q, b = rng.randint(12, 999), rng.randint(3, 99)
     a = q * b
     steps = [f"We need the number that, multiplied by {b}, gives {a}.", f"{b} * {q} = {a}.", f"So {a} / {b} = {q}."]
-    return _problem("arithmetic", f"Divide {a} by {b}.", steps, q)
+    return _problem("arithmetic", _say(rng, "div", a=a, b=b), steps, q)
 
 
 # ----------------------------------------------------------------------------- 2. order of operations
@@ -106,16 +153,19 @@ def _value(node):
 
 
 def _random_expr(rng, n_ops):
+    """A random expression with exactly n_ops operations, every value a non-negative integer."""
     if n_ops == 0:
-        return rng.randint(2, 20)
-    n_left = rng.randint(0, n_ops - 1)
-    left, right = _random_expr(rng, n_left), _random_expr(rng, n_ops - 1 - n_left)
+        return rng.randint(2, 60)
     op = rng.choice("+-**/")
-    if op == "/":  # only exact division of a sub-expression by a small number
-        right = rng.choice([d for d in (2, 3, 4, 5, 6) if _value(left) % d == 0] or [1])
-        if right == 1:
-            op = "+"
-            right = rng.randint(2, 20)
+    if op == "/":  # exact division by a small number: the divisor is a number, the left side gets every operation
+        left = _random_expr(rng, n_ops - 1)
+        divisors = [d for d in range(2, 13) if _value(left) % d == 0] if _value(left) > 0 else []
+        if divisors:
+            return ("/", left, rng.choice(divisors))
+        op, right = rng.choice("+-"), rng.randint(2, 60)  # no exact divisor: another operation, same count
+    else:
+        n_left = rng.randint(0, n_ops - 1)
+        left, right = _random_expr(rng, n_left), _random_expr(rng, n_ops - 1 - n_left)
     if op == "-" and _value(left) < _value(right):
         left, right = right, left  # stay with non-negative numbers
     if op == "*" and _value(left) * _value(right) > 5000:
@@ -163,17 +213,17 @@ def order_of_operations(rng: random.Random) -> dict:
 # ----------------------------------------------------------------------------- 3. fractions
 
 def fractions(rng: random.Random) -> dict:
-    a, b = rng.randint(1, 11), rng.randint(2, 12)
-    c, d = rng.randint(1, 11), rng.randint(2, 12)
+    a, b = rng.randint(1, 19), rng.randint(2, 20)
+    c, d = rng.randint(1, 19), rng.randint(2, 20)
     x, y = Fraction(a, b), Fraction(c, d)
     kind = rng.randrange(4)
-    if kind == 3:  # simplify
-        k = rng.randint(2, 9)
+    if kind == 3:  # simplify a fraction made by scaling one in lowest terms
+        a, b, k = rng.randint(1, 99), rng.randint(2, 50), rng.randint(2, 30)
         n, m = a * k, b * k
         g = gcd(n, m)
         steps = [f"The greatest common divisor of {n} and {m} is {g}.",
                  f"Divide both by {g}: {n}/{m} = {n // g}/{m // g}." if m // g != 1 else f"{n}/{m} = {n // g}."]
-        return _problem("fractions", f"Simplify the fraction {n}/{m}.", steps, _frac(Fraction(n, m)))
+        return _problem("fractions", _say(rng, "simplify", n=n, m=m), steps, _frac(Fraction(n, m)))
     if kind == 2:  # multiply
         num, den = a * c, b * d
         result = Fraction(num, den)
@@ -204,27 +254,27 @@ _NOT_MULTIPLE_OF_10 = [k for k in range(11, 1000) if k % 10]
 def decimals_percentages(rng: random.Random) -> dict:
     kind = rng.randrange(3)
     if kind == 0:
-        p, n = rng.choice([5, 10, 12, 15, 20, 25, 30, 35, 40, 45, 50, 60, 75, 80, 90]), rng.randint(2, 400) * 4
+        p, n = rng.randint(1, 99), rng.randint(2, 2000)
         result = Decimal(n) * p / 100
         steps = [f"{p}% means {p}/100.", f"{n} * {p} = {n * p}.", f"{n * p} / 100 = {_dec(result)}."]
-        return _problem("decimals_percentages", f"What is {p}% of {n}?", steps, _dec(result))
+        return _problem("decimals_percentages", _say(rng, "percent_of", p=p, n=n), steps, _dec(result))
     if kind == 1:
-        p, n = rng.choice([10, 20, 25, 30, 40, 50]), rng.randint(4, 250) * 10
+        p, n = rng.randrange(5, 100, 5), rng.randint(10, 5000)
         up = rng.random() < 0.5
         change = Decimal(n) * p / 100
         result = n + change if up else n - change
         word = "increased" if up else "decreased"
         steps = [f"{p}% of {n} is {n} * {p} / 100 = {_dec(change)}.",
                  f"{n} {'+' if up else '-'} {_dec(change)} = {_dec(result)}."]
-        return _problem("decimals_percentages", f"A price of ${n} is {word} by {p}%. What is the new price in dollars?",
-                        steps, _dec(result))
+        q = _say(rng, "price_change", n=n, p=p, word=word, thing=rng.choice(PRICED))
+        return _problem("decimals_percentages", q, steps, _dec(result))
     a = Decimal(rng.choice(_NOT_MULTIPLE_OF_10)) / 10 ** rng.randint(1, 2)  # so that it really has decimals
     b = Decimal(rng.randint(2, 99)) / 10 ** rng.randint(0, 1)
     da, db = -a.as_tuple().exponent, -b.as_tuple().exponent
     ia, ib = int(a * 10 ** da), int(b * 10 ** db)
     steps = [f"Ignore the decimal points: {ia} * {ib} = {ia * ib}.",
              f"There are {da} + {db} = {da + db} decimal places in total, so the product is {_dec(a * b)}."]
-    return _problem("decimals_percentages", f"Multiply {_dec(a)} by {_dec(b)}.", steps, _dec(a * b))
+    return _problem("decimals_percentages", _say(rng, "times_decimal", a=_dec(a), b=_dec(b)), steps, _dec(a * b))
 
 
 # ----------------------------------------------------------------------------- 5. linear equations
@@ -236,9 +286,9 @@ def _lin(a, b, var="x"):
 
 
 def linear_equation(rng: random.Random) -> dict:
-    x = rng.randint(-20, 20)
-    a = rng.choice([k for k in range(-9, 13) if k not in (0,)])
-    b = rng.randint(-50, 50)
+    x = rng.randint(-30, 30)
+    a = rng.choice([k for k in range(-12, 16) if k not in (0,)])
+    b = rng.randint(-99, 99)
     if rng.random() < 0.5:
         c = a * x + b
         steps = [f"Subtract {b} from both sides: {_lin(a, 0)} = {c} - {b} = {c - b}." if b > 0 else
@@ -246,7 +296,7 @@ def linear_equation(rng: random.Random) -> dict:
         if a != 1:
             steps.append(f"Divide both sides by {a}: x = {c - b} / {a} = {x}.")
         return _problem("linear_equation", f"Solve for x: {_lin(a, b)} = {c}.", steps, x)
-    c = rng.choice([k for k in range(-9, 13) if k not in (0, a)])
+    c = rng.choice([k for k in range(-12, 16) if k not in (0, a)])
     d = (a - c) * x + b
     steps = [f"Move the x terms to the left: {_lin(a, 0)} - {_lin(c, 0)} = {_lin(a - c, 0)}, so {_lin(a - c, b)} = {d}.",
              f"Move the constant to the right: {_lin(a - c, 0)} = {d} - ({b}) = {d - b}."]
@@ -257,34 +307,35 @@ def linear_equation(rng: random.Random) -> dict:
 
 # ----------------------------------------------------------------------------- 6. GCD, LCM, prime factors
 
+_PRIMES_BELOW_200 = [p for p in range(2, 200) if all(p % d for d in range(2, int(p ** 0.5) + 1))]
+
+
 def _factorize(n):
-    factors, p = [], 2
-    while p * p <= n:
+    """The prime factors of n in increasing order, or None if one of them is 200 or more."""
+    factors = []
+    for p in _PRIMES_BELOW_200:
         while n % p == 0:
             factors.append(p)
             n //= p
-        p += 1
-    if n > 1:
-        factors.append(n)
-    return factors
+    return factors if n == 1 else None
 
 
 def number_theory(rng: random.Random) -> dict:
     kind = rng.randrange(3)
     if kind == 2:
-        n = 1
-        while n < 12:
-            n = 1
-            for _ in range(rng.randint(2, 6)):
-                n *= rng.choice([2, 2, 2, 3, 3, 5, 7, 11, 13])
+        while True:  # a number below a million whose prime factors are all below 200, at least two of them
+            n = rng.randint(12, 999_999)
+            factors = _factorize(n)
+            if factors and len(factors) >= 2:
+                break
         steps, m = [], n
-        for p in _factorize(n):
+        for p in factors:
             steps.append(f"{m} / {p} = {m // p}.")
             m //= p
-        final = " * ".join(map(str, _factorize(n)))
-        return _problem("gcd_lcm_primes", f"Write {n} as a product of prime factors.", steps + [f"So {n} = {final}."], final)
-    g = rng.randint(2, 30)
-    a, b = g * rng.randint(2, 40), g * rng.randint(2, 40)
+        final = " * ".join(map(str, factors))
+        return _problem("gcd_lcm_primes", _say(rng, "factor", n=n), steps + [f"So {n} = {final}."], final)
+    g = rng.randint(2, 99)
+    a, b = g * rng.randint(2, 99), g * rng.randint(2, 99)
     if a == b:
         b += g
     steps, x, y = [], max(a, b), min(a, b)
@@ -293,10 +344,10 @@ def number_theory(rng: random.Random) -> dict:
         x, y = y, x % y
     steps.append(f"The last non-zero remainder is {x}, so gcd({a}, {b}) = {x}.")
     if kind == 0:
-        return _problem("gcd_lcm_primes", f"Find the greatest common divisor of {a} and {b}.", steps, x)
+        return _problem("gcd_lcm_primes", _say(rng, "gcd", a=a, b=b), steps, x)
     lcm = a * b // x
     steps.append(f"lcm({a}, {b}) = {a} * {b} / {x} = {a * b} / {x} = {lcm}.")
-    return _problem("gcd_lcm_primes", f"Find the least common multiple of {a} and {b}.", steps, lcm)
+    return _problem("gcd_lcm_primes", _say(rng, "lcm", a=a, b=b), steps, lcm)
 
 
 # ----------------------------------------------------------------------------- 7. polynomials
@@ -319,8 +370,8 @@ def _poly(coeffs):
 
 def polynomial(rng: random.Random) -> dict:
     degree = rng.randint(2, 3)
-    coeffs = [rng.randint(-9, 9) for _ in range(degree)] + [rng.choice([-5, -4, -3, -2, -1, 1, 2, 3, 4, 5, 6])]
-    x = rng.randint(-4, 5)
+    coeffs = [rng.randint(-12, 12) for _ in range(degree)] + [rng.choice([k for k in range(-7, 9) if k])]
+    x = rng.randint(-5, 6)
     if rng.random() < 0.5:
         parts = [f"{c} * ({x})^{k} = {c * x ** k}" for k, c in enumerate(coeffs) if c and k]
         value = sum(c * x ** k for k, c in enumerate(coeffs))
@@ -339,40 +390,72 @@ def polynomial(rng: random.Random) -> dict:
 
 def word_problem(rng: random.Random) -> dict:
     name, other = rng.sample(NAMES, 2)
-    item, items = rng.choice(ITEMS)
-    kind = rng.randrange(5)
+    (item, items), (_, items2) = rng.sample(ITEMS, 2)
+    kind = rng.randrange(8)
     if kind == 0:
-        n, price = rng.randint(2, 15), rng.randint(2, 25)
-        bill = next(b for b in (20, 50, 100, 200, 500) if b >= n * price)
-        q = f"{name} buys {n} {items} at ${price} each and pays with a ${bill} bill. How much change does {name} get?"
-        steps = [f"The {items} cost {n} * ${price} = ${n * price}.", f"The change is ${bill} - ${n * price} = ${bill - n * price}."]
-        return _problem("word_problem", q, steps, bill - n * price)
+        n, price, m, price2 = rng.randint(2, 20), rng.randint(2, 40), rng.randint(2, 20), rng.randint(2, 40)
+        cost = n * price + m * price2
+        bill = next(b for b in (20, 50, 100, 200, 500, 1000, 2000) if b >= cost)
+        q = (f"{name} buys {n} {items} at ${price} each and {m} {items2} at ${price2} each, and pays with ${bill}. "
+             f"How much change does {name} get?")
+        steps = [f"The {items} cost {n} * ${price} = ${n * price}.", f"The {items2} cost {m} * ${price2} = ${m * price2}.",
+                 f"Together: ${n * price} + ${m * price2} = ${cost}.", f"The change is ${bill} - ${cost} = ${bill - cost}."]
+        return _problem("word_problem", q, steps, bill - cost)
     if kind == 1:
-        speed, hours = rng.randint(3, 90), rng.randint(2, 9)
-        q = f"{name} travels at {speed} km per hour for {hours} hours. How many kilometers does {name} travel?"
-        return _problem("word_problem", q, [f"Distance = speed * time = {speed} * {hours} = {speed * hours} km."], speed * hours)
+        s1, h1, s2, h2 = rng.randint(20, 120), rng.randint(2, 9), rng.randint(20, 120), rng.randint(2, 9)
+        q = (f"{name} drives for {h1} hours at {s1} km per hour, then for {h2} hours at {s2} km per hour. "
+             f"How many kilometers does {name} drive in all?")
+        steps = [f"First part: {s1} * {h1} = {s1 * h1} km.", f"Second part: {s2} * {h2} = {s2 * h2} km.",
+                 f"In all: {s1 * h1} + {s2 * h2} = {s1 * h1 + s2 * h2} km."]
+        return _problem("word_problem", q, steps, s1 * h1 + s2 * h2)
     if kind == 2:
-        people, each, left = rng.randint(2, 12), rng.randint(2, 20), rng.randint(0, 9)
-        left = left % people
+        people, each = rng.randint(2, 30), rng.randint(2, 150)
+        left = rng.randint(0, people - 1)
         total = people * each + left
         q = f"{name} shares {total} {items} equally among {people} friends. How many {items} does each friend get?"
         steps = [f"{total} / {people} = {each} with remainder {left}." if left else f"{total} / {people} = {each}.",
                  f"Each friend gets {each} {items}."]
         return _problem("word_problem", q, steps, each)
     if kind == 3:
-        age, diff, years = rng.randint(5, 40), rng.randint(2, 30), rng.randint(2, 15)
+        age, diff, years = rng.randint(5, 70), rng.randint(2, 45), rng.randint(2, 40)
         q = f"{name} is {age} years old. {other} is {diff} years older than {name}. How old will {other} be in {years} years?"
         steps = [f"{other} is {age} + {diff} = {age + diff} years old now.",
                  f"In {years} years {other} will be {age + diff} + {years} = {age + diff + years}."]
         return _problem("word_problem", q, steps, age + diff + years)
-    start, weekly, weeks = rng.randint(0, 200), rng.randint(5, 60), rng.randint(2, 20)
-    spent = rng.randint(0, start + weekly * weeks)
-    total = start + weekly * weeks
-    q = (f"{name} has ${start} and saves ${weekly} every week for {weeks} weeks, then spends ${spent} on {items}. "
-         f"How many dollars does {name} have left?")
-    steps = [f"Savings: {weekly} * {weeks} = ${weekly * weeks}.", f"Total before spending: {start} + {weekly * weeks} = ${total}.",
-             f"After spending: {total} - {spent} = ${total - spent}."]
-    return _problem("word_problem", q, steps, total - spent)
+    if kind == 4:
+        start, weekly, weeks = rng.randint(0, 300), rng.randint(5, 90), rng.randint(2, 30)
+        total = start + weekly * weeks
+        spent = rng.randint(0, total)
+        q = (f"{name} has ${start} and saves ${weekly} every week for {weeks} weeks, then spends ${spent} on {items}. "
+             f"How many dollars does {name} have left?")
+        steps = [f"Savings: {weekly} * {weeks} = ${weekly * weeks}.",
+                 f"Total before spending: {start} + {weekly * weeks} = ${total}.",
+                 f"After spending: {total} - {spent} = ${total - spent}."]
+        return _problem("word_problem", q, steps, total - spent)
+    if kind == 5:
+        length, width, place = rng.randint(3, 300), rng.randint(2, 200), rng.choice(PLACES)
+        if rng.random() < 0.5:
+            q = f"A rectangular {place} is {length} meters long and {width} meters wide. What is its area in square meters?"
+            return _problem("word_problem", q, [f"Area = length * width = {length} * {width} = {length * width}."],
+                            length * width)
+        q = f"A rectangular {place} is {length} meters long and {width} meters wide. How many meters of fence go around it?"
+        steps = [f"Perimeter = 2 * (length + width) = 2 * ({length} + {width}) = 2 * {length + width} = "
+                 f"{2 * (length + width)}."]
+        return _problem("word_problem", q, steps, 2 * (length + width))
+    if kind == 6:
+        rate, hours, weeks = rng.randint(8, 75), rng.randint(4, 48), rng.randint(2, 16)
+        q = f"{name} earns ${rate} per hour and works {hours} hours a week. How many dollars does {name} earn in {weeks} weeks?"
+        steps = [f"In one week: {rate} * {hours} = ${rate * hours}.",
+                 f"In {weeks} weeks: {rate * hours} * {weeks} = ${rate * hours * weeks}."]
+        return _problem("word_problem", q, steps, rate * hours * weeks)
+    stock = rng.randint(50, 999)
+    morning, afternoon, delivery = rng.randint(1, stock // 2), rng.randint(1, stock // 2), rng.randint(10, 500)
+    q = (f"A shop has {stock} {items}. It sells {morning} in the morning and {afternoon} in the afternoon, then gets "
+         f"a delivery of {delivery} more. How many {items} does the shop have now?")
+    steps = [f"Sold: {morning} + {afternoon} = {morning + afternoon}.",
+             f"Left after selling: {stock} - {morning + afternoon} = {stock - morning - afternoon}.",
+             f"After the delivery: {stock - morning - afternoon} + {delivery} = {stock - morning - afternoon + delivery}."]
+    return _problem("word_problem", q, steps, stock - morning - afternoon + delivery)
 
 
 FAMILIES = {
@@ -413,14 +496,15 @@ def documents(seed: int = 1337, count: int = 1000):
 
 
 def held_out_problems(split, n: int, seed: int = 1337) -> list[dict]:
-    """n distinct problems of `split` (val or test) with exact answers, in stream order. With the seed the
-    data was prepared with, these are the problems in that split's shards; they never occur in train."""
+    """n distinct problems of `split` (val or test) with exact answers, in stream order: distinct by problem_key,
+    so a rewording of a problem already chosen is skipped. With the seed the data was prepared with, these are
+    problems of that split's shards; neither they nor any rewording of them occur in train."""
     split = Split(split)
     out, seen = [], set()
     for problem in problems(seed):
-        q = problem["question"]
-        if q not in seen and problem_split(q) == split:
-            seen.add(q)
+        key = problem_key(problem["question"], problem["final"])
+        if key not in seen and problem_split(problem["question"], problem["final"]) == split:
+            seen.add(key)
             out.append(problem)
             if len(out) == n:
                 return out
