@@ -17,6 +17,7 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and TIKTOKEN_CACHE.is_dir():
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 import base_data_preparer as bdp  # noqa: E402
+import data_sources  # noqa: E402
 import synthetic_math as sm  # noqa: E402
 from data_file_utils import SPLITS, DataError, Split, read_manifest, split_of_text  # noqa: E402
 from dataloader import TokenDataLoader  # noqa: E402
@@ -225,7 +226,7 @@ def test_math_reasoning_through_datasets_on_local_files(tmp_path, monkeypatch):
                                + "\n" for i in range(400)), encoding="utf-8")
     web.write_text("".join(json.dumps({"text": f"Web page {i} about integrals " + "y" * 150, "url": "u"}) + "\n"
                            for i in range(300)), encoding="utf-8")
-    monkeypatch.setattr(bdp, "MATH_REASONING_SOURCES", [
+    monkeypatch.setattr(data_sources, "MATH_REASONING_SOURCES", [
         (("json",), {"data_files": str(college), "split": "train"}, ("instruction", "output"), 0.5),
         (("json",), {"data_files": str(web), "split": "train"}, ("text",), 0.5)])
     d = bdp.prepare("math-reasoning", "bytes", tmp_path / "data", max_tokens=40_000, num_workers=1, quiet=True)
@@ -242,13 +243,13 @@ def test_math_reasoning_through_datasets_on_local_files(tmp_path, monkeypatch):
 
     def no_network(*args):
         raise AssertionError("a prepared dataset must not open its sources again")
-    monkeypatch.setattr(bdp, "_hf_open", no_network)
+    monkeypatch.setattr(data_sources, "_hf_open", no_network)
     assert bdp.ensure_prepared("math-reasoning", "bytes", tmp_path / "data", quiet=True) == d
 
 
 def test_math_reasoning_hub_unreachable_in_process(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(bdp, "MATH_REASONING_SOURCES",
+    monkeypatch.setattr(data_sources, "MATH_REASONING_SOURCES",
                         [(("no-such-user-xyz/no-such-dataset",), {"split": "train"}, ("text",), 1.0)])
     with pytest.raises(DataError) as e:
         bdp.prepare("math-reasoning", "bytes", tmp_path, max_tokens=1000, num_workers=1, quiet=True)
