@@ -17,7 +17,7 @@ Data sources (--data):
                      or a folder in which every *.txt file (recursively) is one document
 
 What it guarantees:
-  - split by DOCUMENT: a hash of the document text (of the question, for synthetic-math) puts it in
+  - split by DOCUMENT: a hash of the document text (of the problem_key, for synthetic-math) puts it in
     train/val/test (~98/1/1); a document is never in two splits; each split gets at least one document.
   - deterministic: the same source, tokenizer, seed and budget give the same bytes, whatever --num-workers.
   - crash safe: shards are written under a temporary name and renamed when complete; manifest.json is

@@ -37,8 +37,9 @@ TASK_CHARS = 1_000_000  # documents are handed to the workers in batches of abou
 # ----------------------------------------------------------------------------- documents (run in the workers)
 
 def _synthetic_docs(seed, chunk):
-    return [(f"Question: {p['question']}\nAnswer:", " " + p["answer"], p["question"])
-            for p in synthetic_math.generate_chunk(seed, chunk)]
+    # split key: the problem (its numbers and answer), not its wording, so a rewording never lands in another split
+    return [(f"Question: {p['question']}\nAnswer:", " " + p["answer"],
+             synthetic_math.problem_key(p["question"], p["final"])) for p in synthetic_math.generate_chunk(seed, chunk)]
 
 
 def _json_docs(path, lines, with_mask):
@@ -179,7 +180,8 @@ def _synthetic_source(seed):
             yield ("synthetic", (seed, chunk), True)
             chunk += 1
     return dict(kind="synthetic-math", spec="synthetic-math", with_mask=True,
-                fingerprint={"generator": "synthetic_math", "chunk_size": synthetic_math.CHUNK_SIZE},
+                fingerprint={"generator": "synthetic_math", "chunk_size": synthetic_math.CHUNK_SIZE,
+                             "version": synthetic_math.VERSION},
                 parts=lambda: [("synthetic-math", tasks(), 1.0)])
 
 

@@ -1,6 +1,6 @@
 """The bench/ scripts, run with their smallest settings so that they cannot rot (their figures are not checked).
 
-bench/data.py runs whole with --tiny (bytes tokenizer only, small budgets).
+bench/data.py runs whole with --tiny (bytes tokenizer only, small budgets); bench/synthetic_distinct.py with --tiny.
 """
 
 import json
@@ -47,6 +47,14 @@ def test_data_bench_tiny():
     out = ok(run_script("bench/data.py", "--tiny", timeout=120))
     assert "Preparation" in out and "tok/CPU-s" in out and "synthetic-math" in out and "GSM8K" in out, out
     assert "us/batch" in out and "file-backed" in out, out
+
+
+def test_synthetic_distinct_tiny():
+    out = ok(run_script("bench/synthetic_distinct.py", "--tiny", timeout=60))
+    assert "the first 2,000 problems" in out and "distinct p" in out and "train twins" in out, out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "family" not in line]
+    assert len(rows) == 9 and rows[-1][1].strip() == "all", out  # 8 families + all
+    assert all(r[-2].strip() == "0" for r in rows), out  # no val/test problem has a train twin
 
 
 def test_reproduce_seed_table_smallest(data_dir, tmp_path):
