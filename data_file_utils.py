@@ -40,7 +40,9 @@ SPLITS = (Split.TRAIN, Split.VAL, Split.TEST)
 def split_of_text(text: str) -> Split:
     """Which split a document belongs to, decided by a hash of its text (~98% train, 1% val, 1% test).
     A hash (not the position in the file, not the shard index) keeps the splits disjoint and stable:
-    the same document always lands in the same split, however the corpus is ordered or cut."""
+    the same document always lands in the same split, however the corpus is ordered or cut.
+    `text` may also be a key that says which problem a document is (synthetic-math passes
+    synthetic_math.problem_key), so that every wording of one problem lands in the same split."""
     h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"lmsmall-split").digest(), "little")
     bucket = h % 100
     if bucket == 0:

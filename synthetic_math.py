@@ -213,8 +213,8 @@ def order_of_operations(rng: random.Random) -> dict:
 # ----------------------------------------------------------------------------- 3. fractions
 
 def fractions(rng: random.Random) -> dict:
-    a, b = rng.randint(1, 19), rng.randint(2, 20)
-    c, d = rng.randint(1, 19), rng.randint(2, 20)
+    a, b = rng.randint(1, 29), rng.randint(2, 30)
+    c, d = rng.randint(1, 29), rng.randint(2, 30)
     x, y = Fraction(a, b), Fraction(c, d)
     kind = rng.randrange(4)
     if kind == 3:  # simplify a fraction made by scaling one in lowest terms
