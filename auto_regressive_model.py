@@ -129,16 +129,22 @@ class AutoRegressiveModel(nn.Module):
         vocab_limit keeps sampling below the tokenizer's size (the embedding table is padded to a multiple
             of 64).
 
-        With the KV cache (use_cache and a model that has one): the prompts are left-padded to a common
+        The context window: each row's context is its tokens from a start that slides. It starts at the
+        row's last block_size tokens; when a new token would make it longer than block_size, it restarts
+        from the row's last block_size // 2 tokens (so a row always sees between block_size // 2 and
+        block_size tokens). Sliding by half a window, not by one token: with learned absolute positions
+        every slide invalidates the cached keys (they sit at the wrong positions), so a one-token slide
+        would recompute the whole window for every token; this way it is one refill per block_size // 2
+        tokens. Both paths below use the same contexts, so they give the same tokens.
+
+        With the KV cache (use_cache and a model that has one): the contexts are left-padded to a common
         length and fed once, padding hidden by a key mask and positions counted per row (so a padded row
         computes exactly what it would alone, learned absolute positions included); then one token per row
-        and step against the cache. Rows that stop leave the batch (the cache keeps the others). The context
-        window: a row sees at most its last block_size tokens. When the cache has no column left, it is
-        refilled from each row's last block_size tokens (learned positions are absolute: the old keys would
-        sit at the wrong positions), which then repeats every step, as the uncached path does.
-        Without a cache (conv_attention, use_cache=False): every step recomputes each row's last block_size
-        tokens, right-padded to a common length; the model is causal, so right padding changes no logit
-        that is read. Both paths give the tokens that each row alone would get (tests/test_generate.py)."""
+        and step against the same cache until some row's context slides (then the cache is refilled from
+        every row's context). Rows that stop leave the batch (the cache keeps the others' columns).
+        Without a cache (conv_attention, use_cache=False): every step recomputes each row's context,
+        right-padded to a common length; the model is causal, so right padding changes no logit that is
+        read. Both paths give the tokens that each row alone would get (tests/test_generate.py)."""
         if getattr(self.config, "attention", "causal") != "causal":
             from models import ModelConfigError
             raise ModelConfigError(f"this model attends {self.config.attention}ly (an encoder, e.g. for "
@@ -152,13 +158,19 @@ class AutoRegressiveModel(nn.Module):
         active = list(range(B))            # rows still generating, in batch order of the cache
         use_cache = use_cache and self.supports_kv_cache
         window, cache, device = self.config.block_size, None, idx.device
+        starts = [max(0, n - window) for n in lengths]     # where each row's context starts
         for _ in range(max_new_tokens):
+            slid = False
+            for b in active:
+                if len(rows[b]) - starts[b] > window:      # the window slides by half its length
+                    starts[b], slid = len(rows[b]) - max(1, window // 2), True
+            contexts = [rows[b][starts[b]:] for b in active]
             if not use_cache:
-                context, last = right_pad([rows[b][-window:] for b in active], device)
+                context, last = right_pad(contexts, device)
                 logits = self(context)[0][torch.arange(len(active), device=device), last]
-            elif cache is None or cache.pos == cache.max_len:
-                # (Re)fill the cache: at the start, and when its columns are used up (the window slides)
-                context, key_mask = left_pad([rows[b][-window:] for b in active], device)
+            elif cache is None or slid or cache.pos == cache.max_len:
+                # (Re)fill the cache: at the start, and when a context slid (positions changed)
+                context, key_mask = left_pad(contexts, device)
                 cache = self.new_cache(len(active), device, next(self.parameters()).dtype)
                 logits = self.forward_cached(context, cache, None if key_mask.all() else key_mask)[:, -1]
             else:

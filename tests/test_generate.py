@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from auto_regressive_model import left_pad
-from conftest import run_script
 from models import MODELS, create_model
 
 VOCAB = 64
@@ -65,6 +64,25 @@ def test_one_cache_for_the_whole_answer(name, monkeypatch):
                         real(idx, cache, key_mask))
     batched(model, prompts([5, 2, 8]), 30)
     assert fed[0] == (3, 8) and fed[1:] == [(3, 1)] * 29
+
+
+@pytest.mark.parametrize("name", CACHED)
+def test_the_window_slides_by_half_its_length(name, monkeypatch):
+    """Past block_size a row's context restarts from its last block_size // 2 tokens: each token is the argmax
+    of a plain forward over exactly that context, and the cache is refilled once per slide, not every token."""
+    model = tiny(name, block_size=20)
+    fed = []
+    real = model.forward_cached
+    monkeypatch.setattr(model, "forward_cached", lambda idx, cache, key_mask=None: fed.append(idx.size(1)) or
+                        real(idx, cache, key_mask))
+    prompt = torch.tensor(prompts([5])[0])[None]
+    out = model.generate(prompt, 40, top_k=1)
+    start, slides = 0, 0
+    for t in range(5, 45):
+        if t - start > 20:
+            start, slides = t - 10, slides + 1
+        assert model(out[:, start:t])[0][0, -1].argmax() == out[0, t], t
+    assert slides == 3 and sum(n > 1 for n in fed) == 1 + slides
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -136,6 +154,7 @@ def test_generate_script_stops_at_endoftext_unless_no_stop(bytes_run, monkeypatc
     assert steps["n"] == 20 and outs[-1].count("<|endoftext|>") == 17
 
 
-def test_generate_script_bad_input_is_one_line(bytes_run):
-    result = run_script("generate.py", "--checkpoint", bytes_run, "--max-new-tokens", -1)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+def test_generate_script_bad_input_is_one_line(bytes_run, capsys):
+    import generate
+    assert generate.main(["--checkpoint", str(bytes_run), "--max-new-tokens", "-1"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
