@@ -48,6 +48,28 @@ def masked_cross_entropy(logits, targets, loss_mask=None):
     return (losses * weights).sum() / weights.sum().clamp(min=1.0)
 
 
+def left_pad(prompts, device="cpu", pad=0):
+    """Token lists of different lengths -> (B, T) long, each row's tokens at its end, and the key mask
+    (B, T) bool that is False at the padding (T = the longest list)."""
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), pad, dtype=torch.long)
+    key_mask = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        if p:
+            idx[b, T - len(p):] = torch.tensor(p)
+            key_mask[b, T - len(p):] = True
+    return idx.to(device), key_mask.to(device)
+
+
+def right_pad(prompts, device="cpu", pad=0):
+    """Token lists -> (B, T) long with each row's tokens at its start, and the index of each row's last token."""
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), pad, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        idx[b, :len(p)] = torch.tensor(p)
+    return idx.to(device), torch.tensor([len(p) - 1 for p in prompts], device=device)
+
+
 class AutoRegressiveModel(nn.Module):
     name = None            # registry name, set by each model
     supports_kv_cache = False
@@ -84,8 +106,10 @@ class AutoRegressiveModel(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not expose features()")
 
     # ---- generation -----------------------------------------------------------------------
-    def forward_cached(self, idx, cache):
-        """Logits (B, T, V) of idx placed after the cache.pos tokens already in `cache`; advances it."""
+    def forward_cached(self, idx, cache, key_mask=None):
+        """Logits (B, T, V) of idx placed after the cache.pos columns already in `cache`; advances it.
+        key_mask (B, T) bool marks the real tokens of a left-padded prompt (False = padding); positions are
+        counted per row by the cache (cache.positions), so a padded row is computed as if unpadded."""
         raise NotImplementedError
 
     def new_cache(self, batch_size, device, dtype):
@@ -93,43 +117,98 @@ class AutoRegressiveModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None,
-                 vocab_limit=None):
-        """Append max_new_tokens sampled tokens to idx (B, T). temperature 0 or top_k=1 is greedy.
-        A prompt longer than block_size is cropped to its last block_size tokens. vocab_limit keeps
-        sampling below the tokenizer's size (the embedding table is padded to a multiple of 64)."""
+                 vocab_limit=None, prompt_lengths=None, eos_token=None, stop=None):
+        """Continue B prompts at once; returns (B, T + n) long: idx followed by each row's new tokens.
+
+        idx (B, T): the prompts, left-padded: row b's prompt is its last prompt_lengths[b] tokens (default:
+            all T; left_pad() builds idx and prompt_lengths from lists). temperature 0 or top_k=1 is greedy.
+        Stops: a row stops after it generated eos_token, or as soon as stop(new_tokens) is True (new_tokens:
+            the row's generated token ids so far, a list; e.g. a stop string in its decoded text). A stopped row
+            is filled with eos_token (or its last token) and costs nothing more; generation ends when every
+            row has stopped or after max_new_tokens (n <= max_new_tokens).
+        vocab_limit keeps sampling below the tokenizer's size (the embedding table is padded to a multiple
+            of 64).
+
+        The context window: each row's context is its tokens from a start that slides. It starts at the
+        row's last block_size tokens; when a new token would make it longer than block_size, it restarts
+        from the row's last block_size // 2 tokens (so a row always sees between block_size // 2 and
+        block_size tokens). Sliding by half a window, not by one token: with learned absolute positions
+        every slide invalidates the cached keys (they sit at the wrong positions), so a one-token slide
+        would recompute the whole window for every token; this way it is one refill per block_size // 2
+        tokens. Both paths below use the same contexts, so they give the same tokens.
+
+        With the KV cache (use_cache and a model that has one): the contexts are left-padded to a common
+        length and fed once, padding hidden by a key mask and positions counted per row (so a padded row
+        computes exactly what it would alone, learned absolute positions included); then one token per row
+        and step against the same cache until some row's context slides (then the cache is refilled from
+        every row's context). Rows that stop leave the batch (the cache keeps the others' columns).
+        Without a cache (conv_attention, use_cache=False): every step recomputes each row's context,
+        right-padded to a common length; the model is causal, so right padding changes no logit that is
+        read. Both paths give the tokens that each row alone would get (tests/test_generate.py)."""
         if getattr(self.config, "attention", "causal") != "causal":
             from models import ModelConfigError
             raise ModelConfigError(f"this model attends {self.config.attention}ly (an encoder, e.g. for "
                                    f"MNTP): it does not predict the next token and cannot generate text")
-        block_size = self.config.block_size
-        cache = None
+        B, T = idx.shape
+        lengths = [T] * B if prompt_lengths is None else [int(n) for n in prompt_lengths]
+        if B == 0 or T == 0 or not all(1 <= n <= T for n in lengths):
+            raise ValueError(f"every prompt needs 1..{T} tokens (e.g. <|endoftext|> to start a new document)")
+        rows = [idx[b, T - n:].tolist() for b, n in enumerate(lengths)]   # each row's tokens so far
+        new = [[] for _ in range(B)]
+        active = list(range(B))            # rows still generating, in batch order of the cache
         use_cache = use_cache and self.supports_kv_cache
+        window, cache, device = self.config.block_size, None, idx.device
+        starts = [max(0, n - window) for n in lengths]     # where each row's context starts
         for _ in range(max_new_tokens):
-            if use_cache and cache is not None and cache.pos < block_size:
-                logits = self.forward_cached(idx[:, -1:], cache)  # one new token against the cache
+            slid = False
+            for b in active:
+                if len(rows[b]) - starts[b] > window:      # the window slides by half its length
+                    starts[b], slid = len(rows[b]) - max(1, window // 2), True
+            contexts = [rows[b][starts[b]:] for b in active]
+            if not use_cache:
+                context, last = right_pad(contexts, device)
+                logits = self(context)[0][torch.arange(len(active), device=device), last]
+            elif cache is None or slid or cache.pos == cache.max_len:
+                # (Re)fill the cache: at the start, and when a context slid (positions changed)
+                context, key_mask = left_pad(contexts, device)
+                cache = self.new_cache(len(active), device, next(self.parameters()).dtype)
+                logits = self.forward_cached(context, cache, None if key_mask.all() else key_mask)[:, -1]
             else:
-                context = idx[:, -block_size:]
-                if use_cache:
-                    # (Re)fill the cache from the context window: at the start, and whenever the window
-                    # slid (learned positions are absolute, so old keys would be at the wrong position).
-                    cache = self.new_cache(idx.size(0), idx.device, next(self.parameters()).dtype)
-                    logits = self.forward_cached(context, cache)
-                else:
-                    logits, _ = self(context)
-            logits = logits[:, -1, :].float()
-            if vocab_limit is not None:
-                logits[:, vocab_limit:] = float("-inf")
-            if temperature == 0 or top_k == 1:
-                next_token = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_token = torch.multinomial(probs, 1, generator=generator)
-            idx = torch.cat([idx, next_token], dim=1)
-        return idx
+                last_tokens = torch.tensor([[rows[b][-1]] for b in active], device=device)
+                logits = self.forward_cached(last_tokens, cache)[:, -1]
+            next_tokens = self.sample(logits.float(), temperature, top_k, generator, vocab_limit).tolist()
+            still = []
+            for i, (b, token) in enumerate(zip(active, next_tokens)):
+                rows[b].append(token)
+                new[b].append(token)
+                if token != eos_token and not (stop is not None and stop(new[b])):
+                    still.append(i)
+            if len(still) < len(active):
+                active = [active[i] for i in still]
+                if not active:
+                    break
+                if cache is not None:
+                    cache.keep_rows(still)
+        n = max(len(t) for t in new) if new else 0
+        out = idx.new_empty(B, T + n)
+        out[:, :T] = idx
+        for b, tokens in enumerate(new):
+            fill = eos_token if eos_token is not None else (tokens[-1] if tokens else 0)
+            out[b, T:] = torch.tensor(tokens + [fill] * (n - len(tokens)), dtype=idx.dtype)
+        return out
+
+    @staticmethod
+    def sample(logits, temperature=1.0, top_k=None, generator=None, vocab_limit=None):
+        """Next tokens (B,) from last-position logits (B, V): argmax when greedy, else softmax sampling."""
+        if vocab_limit is not None:
+            logits[:, vocab_limit:] = float("-inf")
+        if temperature == 0 or top_k == 1:
+            return logits.argmax(dim=-1)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
     # ---- bookkeeping ----------------------------------------------------------------------
     def num_params(self, trainable_only=False):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 MASK_KINDS = ("causal", "anticausal", "bidirectional")
 POS_KINDS = ("learned", "sinusoidal", "alibi", "none")
-HEAD_KINDS = ("tied", "clap")
+HEAD_KINDS = ("tied", "clap", "clap-cosine")
 ALIBI_BIDIRECTIONAL = ("shifted", "symmetric")
 
 
@@ -106,25 +106,80 @@ def attention_bias(kind, T_q, T_k, device, q_start=0, key_mask=None, alibi=None,
 
 
 class KVCache:
-    """Keys and values of every layer application seen so far, for generation one token at a time.
-    k, v: (n_slots, B, H, max_len, D); `pos` is how many positions are filled."""
+    """Keys and values of every layer application seen so far, for generating a batch of rows at once.
+        k, v       (n_slots, B, H, max_len, D), one column per token fed so far (the same count for every row)
+        pos        how many columns are filled
+        key_mask   (B, max_len) bool, False at a column that holds left padding (never attended)
+        lengths    (B,) long, real tokens per row so far: the next token of row b sits at position lengths[b]
+        positions  (B, T) long, the positions of the T tokens of the current forward (set by add_tokens;
+                   learned / sinusoidal position embeddings and rotary embeddings read it)
+    Rows of different lengths are left-padded: row b's real tokens fill its last columns, so every row's next
+    token goes into the same column and a causal mask over columns is causal over each row's positions.
+    Column distances equal position distances inside a row (padding only comes first), so ALiBi, which
+    biases by distance, needs nothing else. A forward with a cache: add_tokens(T, key_mask) -> positions, then
+    each layer's update(slot, k, v) and attention_key_mask(), then advance(T)."""
 
     def __init__(self, n_slots, batch_size, n_head, max_len, head_dim, device, dtype):
         shape = (n_slots, batch_size, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
         self.pos = 0
+        self.padded = False     # any left padding so far (else attention needs no key mask)
+        self.positions = None
+        self._new_lengths = None
+
+    def add_tokens(self, T, key_mask=None):
+        """Announce T new columns; key_mask (B, T) bool marks the real tokens among them (False = left padding,
+        for the prompt only). Returns and records their positions (B, T): each row counts its own real tokens."""
+        assert self.pos + T <= self.max_len, f"cache full: {self.pos} + {T} columns > {self.max_len}"
+        if key_mask is None:
+            offsets = torch.arange(T, device=self.lengths.device)[None, :]
+            self._new_lengths = self.lengths + T
+        else:
+            self.key_mask[:, self.pos:self.pos + T] = key_mask
+            self.padded = self.padded or not bool(key_mask.all())
+            offsets = key_mask.long().cumsum(dim=1) - 1            # padding: -1 (clamped to 0 below)
+            self._new_lengths = self.lengths + key_mask.long().sum(dim=1)
+        self.positions = (self.lengths[:, None] + offsets).clamp(min=0)
+        return self.positions
 
     def update(self, slot, k, v):
-        """Store k, v (B, H, T, D) at positions pos..pos+T and return all keys/values up to there."""
+        """Store k, v (B, H, T, D) in columns pos..pos+T and return all keys/values up to there."""
         T = k.size(2)
         self.k[slot, :, :, self.pos:self.pos + T] = k
         self.v[slot, :, :, self.pos:self.pos + T] = v
         return self.k[slot, :, :, :self.pos + T], self.v[slot, :, :, :self.pos + T]
 
+    def attention_key_mask(self, T):
+        """(B, pos + T) bool, True = a key that may be attended, for queries in columns pos..pos+T; None
+        when no row has padding (every key is real)."""
+        return self.key_mask[:, :self.pos + T] if self.padded else None
+
     def advance(self, T):
         self.pos += T
+        self.lengths = self._new_lengths
+
+    def keep_rows(self, rows):
+        """Keep only the batch rows `rows` (a list of indices), e.g. when the others have finished, and drop
+        the leading columns that are padding in every kept row. Positions are unchanged."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.key_mask.device)
+        key_mask = self.key_mask[rows, :self.pos]
+        first_real = key_mask.int().argmax(dim=1)           # every row holds at least one real token
+        drop = int(first_real.min()) if self.pos else 0
+        n = self.pos - drop
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.zeros(old.size(0), len(rows), *old.shape[2:], device=old.device, dtype=old.dtype)
+            new[:, :, :, :n] = old[:, rows, :, drop:self.pos]
+            setattr(self, name, new)
+        self.key_mask = torch.ones(len(rows), self.max_len, dtype=torch.bool, device=rows.device)
+        self.key_mask[:, :n] = key_mask[:, drop:]
+        self.padded = not bool(self.key_mask[:, :n].all())
+        self.lengths = self.lengths[rows]
+        self.pos = n
 
 
 class SelfAttention(nn.Module):
@@ -145,13 +200,15 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, mask="causal", cache=None, slot=0, key_mask=None):
         """x (B, T, C) -> (B, T, C). mask: a MASK_KINDS name; cache: a KVCache whose `slot` this layer uses
-        (queries then sit at positions cache.pos..); key_mask (B, T_k) bool, True = key may be attended
-        (T_k = cache.pos + T with a cache)."""
+        (queries then sit in columns cache.pos.., at positions cache.positions; its key mask hides left
+        padding); key_mask (B, T) bool, True = key may be attended (without a cache)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         q_start = 0
-        if cache is not None:
+        if cache is not None:  # queries sit in columns cache.pos..; left padding comes as a key mask
+            assert key_mask is None, "with a cache, the key mask comes from the cache"
+            key_mask = cache.attention_key_mask(T)
             q_start = cache.pos
             k, v = cache.update(slot, k, v)
         dropout_p = self.dropout if self.training else 0.0
@@ -167,17 +224,17 @@ class SelfAttention(nn.Module):
 
 
 def sinusoidal_table(pos, n_embd):
-    """Vaswani et al.'s fixed position vectors for positions pos (T,) -> (T, C): sin and cos of
+    """Vaswani et al.'s fixed position vectors for positions pos (T,) or (B, T) -> (..., C): sin and cos of
     pos / 10000^(2i/C), sin in the first half of the channels, cos in the second."""
     half = n_embd // 2
     freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=pos.device, dtype=torch.float32) / half)
-    angle = pos.float()[:, None] * freq[None, :]                                  # (T, C/2)
-    table = torch.cat([angle.sin(), angle.cos()], dim=1)
+    angle = pos.float()[..., None] * freq                                         # (..., C/2)
+    table = torch.cat([angle.sin(), angle.cos()], dim=-1)
     return F.pad(table, (0, n_embd - 2 * half))                                   # odd C: one zero channel
 
 
 class PositionEmbedding(nn.Module):
-    """What is added to the token embeddings for positions pos (T,) long: (T, C), or 0.0 for nothing.
+    """What is added to the token embeddings for positions pos (T,) or (B, T) long: (..., C), or 0.0.
         learned     a trained (n_positions, C) table, GPT-2's wpe (n_positions = the longest context)
         sinusoidal  sinusoidal_table(pos), computed on the fly: any length
         alibi/none  nothing: ALiBi puts positions into the attention biases; "none" relies on the causal
@@ -207,28 +264,35 @@ class PositionEmbedding(nn.Module):
 
 class OutputHead(nn.Module):
     """The token embedding's partner: how tokens enter the network and how logits come out, weights tied.
-        tied  x = E[idx];               logits = h @ E^T                                        (GPT-2)
-        clap  x = normalize(E[idx]);    logits = beta * normalize(h) @ normalize(E)^T, beta = exp(log_beta)
-    CLAP (the seed "ALiBi and CLAP head"): no extra layer and no output bias, unit-length embeddings in and
-    out; the cosine similarities are scaled by a learned inverse temperature, so |logits| <= beta.
-    beta starts at 1/0.07 as CLIP's logit scale; log-parameterised so it stays positive."""
+        tied         x = E[idx];               logits = h @ E^T                                       (GPT-2)
+        clap         x = normalize(E[idx]);    logits = beta * h @ normalize(E)^T,            beta = 1 at first
+        clap-cosine  x = normalize(E[idx]);    logits = beta * normalize(h) @ normalize(E)^T, beta = 1/0.07 at first
+    CLAP (seed 002, "ALiBi and CLAP head"; its code is fairseq's ClapHead): no extra layer and no output bias;
+    the embeddings are L2-normalised on the way in and in the output product, the final hidden states are not;
+    beta, a learned scalar (the "thermodynamic beta"), starts at 1. clap-cosine is our earlier variant: h is
+    normalised too, so logits are beta times cosines (|logits| <= beta) and beta = exp(log_beta) starts at
+    CLIP's logit scale 1/0.07."""
 
-    def __init__(self, kind="tied", init_beta=1 / 0.07):
+    def __init__(self, kind="tied"):
         super().__init__()
         assert kind in HEAD_KINDS, f"head must be one of {HEAD_KINDS}, not {kind!r}"
         self.kind = kind
         if kind == "clap":
-            self.log_beta = nn.Parameter(torch.tensor(math.log(init_beta)))
+            self.beta = nn.Parameter(torch.tensor(1.0))
+        elif kind == "clap-cosine":
+            self.log_beta = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # log: stays positive
 
     def embed(self, wte, idx):
         """idx (B, T) -> token embeddings (B, T, C) through the nn.Embedding wte."""
         x = wte(idx)
-        return F.normalize(x, dim=-1) if self.kind == "clap" else x
+        return x if self.kind == "tied" else F.normalize(x, dim=-1)
 
     def forward(self, h, weight):
         """h (B, T, C) final hidden states, weight (V, C) the token embedding -> logits (B, T, V)."""
         if self.kind == "tied":
             return h @ weight.t()
+        if self.kind == "clap":
+            return self.beta * (h @ F.normalize(weight, dim=-1).t())
         return self.log_beta.exp() * (F.normalize(h, dim=-1) @ F.normalize(weight, dim=-1).t())
 
 

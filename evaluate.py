@@ -1,20 +1,25 @@
 """
-Evaluate a checkpoint: test loss and bits per byte, and exact-match accuracy on math problems.
+Evaluate a checkpoint: test loss and bits per byte, or exact-match accuracy on math problems.
 
     python evaluate.py --checkpoint runs/baseline_gpt2/checkpoint.pt                       # loss + bpb
     python evaluate.py --checkpoint runs/baseline_gpt2/checkpoint.pt --task synthetic-math --limit 200
     python evaluate.py --checkpoint runs/gsm8k/checkpoint.pt --task json:../shared/data/gsm8k/train.jsonl
 
-Loss: the mean next-token loss over the --split (default test) of the checkpoint's own data (or --data), every
-token, and bits per byte (tokenizer-independent). Data with a loss mask also get "answer_loss" (answer tokens
-only, what --loss-on answer trains).
+Loss (without --task, or with --loss): the mean next-token loss over the first --eval-batches batches (default:
+the run's own --eval-batches) of the --split (default test) of the checkpoint's own data (or --data), on every
+token, and bits per byte (tokenizer-independent). These are the batches, and the per-batch mean, of the
+trainer's final `test` row, so on one process the two numbers agree (with --loss-on answer the trainer's
+"loss" is this script's "answer_loss" and its "loss_all" this "loss"); --eval-batches all takes the whole split.
+Data with a loss mask also get "answer_loss" (answer tokens only, what --loss-on answer trains).
 
-Accuracy (--task): for each problem the prompt "Question: {question}\\nAnswer:" (exactly how the data preparer
-writes a document) is continued greedily (top_k=1, KV cache) until <|endoftext|>, the end of the "#### ..." line,
-or --max-new-tokens (default: twice the longest reference solution). The rest of the first "####" line is the
-answer; it is right when it equals the reference after normalisation ("1,234" == "1234", "3.50" == "3.5",
-"$5" == "5", "6/8" == "3/4"; anything else compares with whitespace collapsed, e.g. "2 * 2 * 3"). No "####"
-at all counts as wrong.
+Accuracy (--task; no loss unless --loss): for each problem the prompt "Question: {question}\nAnswer:" (exactly
+how the data preparer writes a document) is continued greedily, --batch-size problems at a time (one KV cache
+per batch, AutoRegressiveModel.generate), each until <|endoftext|>, the end of its "####" line, the start of
+a next "\nQuestion:", or --max-new-tokens (default: twice the longest reference solution). Two figures, as
+lm-evaluation-harness reports for GSM8K:
+    strict    (the headline) the answer on the first "####" line, compared with the reference (score_strict)
+    flexible  the last number anywhere in the generated answer (score_flexible)
+The rules are in the README's table ("How answers are scored"), each with a test in tests/test_evaluate.py.
     synthetic-math   held-out problems of the split (synthetic_math.held_out_problems, the data seed of the
                      checkpoint's run), accuracy per problem family
     json:PATH        GSM8K format: JSON lines with "question" and "answer" ("... #### 42"). By default only the
@@ -28,7 +33,6 @@ import json
 import math
 import re
 import sys
-from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
 
@@ -36,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 import synthetic_math
-from auto_regressive_model import AutoRegressiveModel, CheckpointError, masked_cross_entropy
+from auto_regressive_model import AutoRegressiveModel, CheckpointError, left_pad, masked_cross_entropy
 from base_data_preparer import ensure_prepared, get_tokenizer
 from data_file_utils import DataError, read_manifest, split_of_text
 from dataloader import TokenDataLoader
@@ -50,30 +54,74 @@ class EvalError(Exception):
 
 
 # ---- answers ---------------------------------------------------------------------------------
+#
+# A final answer means a number when it starts with one: GSM8K's own rule (grade-school-math's extract_answer:
+# the text after "#### ", commas removed, the leading number) and lm-evaluation-harness's strict-match filter
+# ("#### (\-?[0-9\.\,]+)") both read "#### 18 dollars" as 18, "#### 5%" as 5 and "#### 3 4" as 3 (never 34).
+# Numbers compare exactly, as fractions of their digit strings (no float or 28-digit Decimal rounding), which
+# adds what string matching misses: "5.00" = "5", "$5" = "5", "6/8" = "3/4", "4/2" = "2". A number followed by
+# an operator ("2 * 2 * 3", "5 - 3") is an expression, compared as text with the spaces around operators
+# removed; any other answer compares as text with whitespace collapsed and a final "." dropped.
 
-_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
-_FRACTION = re.compile(r"^[+-]?\d+/\d+$")
+_LEADING_NUMBER = re.compile(
+    r"^(?P<sign>[+-]?)\s*\$?\s*(?P<sign2>[+-]?)(?P<int>\d[\d,]*)?(?P<frac>\.\d*)?"
+    r"(?:\s*/\s*(?P<den>\d[\d,]*))?(?P<rest>.*)$")
+_OPERATOR = "*×+-/^"
+_ANY_NUMBER = re.compile(r"[+-]?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+)?")   # for the flexible figure
+
+
+def _fraction(sign, integer, frac, den):
+    """The exact value of a matched number: Fraction from the digit string, commas removed."""
+    digits = (integer or "").replace(",", "") + (frac or "").rstrip(".")
+    if not any(c.isdigit() for c in digits):
+        return None
+    value = Fraction(digits if not digits.startswith(".") else "0" + digits)
+    if den is not None:
+        den = int(den.replace(",", ""))
+        if den == 0:
+            return None
+        value /= den
+    return -value if sign == "-" else value
+
+
+def answer_value(text):
+    """What a final answer means: a Fraction when it starts with a number (the rest, e.g. "dollars" or "%",
+    is ignored), else its text (an expression or words, normalised for comparison)."""
+    s = " ".join(text.split())
+    m = _LEADING_NUMBER.match(s)
+    if m and not m.group("rest").strip()[:1] in tuple(_OPERATOR):
+        sign = "-" if (m.group("sign") + m.group("sign2")).count("-") % 2 else "+"
+        value = _fraction(sign, m.group("int"), m.group("frac"), m.group("den"))
+        if value is not None:
+            return value
+    s = s.rstrip(".").strip()
+    return re.sub(r"\s*([" + re.escape(_OPERATOR) + r"])\s*", r"\1", s.replace("$", "")).lower()
 
 
 def normalize_answer(text):
-    """A canonical string for comparing final answers: '1,234' -> '1234', '-3.50' -> '-3.5', '$5.' -> '5',
-    '6/8' -> '3/4', '4/2' -> '2'; other text is stripped and its whitespace collapsed."""
-    s = " ".join(text.strip().split())
-    s = s.rstrip(".").strip()
-    compact = s.replace(",", "").replace("$", "").replace(" ", "")
-    if _NUMBER.match(compact):
-        try:
-            d = Decimal(compact).normalize()
-        except InvalidOperation:
-            return s
-        out = format(d, "f")
-        return "0" if out in ("-0", "+0") else out
-    if _FRACTION.match(compact):
-        num, den = compact.split("/")
-        if int(den) != 0:
-            f = Fraction(int(num), int(den))
-            return str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
-    return s
+    """A canonical string of an answer, for reading: '1,234' -> '1234', '-3.50' -> '-3.5', '6/8' -> '3/4'."""
+    value = answer_value(text)
+    if not isinstance(value, Fraction):
+        return value
+    if value.denominator == 1:
+        return str(value.numerator)
+    decimal = None if "/" in text else _finite_decimal(value)
+    return decimal if decimal is not None else f"{value.numerator}/{value.denominator}"
+
+
+def _finite_decimal(value):
+    """'3.5' for 7/2: the exact decimal of a fraction whose denominator has no prime but 2 and 5, else None."""
+    den, twos, fives = value.denominator, 0, 0
+    while den % 2 == 0:
+        den, twos = den // 2, twos + 1
+    while den % 5 == 0:
+        den, fives = den // 5, fives + 1
+    if den != 1 or value.denominator == 1:
+        return None
+    places = max(twos, fives)
+    scaled = abs(value.numerator) * 10 ** places // value.denominator
+    sign = "-" if value < 0 else ""
+    return f"{sign}{scaled // 10 ** places}.{str(scaled % 10 ** places).zfill(places)}".rstrip("0")
 
 
 def extract_answer(text):
@@ -84,9 +132,42 @@ def extract_answer(text):
     return text.split("####", 1)[1].split("\n", 1)[0].strip()
 
 
-def is_correct(generated, reference):
+def same_answer(a, b):
+    return answer_value(a) == answer_value(b)
+
+
+def score_strict(generated, reference):
+    """The headline figure: the answer on the first '####' line equals the reference. No '####': wrong."""
     answer = extract_answer(generated)
-    return answer is not None and normalize_answer(answer) == normalize_answer(reference)
+    return answer is not None and answer != "" and same_answer(answer, reference)
+
+
+def score_flexible(generated, reference):
+    """lm-evaluation-harness's flexible-extract: the last number anywhere in the generated answer equals the
+    reference. A reference that is not a number (an expression such as '2 * 2 * 3') is scored as strict."""
+    if not isinstance(answer_value(reference), Fraction):
+        return score_strict(generated, reference)
+    numbers = _ANY_NUMBER.findall(generated)
+    return bool(numbers) and same_answer(numbers[-1], reference)
+
+
+
+def answer_text(generated):
+    """The generated answer, cut where the evaluation stops reading: at a next '\\nQuestion:' the model
+    starts by itself, and after the end of the first '####' line."""
+    text = generated.split("\nQuestion:", 1)[0]
+    if "####" in text:
+        head, tail = text.split("####", 1)
+        if "\n" in tail:
+            text = head + "####" + tail.split("\n", 1)[0] + "\n"
+    return text
+
+
+def answer_is_complete(generated):
+    """True once the generated text holds a finished '####' line or the start of a next question."""
+    if "\nQuestion:" in generated:
+        return True
+    return "####" in generated and "\n" in generated.split("####", 1)[1]
 
 
 # ---- problems --------------------------------------------------------------------------------
@@ -129,61 +210,83 @@ def task_problems(task, split, limit, data_seed):
 
 # ---- generation ------------------------------------------------------------------------------
 
+def question_prompt(enc, question):
+    return [enc.eot_token] + enc.encode(f"Question: {question}\nAnswer:")
+
+
 @torch.no_grad()
-def greedy_answer(model, enc, question, max_new_tokens, chunk=16):
-    """Greedy continuation of the question's prompt, stopped at <|endoftext|> or the end of the '####' line.
-    Generates `chunk` tokens per model.generate() call (KV cache inside) and checks the stop after each."""
-    prompt = [enc.eot_token] + enc.encode(f"Question: {question}\nAnswer:")
+def greedy_answers(model, enc, questions, max_new_tokens, batch_size=32, show_progress=False):
+    """Greedy answers to the questions, batch_size at a time (shortest prompts batched together, so that
+    little padding is computed); each row stops at <|endoftext|> or once answer_is_complete. Returns the
+    answer texts (answer_text) in the order of the questions."""
     device = next(model.parameters()).device
-    idx = torch.tensor([prompt], dtype=torch.long, device=device)
-    new = []
-    while len(new) < max_new_tokens:
-        n = min(chunk, max_new_tokens - len(new))
-        idx = model.generate(idx, n, top_k=1, vocab_limit=enc.n_vocab)
-        new = idx[0, len(prompt):].tolist()
-        if enc.eot_token in new:
-            new = new[:new.index(enc.eot_token)]
-            break
-        text = enc.decode(new)
-        if "####" in text and "\n" in text.split("####", 1)[1]:
-            break
-    return enc.decode(new)
+    prompts = [question_prompt(enc, q) for q in questions]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc="problems", unit="problem", disable=not show_progress)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        idx, key_mask = left_pad([prompts[i] for i in batch], device)
+        out = model.generate(idx, max_new_tokens, top_k=1, vocab_limit=enc.n_vocab,
+                             prompt_lengths=key_mask.sum(dim=1), eos_token=enc.eot_token,
+                             stop=lambda new: answer_is_complete(enc.decode(new)))
+        for i, row in zip(batch, out[:, idx.size(1):].tolist()):
+            if enc.eot_token in row:
+                row = row[:row.index(enc.eot_token)]
+            answers[i] = answer_text(enc.decode(row))
+        bar.update(len(batch))
+    bar.close()
+    return answers
 
 
-def accuracy(model, enc, problems, max_new_tokens, show_progress=True):
-    """Exact-match accuracy per family: {family: (correct, total)}, plus the generated answers."""
-    per_family, outputs, correct = {}, [], 0
-    bar = tqdm(problems, desc="problems", unit="problem", disable=not show_progress)
-    for i, p in enumerate(bar):
-        text = greedy_answer(model, enc, p["question"], max_new_tokens)
-        ok = is_correct(text, p["final"])
-        c, t = per_family.get(p["family"], (0, 0))
-        per_family[p["family"]] = (c + ok, t + 1)
-        correct += ok
-        outputs.append({"question": p["question"], "reference": p["final"], "generated": text, "correct": ok})
-        bar.set_postfix(acc=f"{correct / (i + 1):.3f}")
+def accuracy(model, enc, problems, max_new_tokens, batch_size=32, show_progress=True):
+    """Exact match per family: {family: {"strict": n, "flexible": n, "total": n}}, and every answer."""
+    texts = greedy_answers(model, enc, [p["question"] for p in problems], max_new_tokens, batch_size,
+                           show_progress)
+    per_family, outputs = {}, []
+    for p, text in zip(problems, texts):
+        strict, flexible = score_strict(text, p["final"]), score_flexible(text, p["final"])
+        counts = per_family.setdefault(p["family"], {"strict": 0, "flexible": 0, "total": 0})
+        counts["strict"] += strict
+        counts["flexible"] += flexible
+        counts["total"] += 1
+        outputs.append({"question": p["question"], "family": p["family"], "reference": p["final"],
+                        "generated": text, "correct": strict, "correct_flexible": flexible})
     return per_family, outputs
 
 
 # ---- loss ------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def test_loss(model, loader, max_batches=None, show_progress=True):
-    """Mean next-token loss over the split (whole chunks; at most max_batches), its bpb, and the answer-only
-    loss when the data have a loss mask."""
-    n = loader.chunks_per_epoch if max_batches is None else min(max_batches, loader.chunks_per_epoch)
-    total, answer_sum, answer_count = 0.0, 0.0, 0.0
-    for _ in tqdm(range(n), desc="loss", unit="batch", disable=not show_progress):
-        x, y, *mask = loader.next_batch()
-        logits, _ = model(x)
-        total += float(masked_cross_entropy(logits, y)) / n
-        if mask:
-            answer_sum += float(masked_cross_entropy(logits, y, mask[0])) * float(mask[0].sum())
-            answer_count += float(mask[0].sum())
-    out = {"loss": total, "bpb": total / math.log(2) * loader.tokens / max(1, loader.bytes), "batches": n}
-    if answer_count:
-        out["answer_loss"] = answer_sum / answer_count
-    return out
+def test_loss(model, loader, n_batches, filler_id=None, show_progress=True):
+    """The trainer's evaluation (base_trainer.evaluate on one process): the mean over the first n_batches
+    batches of each batch's mean loss, on every token ("loss", and its bpb) and, when the data have a loss
+    mask, on answer tokens only ("answer_loss"). With the run's --filler-token, filler keys are masked and
+    filler targets not scored, as in training. n_batches past the split's end wraps around, as the trainer's
+    loader does."""
+    sums = {}
+    for _ in tqdm(range(n_batches), desc="loss", unit="batch", disable=not show_progress):
+        x, y, *rest = loader.next_batch()
+        answer_mask, key_mask, scored = (rest[0] if rest else None), None, None
+        if filler_id is not None:
+            key_mask, scored = x != filler_id, (y != filler_id).float()
+            answer_mask = None if answer_mask is None else answer_mask * scored
+        logits, _ = model(x) if key_mask is None else model(x, key_mask=key_mask)
+        losses = {"loss": masked_cross_entropy(logits, y, scored)}
+        if answer_mask is not None:
+            losses["answer_loss"] = masked_cross_entropy(logits, y, answer_mask)
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v) / n_batches
+    sums["bpb"] = sums["loss"] / math.log(2) * loader.tokens / max(1, loader.bytes)
+    return {**sums, "batches": n_batches, "tokens": n_batches * loader.B * loader.T}
+
+
+def eval_batches(text):
+    if text == "all":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'all', got {text!r}")
+    return int(text)
 
 
 # ---- command line ----------------------------------------------------------------------------
@@ -195,10 +298,16 @@ def main(argv=None):
     p.add_argument("--data-dir", help="where prepared data live (default: the run's)")
     p.add_argument("--split", default="test", choices=["val", "test", "all"],
                    help="which split (all: every record of a json --task; the loss then uses test)")
-    p.add_argument("--eval-batches", type=int, help="at most this many loss batches (default: the whole split)")
+    p.add_argument("--eval-batches", type=eval_batches,
+                   help="loss batches: N or all (one pass over the split); default: the run's --eval-batches, "
+                        "so the figure is the trainer's final test loss")
+    p.add_argument("--loss", action="store_true", help="also compute the loss when a --task is given")
     p.add_argument("--no-loss", action="store_true", help="skip the loss")
-    p.add_argument("--task", help="synthetic-math | json:PATH (GSM8K format): exact-match accuracy")
+    p.add_argument("--task", help="synthetic-math | json:PATH (GSM8K format): exact-match accuracy (no loss "
+                                  "unless --loss)")
     p.add_argument("--limit", type=int, help="evaluate the first N problems (default: synthetic-math 200, json all)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="problems generated at once (default: 32 on a CPU, 128 on a GPU)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest generated answer (default: twice the longest reference solution, in tokens)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, mps")
@@ -208,9 +317,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch_size = args.batch_size if args.batch_size is not None else (32 if args.device == "cpu" else 128)
     try:
         if args.limit is not None and args.limit < 1:
             raise EvalError("--limit must be >= 1")
+        if batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
+            raise EvalError("--batch-size and --max-new-tokens must be >= 1")
+        do_loss = (args.loss or not args.task) and not args.no_loss
+        if not do_loss and not args.task:
+            raise EvalError("nothing to do: --no-loss without a --task")
         if args.out and Path(args.out).exists() and not args.overwrite:
             raise EvalError(f"{args.out} already exists; add --overwrite to replace it or choose another --out")
         model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
@@ -219,38 +334,21 @@ def main(argv=None):
                             f"predicts no next token; embed with embed.py instead")
         cfg = ckpt["config"]
         enc = get_tokenizer(cfg["tokenizer"])
+        problems = None
+        if args.task:  # validated before any loss is computed
+            problems = task_problems(args.task, args.split, args.limit, cfg.get("data_seed", 1337))
         result = {"checkpoint": str(args.checkpoint), "model": ckpt["model_name"], "step": ckpt.get("step")}
-        if not args.no_loss:
-            data = args.data or cfg["data"]
-            same = data == cfg["data"]
-            directory = ensure_prepared(data, cfg["tokenizer"], data_dir=args.data_dir or cfg["data_dir"],
-                                        max_tokens=cfg.get("max_tokens") if same else None,
-                                        seed=cfg.get("data_seed", 1337), quiet=True)
-            split = "test" if args.split == "all" else args.split
-            offset = getattr(model.config, "target_offset", 1)
-            masked = bool(read_manifest(directory).get("has_loss_mask"))
-            loader = TokenDataLoader(directory, split, cfg["micro_batch_size"], cfg["seq_len"], target_offset=offset,
-                                     with_loss_mask=masked, device=args.device, score_answer_end=True)
-            result["loss"] = {"data": data, "split": split, **test_loss(model, loader, args.eval_batches,
-                                                                        not args.quiet)}
+        if do_loss:
+            result["loss"] = run_loss(args, model, cfg)
             r = result["loss"]
             extra = f" | answer loss {r['answer_loss']:.4f}" if "answer_loss" in r else ""
-            print(f"{split} loss {r['loss']:.4f} | bpb {r['bpb']:.4f}{extra} | {r['batches']} batches of {data}")
-        if args.task:
-            problems = task_problems(args.task, args.split, args.limit, cfg.get("data_seed", 1337))
+            print(f"{r['split']} loss {r['loss']:.4f} (every token){extra} | bpb {r['bpb']:.4f} | the first "
+                  f"{r['batches']} batches ({r['tokens']:,} tokens) of {r['data']}")
+        if problems:
             max_new = args.max_new_tokens or 2 * max(len(enc.encode(" " + p["solution"])) for p in problems)
-            per_family, outputs = accuracy(model, enc, problems, max_new, not args.quiet)
-            correct = sum(c for c, _ in per_family.values())
-            result["accuracy"] = {"task": args.task, "split": args.split, "correct": correct,
-                                  "total": len(problems), "accuracy": correct / len(problems),
-                                  "per_family": {f: {"correct": c, "total": t, "accuracy": c / t}
-                                                 for f, (c, t) in sorted(per_family.items())},
-                                  "answers": outputs}
-            print("\n| family | problems | correct | exact match |\n|---|---|---|---|")
-            if len(per_family) > 1:
-                for family, (c, t) in sorted(per_family.items()):
-                    print(f"| {family} | {t} | {c} | {c / t:.1%} |")
-            print(f"| **all** | {len(problems)} | {correct} | {correct / len(problems):.1%} |")
+            per_family, outputs = accuracy(model, enc, problems, max_new, batch_size, not args.quiet)
+            result["accuracy"] = accuracy_summary(args, problems, per_family, outputs)
+            print_accuracy(per_family)
     except (EvalError, CheckpointError, DataError, ModelConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -258,6 +356,51 @@ def main(argv=None):
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def run_loss(args, model, cfg):
+    """The loss of the checkpoint on its own data (or --data), as the trainer's final evaluation computes it."""
+    from base_trainer import TrainError, filler_token_id
+    data = args.data or cfg["data"]
+    same = data == cfg["data"]
+    directory = ensure_prepared(data, cfg["tokenizer"], data_dir=args.data_dir or cfg["data_dir"],
+                                max_tokens=cfg.get("max_tokens") if same else None,
+                                seed=cfg.get("data_seed", 1337), quiet=True)
+    split = "test" if args.split == "all" else args.split
+    offset = getattr(model.config, "target_offset", 1)
+    masked = bool(read_manifest(directory).get("has_loss_mask"))
+    loader = TokenDataLoader(directory, split, cfg["micro_batch_size"], cfg["seq_len"], target_offset=offset,
+                             with_loss_mask=masked, device=args.device, score_answer_end=True)
+    n = args.eval_batches or cfg.get("eval_batches", "all")
+    n = loader.chunks_per_epoch if n == "all" else n
+    try:
+        filler_id = filler_token_id(cfg["tokenizer"], cfg["filler_token"]) if cfg.get("filler_token") else None
+    except TrainError as e:
+        raise EvalError(str(e)) from None
+    return {"data": data, "split": split, **test_loss(model, loader, n, filler_id, not args.quiet)}
+
+
+def accuracy_summary(args, problems, per_family, outputs):
+    total = len(problems)
+    strict = sum(c["strict"] for c in per_family.values())
+    flexible = sum(c["flexible"] for c in per_family.values())
+    return {"task": args.task, "split": args.split, "total": total,
+            "correct": strict, "accuracy": strict / total,              # the headline: strict
+            "strict": {"correct": strict, "accuracy": strict / total},
+            "flexible": {"correct": flexible, "accuracy": flexible / total},
+            "per_family": {f: {**c, "accuracy": c["strict"] / c["total"],
+                               "accuracy_flexible": c["flexible"] / c["total"]}
+                           for f, c in sorted(per_family.items())},
+            "answers": outputs}
+
+
+def print_accuracy(per_family):
+    print("\n| family | problems | exact match (strict) | flexible |\n|---|---|---|---|")
+    rows = sorted(per_family.items()) if len(per_family) > 1 else []
+    total = {k: sum(c[k] for c in per_family.values()) for k in ("strict", "flexible", "total")}
+    for family, c in rows + [("**all**", total)]:
+        print(f"| {family} | {c['total']} | {c['strict']} ({c['strict'] / c['total']:.1%}) | "
+              f"{c['flexible']} ({c['flexible'] / c['total']:.1%}) |")
 
 
 if __name__ == "__main__":

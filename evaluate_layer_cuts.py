@@ -12,7 +12,9 @@ every k. Results go to <run dir>/layer_cuts.json (or --out):
     python evaluate_layer_cuts.py runs/sweep/*/ --batches 16 --skip-existing
     python evaluate_layer_cuts.py path/to/checkpoint.pt --out cuts.json
 
-The data come from the run's own config (data, tokenizer, data_dir, seq_len); --data-dir overrides the folder.
+The data come from the run's own config (data, tokenizer, data_dir, data seed, seq_len, loss mask); --data-dir
+overrides the folder. By default the batches are the run's own validation batches, so at full depth loss_fw and
+loss_bw are the run's final val loss_fw and loss_bw (tests/test_dual_mask_gpt.py, for a run with --seed 5).
 Perplexity is exp(mean loss over all batches).
 """
 
@@ -33,19 +35,23 @@ def checkpoint_path(path):
     return os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
 
 
-def validation_batches(run_config, split="val", n_batches=8, batch_size=None, data_dir=None):
-    """The first n_batches (x, y, loss_mask-or-None) of the run's validation split, on the CPU."""
+def validation_batches(run_config, split="val", n_batches=None, batch_size=None, data_dir=None):
+    """The first n_batches (default: the run's --eval-batches) (x, y, loss_mask-or-None) of the run's
+    validation split, on the CPU: the batches the trainer evaluated (same data seed, loss mask and loader)."""
     import base_data_preparer
     from dataloader import TokenDataLoader
     data_dir = data_dir or run_config.get("data_dir", "data")
-    # the same arguments as base_trainer.setup_data, so the run's own prepared shards are found
+    # the same arguments as base_trainer.setup_data, so the run's own prepared shards are found: the data
+    # seed (--data-seed), not --seed (the initial weights)
     dataset_dir = base_data_preparer.ensure_prepared(run_config["data"], run_config["tokenizer"],
                                                      data_dir=data_dir, max_tokens=run_config.get("max_tokens"),
-                                                     seed=run_config.get("seed", 1337), quiet=True)
+                                                     seed=run_config.get("data_seed", 1337), quiet=True)
     seq_len = int(run_config.get("seq_len") or run_config.get("block_size"))
     batch_size = batch_size or int(run_config.get("micro_batch_size", 8))
+    n_batches = n_batches or int(run_config.get("eval_batches", 8))
     loader = TokenDataLoader(dataset_dir, split, batch_size, seq_len,
-                             target_offset=int(run_config.get("target_offset", 1)))
+                             target_offset=int(run_config.get("target_offset", 1)),
+                             with_loss_mask=run_config.get("loss_on") == "answer", score_answer_end=True)
     batches = []
     for _ in range(n_batches):
         b = loader.next_batch()
@@ -85,7 +91,7 @@ def layer_cut_curve(model, batches, device="cpu", log=None):
     return rows
 
 
-def evaluate_checkpoint(path, split="val", n_batches=8, batch_size=None, data_dir=None, device="cpu",
+def evaluate_checkpoint(path, split="val", n_batches=None, batch_size=None, data_dir=None, device="cpu",
                         log=print):
     ckpt_file = checkpoint_path(path)
     model, ckpt = AutoRegressiveModel.from_checkpoint(ckpt_file, device=device)
@@ -109,7 +115,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="run folders (with checkpoint.pt) or checkpoint files")
     p.add_argument("--split", default="val", choices=["val", "test"])
-    p.add_argument("--batches", type=int, default=8, help="validation batches per cut (default 8)")
+    p.add_argument("--batches", type=int, default=None,
+                   help="validation batches per cut (default: the run's --eval-batches, the batches of its val rows)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's micro batch size")
     p.add_argument("--data-dir", default=None, help="default: the run's data_dir")
     p.add_argument("--device", default="cpu")

@@ -1,7 +1,11 @@
 """
 Text from a checkpoint:
 
-    python generate.py --checkpoint runs/baseline_gpt2/checkpoint.pt --prompt "Question: 2 + 3 =" --top-k 1
+    python generate.py --checkpoint runs/baseline_gpt2/checkpoint.pt --prompt $'Question: What is 2 + 3?\nAnswer:' --top-k 1
+
+A sample ends at <|endoftext|> (the end of a document in the training data; not printed) or after
+--max-new-tokens; --no-stop goes on past <|endoftext|>. Prompts in the training format
+("Question: ...\nAnswer:", as the data preparer writes question/answer documents) get answers.
 """
 
 import argparse
@@ -26,6 +30,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    p.add_argument("--no-stop", action="store_true", help="go on after <|endoftext|> (default: a sample ends there)")
     args = p.parse_args(argv)
     try:
         model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
@@ -41,14 +46,18 @@ def main(argv=None):
     idx = torch.tensor([tokens] * args.num_samples, dtype=torch.long, device=args.device)
     try:
         out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                             use_cache=not args.no_cache, generator=generator, vocab_limit=enc.n_vocab)
+                             use_cache=not args.no_cache, generator=generator, vocab_limit=enc.n_vocab,
+                             eos_token=None if args.no_stop else enc.eot_token)
     except ModelConfigError as e:  # e.g. a model trained to predict 64 tokens ahead cannot continue text
         print(f"error: {e}", file=sys.stderr)
         return 2
     for i, row in enumerate(out.tolist()):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        print(enc.decode(row[len(tokens) if not args.prompt else 0:]))
+        new = row[len(tokens):]
+        if not args.no_stop and enc.eot_token in new:
+            new = new[:new.index(enc.eot_token)]
+        print(enc.decode((tokens if args.prompt else []) + new))
     return 0
 
 

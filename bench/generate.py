@@ -12,9 +12,9 @@ conv_attention has no KV cache (its compressor/expander recompute the window; su
 it is timed uncached only. Models are timed in interleaved rounds (A, B, ..., A, B, ...) and the median
 round is reported, so machine noise hits every model alike.
 
-The context (block_size) is raised, when needed, to hold the prompt plus every new token: generate() refills
-the cache from the window each step once the window slides (learned absolute positions), so past block_size a
-cached step costs a full forward. The table's "ctx" column shows the block_size used. Weights are random:
+The context (block_size) is raised, when needed, to hold the prompt plus every new token: past block_size
+generate() refills the cache once per half window (learned absolute positions), which would mix refill cost
+into the per-token figure. The table's "ctx" column shows the block_size used. Weights are random:
 speed does not depend on them (the cached and uncached paths are checked to give the same greedy tokens).
 """
 

@@ -1,9 +1,10 @@
 """
 ALiBi and the CLAP head (issue 7, seed "ALiBi and CLAP head experiments") on baseline_gpt2, on a CPU:
-the baseline (learned positions, tied head) against +ALiBi, +CLAP and both, each trained with >= 2 seeds on
+the baseline (learned positions, tied head) against +ALiBi, +CLAP, both, and +CLAP-cosine, each trained with >= 2 seeds on
 the same data and the same token budget; then ALiBi's length extrapolation.
 
-    python bench/pos_head.py                  # the README table: 4 variants x 2 seeds, ~15 min on one core
+    python bench/pos_head.py                  # the README table: 5 variants x 2 seeds, ~20 min on one core
+    python bench/pos_head.py --variants +clap,+clap-cosine   # some rows only
     python bench/pos_head.py --smoke          # tiny everything, < 1 minute (the test suite runs it)
 
 Every run is `train_baseline_gpt2.py --preset tiny --seq-len L --pos P --head H --seed S` (run in this process
@@ -38,6 +39,7 @@ VARIANTS = {  # name: (pos, head)
     "+alibi": ("alibi", "tied"),
     "+clap": ("learned", "clap"),
     "+alibi+clap": ("alibi", "clap"),
+    "+clap-cosine": ("learned", "clap-cosine"),   # our earlier CLAP: h normalised too, beta from 1/0.07
 }
 FACTORS = (1, 2, 4)
 NA = "n/a - no position rows past block_size"
@@ -99,6 +101,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny model, a few steps: checks the script, < 1 minute")
     p.add_argument("--seeds", default="1,2", help="comma-separated --seed values (initial weights)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants (default: all)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seq-len", type=int, default=64, help="the training context L")
     p.add_argument("--micro-batch-size", type=int, default=16)
@@ -115,8 +118,12 @@ def main(argv=None):
     seeds = [int(s) for s in args.seeds.split(",")]
     start = time.time()
 
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     results = {}  # variant -> [per-seed {factor: (loss, bpb) or None}]
-    for variant in VARIANTS:
+    for variant in variants:
         for seed in seeds:
             run_dir = train(args, variant, seed)
             results.setdefault(variant, []).append(evaluate(run_dir, args.seq_len, args.eval_windows))

@@ -11,7 +11,7 @@ The model registry. Every model lives in one file of this folder and exposes:
 
 Options shared by several models (each Config has those that make sense for it; check_options validates):
     pos                  learned | sinusoidal | alibi | none    how positions enter (components.py)
-    head                 tied | clap                            the output head (components.OutputHead)
+    head                 tied | clap | clap-cosine              the output head (components.OutputHead)
     attention            causal | bidirectional                 bidirectional = an encoder (MNTP); no generate()
     alibi_bidirectional  shifted | symmetric                    ALiBi for bidirectional attention
 """

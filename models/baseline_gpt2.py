@@ -5,7 +5,8 @@ Baseline GPT-2, as in build-nanogpt: learned token and position embeddings, n_la
     idx (B, T) -> wte (B, T, C) + wpe (T, C) -> n_layer x Block -> ln_f -> @ wte.T -> logits (B, T, V)
 
 Options (components.py): pos = learned (GPT-2's wpe) | sinusoidal | alibi (no wpe; linear biases in every
-attention layer) | none; head = tied | clap (unit-length embeddings, logits = beta * cosine);
+attention layer) | none; head = tied | clap | clap-cosine (unit-length embeddings in, logits = beta * h @
+normalize(wte)^T, the seed's CLAP; clap-cosine also normalises h);
 attention = causal | bidirectional (an encoder, e.g. for MNTP: it sees both sides, so it cannot generate;
 with ALiBi it uses the alibi_bidirectional variant, the seed's "shifted" or "symmetric").
 With pos alibi, sinusoidal or none there is no position table, so T may exceed block_size at evaluation.
@@ -32,7 +33,7 @@ class Config:
     n_embd: int = 192
     dropout: float = 0.0
     pos: str = "learned"      # learned | sinusoidal | alibi | none
-    head: str = "tied"        # tied | clap
+    head: str = "tied"        # tied | clap | clap-cosine
     attention: str = "causal"  # causal | bidirectional (an encoder: no generate())
     alibi_bidirectional: str = "shifted"  # ALiBi under bidirectional attention: shifted (the seed's) | symmetric
 
@@ -71,12 +72,18 @@ class Model(AutoRegressiveModel):
         self.apply(lambda m: init_gpt2_weights(m, config.n_layer))
 
     def features(self, idx, key_mask=None, cache=None):
-        """idx (B, T) -> final hidden states (B, T, C) after ln_f; key_mask (B, T) bool, True = attendable."""
+        """idx (B, T) -> final hidden states (B, T, C) after ln_f; key_mask (B, T) bool, True = attendable.
+        With a KV cache, idx comes after the cache's columns and key_mask marks its left padding (prompt only);
+        each row's positions come from the cache (components.KVCache)."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
         assert start + T <= self.wpe.max_positions, f"length {start + T} > block_size {self.config.block_size}"
-        assert cache is None or key_mask is None, "key_mask is for full sequences, not for the KV cache"
-        x = self.head.embed(self.wte, idx) + self.wpe(torch.arange(start, start + T, device=idx.device))
+        if cache is not None:
+            pos = cache.add_tokens(T, key_mask)                    # (B, T): per-row positions
+            key_mask = None                                        # the attention reads it from the cache
+        else:
+            pos = torch.arange(T, device=idx.device)
+        x = self.head.embed(self.wte, idx) + self.wpe(pos)
         for i, block in enumerate(self.blocks):
             x = block(x, self.config.attention, cache, slot=i, key_mask=key_mask)
         if cache is not None:
@@ -88,8 +95,8 @@ class Model(AutoRegressiveModel):
         loss = masked_cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
 
-    def forward_cached(self, idx, cache):
-        return self(idx, cache=cache)[0]
+    def forward_cached(self, idx, cache, key_mask=None):
+        return self(idx, cache=cache, key_mask=key_mask)[0]
 
     def new_cache(self, batch_size, device, dtype):
         c = self.config

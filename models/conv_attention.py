@@ -34,7 +34,7 @@ Without the shift, group g would hold 4g .. 4g+3 and position 4g would read 4g+1
 both the seed's expander and an unshifted hourglass leak).
 
 Options (components.py): pos = learned | sinusoidal (added at full resolution) | alibi (the causal ALiBi bias
-in every block, distances counted in that level's tokens; no wpe) | none; head = tied | clap.
+in every block, distances counted in that level's tokens; no wpe) | none; head = tied | clap | clap-cosine.
 No key_mask (filler tokens): a compressor mixes each group of neighbours into one token, so a filler token
 would reach its neighbours whatever the attention masks say. forward/features raise ValueError if given one.
 No bidirectional attention: the hourglass is built for causal language modelling.
@@ -68,7 +68,7 @@ class Config:
     dropout: float = 0.0
     target_offset: int = 1      # the target of position i is token i + target_offset (1 = next token)
     pos: str = "learned"        # learned | sinusoidal | alibi | none
-    head: str = "tied"          # tied | clap
+    head: str = "tied"          # tied | clap | clap-cosine
 
 
 PRESETS = {

@@ -21,8 +21,8 @@ directions are then exact mirror images: bw on x is fw on reversed(x) with BW in
 weights, positions included, serve both tasks and the task token is the only thing that tells them apart.
 Leak-free by construction: fw logits at i depend only on idx[:, :i+1] (causal mask, position i+1); bw logits
 at i depend only on idx[:, i:] (anti-causal mask; its position T-i is the length of that suffix).
-Options (components.py): pos = learned | sinusoidal | alibi | none, head = tied | clap. With pos=alibi there
-is no wpe: the fw direction adds the causal ALiBi bias (-m * (i - j) for keys j <= i) and the bw direction
+Options (components.py): pos = learned | sinusoidal | alibi | none, head = tied | clap | clap-cosine. With
+pos=alibi there is no wpe: the fw direction adds the causal ALiBi bias (-m * (i - j) for keys j <= i) and the bw direction
 its mirror image (-m * (j - i) for keys j >= i), so the mirror property above holds for every option.
 Sinusoidal positions use the same mirrored position numbers as the learned ones.
 key_mask (B, T) marks filler tokens of idx; the task token is always attendable.
@@ -68,7 +68,7 @@ class Config:
     dynamic_p_bw: bool = False    # the seed code's p_bw = clamp(ppl_bw / ppl_fw, 0.01, 1) after each bw step
     bw_seed: int = 0          # seeds the per-step coin
     pos: str = "learned"      # learned | sinusoidal | alibi | none
-    head: str = "tied"        # tied | clap
+    head: str = "tied"        # tied | clap | clap-cosine
 
 
 PRESETS = {
@@ -135,13 +135,13 @@ class Model(AutoRegressiveModel):
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be 'fw' or 'bw', not {direction!r}")
         B, T = idx.size()
-        assert cache is None or key_mask is None, "key_mask is for full sequences, not for the KV cache"
-        if cache is not None:
+        if cache is not None:              # key_mask: the prompt's left padding (see the KV cache section)
             assert direction == "fw", "the KV cache serves fw generation only"
             start = cache.pos
             if start == 0:
-                idx = self.add_task_token(idx, "fw")
-            pos = torch.arange(start, start + idx.size(1), device=idx.device)
+                idx, key_mask = self.add_fw_token_after_padding(idx, key_mask)
+            pos = cache.add_tokens(idx.size(1), key_mask)     # (B, T'): per-row positions, FW at 0
+            key_mask = None                                   # the attention reads it from the cache
         else:
             idx = self.add_task_token(idx, direction)
             pos = torch.arange(T + 1, device=idx.device)
@@ -174,8 +174,23 @@ class Model(AutoRegressiveModel):
         loss = masked_cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
 
-    def forward_cached(self, idx, cache):
-        return self(idx, cache=cache)[0]
+    # ---- the KV cache (fw generation) ----------------------------------------------------
+    def add_fw_token_after_padding(self, idx, key_mask=None):
+        """The first chunk fed to a cache: FW goes right before each row's first real token, after its left
+        padding (key_mask False), so that its position and its ALiBi distances are those of an unpadded row.
+        Returns (B, T+1) tokens and their key mask (or None without padding)."""
+        if key_mask is None:
+            return self.add_task_token(idx, "fw"), None
+        n_pad = (~key_mask).long().sum(dim=1)                  # (B,): FW's column in the longer row
+        rows = torch.arange(idx.size(0), device=idx.device)
+        idx = torch.cat([torch.zeros_like(idx[:, :1]), idx], dim=1)
+        key_mask = torch.cat([torch.zeros_like(key_mask[:, :1]), key_mask.bool()], dim=1)
+        idx[rows, n_pad] = self.fw_token
+        key_mask[rows, n_pad] = True
+        return idx, key_mask
+
+    def forward_cached(self, idx, cache, key_mask=None):
+        return self(idx, cache=cache, key_mask=key_mask)[0]
 
     def new_cache(self, batch_size, device, dtype):
         c = self.config

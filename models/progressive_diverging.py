@@ -21,8 +21,8 @@ rebuilds AdamW over exactly the parameters that now require grad. (The seed crea
 forward(), after the optimizer was built, so they never trained.) The stage is in every metrics row and in
 every checkpoint; load_extra_state() rebuilds the stage's structure before the weights are loaded.
 
-Options as baseline_gpt2 (components.py): pos = learned | sinusoidal | alibi | none, head = tied | clap,
-attention = causal | bidirectional (an encoder: no generate()), alibi_bidirectional = shifted | symmetric.
+Options as baseline_gpt2 (components.py): pos = learned | sinusoidal | alibi | none,
+head = tied | clap | clap-cosine, attention = causal | bidirectional (an encoder: no generate()), alibi_bidirectional = shifted | symmetric.
 Stages copy whole blocks, so an ALiBi model stays an ALiBi model in every stage.
 
 prepare_for_inference() merges every LoRA into its weight: a trained model costs what a plain 12-layer GPT
@@ -57,7 +57,7 @@ class Config:
     lora_rank: int = 8
     lora_alpha: float = 16.0  # the LoRA update is scaled by lora_alpha / lora_rank
     pos: str = "learned"      # learned | sinusoidal | alibi | none
-    head: str = "tied"        # tied | clap
+    head: str = "tied"        # tied | clap | clap-cosine
     attention: str = "causal"  # causal | bidirectional (an encoder: no generate())
     alibi_bidirectional: str = "shifted"  # ALiBi under bidirectional attention: shifted (the seed's) | symmetric
 
@@ -146,12 +146,18 @@ class Model(AutoRegressiveModel):
         self.apply(lambda m: init_gpt2_weights(m, config.n_layer))
 
     def features(self, idx, key_mask=None, cache=None):
-        """idx (B, T) -> final hidden states (B, T, C) after ln_f; key_mask (B, T) bool, True = attendable."""
+        """idx (B, T) -> final hidden states (B, T, C) after ln_f; key_mask (B, T) bool, True = attendable.
+        With a KV cache, idx comes after the cache's columns and key_mask marks its left padding (prompt only);
+        each row's positions come from the cache (components.KVCache)."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
         assert start + T <= self.wpe.max_positions, f"length {start + T} > block_size {self.config.block_size}"
-        assert cache is None or key_mask is None, "key_mask is for full sequences, not for the KV cache"
-        x = self.head.embed(self.wte, idx) + self.wpe(torch.arange(start, start + T, device=idx.device))
+        if cache is not None:
+            pos = cache.add_tokens(T, key_mask)                    # (B, T): per-row positions
+            key_mask = None                                        # the attention reads it from the cache
+        else:
+            pos = torch.arange(T, device=idx.device)
+        x = self.head.embed(self.wte, idx) + self.wpe(pos)
         repeats = self.config.n_layer // len(self.blocks)      # 4, 2, 1 in stages 1, 2, 3
         for a in range(self.config.n_layer):                   # one cache slot per application
             x = self.blocks[a // repeats](x, self.config.attention, cache, slot=a, key_mask=key_mask)
@@ -220,8 +226,8 @@ class Model(AutoRegressiveModel):
         self.merged = True
 
     # ---- generation -----------------------------------------------------------------------
-    def forward_cached(self, idx, cache):
-        return self(idx, cache=cache)[0]
+    def forward_cached(self, idx, cache, key_mask=None):
+        return self(idx, cache=cache, key_mask=key_mask)[0]
 
     def new_cache(self, batch_size, device, dtype):
         c = self.config

@@ -5,7 +5,7 @@ bench/data.py runs whole with --tiny (bytes tokenizer only, small budgets); benc
 
 import json
 
-from conftest import TINY_TOKENS, run_script
+from conftest import REPO, TINY_TOKENS, run_script
 
 MODEL_NAMES = ["baseline_gpt2", "conv_attention", "progressive_diverging", "dual_mask_gpt"]
 SEED_MODELS = ["baseline_gpt2", "conv_attention", "progressive_diverging"]
@@ -74,3 +74,10 @@ def test_reproduce_seed_table_smallest(data_dir, tmp_path):
     # The same command again: the runs exist, so it refuses instead of overwriting them.
     again = run_script("bench/reproduce_seed_table.py", "--scale", "smoke", "--out-dir", out_dir, timeout=60)
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_eval_speed_tiny():
+    gsm8k = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+    out = ok(run_script("bench/eval_speed.py", "--tiny", "--gsm8k", gsm8k, timeout=180))
+    assert "problems/s" in out and "batched answers == one-at-a-time answers: yes" in out, out
+    assert "old (1 at a time" in out and "batch 4" in out and "Part 2: 8 records" in out and "wall time" in out, out

@@ -132,10 +132,12 @@ def test_generate_from_any_prompt_length(prompt_len):
     prompt = torch.randint(0, VOCAB, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     out = model.generate(prompt, 8, top_k=1)
     assert out.shape == (2, prompt_len + 8) and torch.equal(out[:, :prompt_len], prompt)
-    # Greedy: each new token is the argmax of a plain forward over the (cropped) context before it.
+    # Greedy: each new token is the argmax of a plain forward over the context before it: the last block_size
+    # tokens, and once that overflows the last block_size // 2 (generate()'s sliding window)
+    W, start = model.config.block_size, max(0, prompt_len - model.config.block_size)
     for t in range(prompt_len, prompt_len + 8):
-        context = out[:, max(0, t - model.config.block_size):t]
-        assert torch.equal(model(context)[0][:, -1].argmax(-1), out[:, t])
+        start = t - W // 2 if t - start > W else start
+        assert torch.equal(model(out[:, start:t])[0][:, -1].argmax(-1), out[:, t])
     sampled = model.generate(prompt, 8, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(0))
     assert sampled.shape == (2, prompt_len + 8) and int(sampled.max()) < VOCAB
 

@@ -1,6 +1,9 @@
-"""evaluate.py: the answer parser, greedy answers with their stop rule, accuracy per family, the command line."""
+"""evaluate.py: the scorer (the README's table, row by row), batched greedy answers with their stop rule,
+accuracy per family, the loss (the trainer's final test figure), the command line."""
 
 import json
+import re
+import subprocess
 
 import pytest
 import torch
@@ -11,10 +14,46 @@ from test_train import assert_one_line_error
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
+def readme_scorer_table():
+    """The rows of the README's "How answers are scored" table: (rule, generated, reference, strict, flexible)."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("#### How answers are scored", 1)[1]
+    rows = []
+    for line in section.splitlines()[1:]:
+        if rows and not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 5 or cells[0] in ("rule", "---"):
+            continue
+        code = [re.fullmatch(r"`(.*)`", c).group(1).replace("\\n", "\n") for c in cells[1:3]]
+        rows.append((cells[0], *code, cells[3], cells[4]))
+    return rows
+
+
+ROWS = readme_scorer_table()
+
+
+def test_the_readme_table_covers_the_rules_the_issue_names():
+    generated = [r[1] for r in ROWS]
+    for case in ("#### 3 4", "#### 18 dollars", "#### 5%", "#### $5", "#### 5.00", "#### 6/8", "#### 2 * 2 * 3"):
+        assert case in generated, case
+    assert any(len(re.sub(r"\D", "", g)) == 29 for g in generated)   # 29 digits, the last one differing
+    assert len(ROWS) >= 15
+
+
+@pytest.mark.parametrize("rule,generated,reference,strict,flexible", ROWS, ids=[r[0][:40] for r in ROWS])
+def test_scorer_rule(rule, generated, reference, strict, flexible):
+    from evaluate import answer_text, score_flexible, score_strict
+    assert strict in ("right", "wrong") and flexible in ("right", "wrong")
+    text = answer_text(generated)
+    assert score_strict(text, reference) == (strict == "right"), rule
+    assert score_flexible(text, reference) == (flexible == "right"), rule
+
+
 @pytest.mark.parametrize("text,want", [
-    ("#### 1,234", "1234"), ("#### 1234", "1234"), ("#### -5", "-5"), ("#### 3.50", "3.5"), ("#### 3.5", "3.5"),
-    ("#### $1,000.00", "1000"), ("#### 0.50", "0.5"), ("#### .5", "0.5"), ("#### -0", "0"), ("#### 18.", "18"),
-    ("#### 6/8", "3/4"), ("#### 4/2", "2"), ("#### 2 * 2 * 3", "2 * 2 * 3"),
+    ("#### 1,234", "1234"), ("#### -5", "-5"), ("#### 3.50", "3.5"), ("#### $1,000.00", "1000"), ("#### .5", "0.5"),
+    ("#### -0", "0"), ("#### 18.", "18"), ("#### 6/8", "3/4"), ("#### 4/2", "2"), ("#### 2 * 2 * 3", "2*2*3"),
+    ("#### 1/3", "1/3"), ("#### 18 dollars", "18"), ("#### 12345678901234567890123456789", "12345678901234567890123456789"),
     ("x = 4\n#### 7\nQuestion: more #### 9", "7"),   # the line after the first '####' is not the answer
 ])
 def test_normalized_final_answer(text, want):
@@ -22,79 +61,112 @@ def test_normalized_final_answer(text, want):
     assert normalize_answer(extract_answer(text)) == want
 
 
+def test_numbers_compare_exactly_not_to_28_digits():
+    from evaluate import answer_value, score_strict
+    a, b = "1" * 28 + "2", "1" * 28 + "3"
+    assert answer_value(a) != answer_value(b) and not score_strict(f"#### {a}", b)
+    assert score_strict("#### 0.30000000000000000000000000001", "0.30000000000000000000000000001")
+    assert not score_strict("#### 0.30000000000000000000000000001", "0.3")
+
+
 def test_gsm8k_answers_parse_and_compare():
-    from evaluate import extract_answer, is_correct
-    assert is_correct("She pays 2 * 617 = 1234.\n#### 1,234", "1234")
-    assert is_correct("#### 1234", "1,234")
-    assert is_correct("#### -12.50", "-12.5") and not is_correct("#### 12.5", "-12.5")
-    assert not is_correct("the answer is 72", "72")           # no '####': wrong
-    assert not is_correct("#### 720", "72") and not is_correct("####", "72")
-    records = [json.loads(line) for line in GSM8K.read_text().splitlines()[:300]]
+    from evaluate import extract_answer, score_flexible, score_strict
+    records = [json.loads(line) for line in GSM8K.read_text().splitlines()]
     finals = [extract_answer(r["answer"]) for r in records]
-    assert all(f and is_correct(r["answer"], f) for r, f in zip(records, finals))
-    assert finals[0] == "72"
-    assert any("," in f for f in [extract_answer(json.loads(line)["answer"])
-                                  for line in GSM8K.read_text().splitlines()])
+    assert finals[0] == "72" and any("," in f for f in finals)
+    # every reference solution scores right against its own final answer, strict and flexible
+    assert all(f and score_strict(r["answer"], f) and score_flexible(r["answer"], f) for r, f in zip(records, finals))
+    # GSM8K's own rule (text after '#### ', commas removed, the leading number) agrees with ours on every record
+    gsm8k_rule = [re.search(r"#### (\-?[0-9\.\,]+)", r["answer"]).group(1).replace(",", "") for r in records]
+    from evaluate import answer_value
+    assert all(answer_value(g) == answer_value(f) for g, f in zip(gsm8k_rule, finals))
 
 
-class ScriptedModel(torch.nn.Module):
-    """Stands in for a model: generate() appends the tokens of a fixed continuation, whatever the prompt
-    (and then <|endoftext|>s), so that the stop rule and the scoring can be checked exactly."""
+# ---- batched answers -----------------------------------------------------------------------------
 
-    def __init__(self, enc, continuation, block_size=512):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.tokens = enc.encode(continuation, allowed_special="all")
-        self.eot = enc.eot_token
-        self.config = type("Config", (), {"block_size": block_size})()
-        self.calls = 0
+def scripted_model(enc, continuation, vocab=320):
+    """A real tiny model whose sampler is replaced: at step k every row gets token k of `continuation`,
+    then <|endoftext|>s. So the batched generate() and its stop rule run as in evaluation."""
+    from models import create_model
+    model = create_model("baseline_gpt2", preset="tiny", vocab_size=vocab, n_layer=1).eval()
+    tokens = enc.encode(continuation, allowed_special="all")
+    state = {"step": 0}
 
-    def generate(self, idx, max_new_tokens, top_k=None, vocab_limit=None, **kw):
-        assert top_k == 1  # greedy
-        self.calls += 1
-        done = idx.size(1) - self.prompt_len
-        more = (self.tokens + [self.eot] * 1000)[done:done + max_new_tokens]
-        return torch.cat([idx, torch.tensor([more])], dim=1)
+    def sample(logits, *args, **kwargs):
+        k = state["step"]
+        state["step"] += 1
+        return torch.full((logits.size(0),), tokens[k] if k < len(tokens) else enc.eot_token)
+    model.sample = sample
+    return model, state
 
 
-def scripted(enc, continuation, question):
-    model = ScriptedModel(enc, continuation)
-    model.prompt_len = len(enc.encode(f"Question: {question}\nAnswer:")) + 1
-    return model
-
-
-def test_greedy_answer_stops_at_the_answer_line_or_endoftext():
+def test_greedy_answers_stop_at_the_answer_line_endoftext_or_a_next_question():
     from base_data_preparer import get_tokenizer
-    from evaluate import greedy_answer
+    from evaluate import greedy_answers
     enc = get_tokenizer("bytes")
-    m = scripted(enc, " 2 + 3 = 5.\n#### 5\nQuestion: what next? #### 6" + "x" * 200, "2 + 3?")
-    assert greedy_answer(m, enc, "2 + 3?", 500, chunk=8).startswith(" 2 + 3 = 5.\n#### 5\n")
-    assert m.calls < 6  # stopped early, not after 500 tokens
-    m = scripted(enc, " 5<|endoftext|>Question: 1 + 1?", "2 + 3?")
-    assert greedy_answer(m, enc, "2 + 3?", 500) == " 5"
-    m = scripted(enc, " 5 5 5 5 5 5 5 5", "q")
-    assert len(enc.encode(greedy_answer(m, enc, "q", 10, chunk=4))) == 10  # --max-new-tokens
+    model, state = scripted_model(enc, " 2 + 3 = 5.\n#### 5\nQuestion: what next? #### 6" + "x" * 200)
+    assert greedy_answers(model, enc, ["2 + 3?", "a longer question, padded less"], 500) == [" 2 + 3 = 5.\n#### 5\n"] * 2
+    assert state["step"] == len(" 2 + 3 = 5.\n#### 5\n")   # stopped at the end of the '####' line
+    model, state = scripted_model(enc, " 5<|endoftext|>Question: 1 + 1?")
+    assert greedy_answers(model, enc, ["2 + 3?"], 500) == [" 5"] and state["step"] == 3  # " ", "5", eot
+    model, state = scripted_model(enc, " 5\nQuestion: 1 + 1?\nAnswer: 2")
+    assert greedy_answers(model, enc, ["2 + 3?"], 500) == [" 5"]      # the model's next question is cut
+    model, state = scripted_model(enc, " 5 5 5 5 5 5 5 5")
+    assert greedy_answers(model, enc, ["q"], 10) == [" 5 5 5 5 5"] and state["step"] == 10  # --max-new-tokens
 
 
-def test_accuracy_per_family():
+def test_greedy_answers_batched_equal_one_at_a_time():
+    """A real (untrained) model: batch sizes 1 and 4 over prompts of different lengths give the same texts."""
     import synthetic_math
     from base_data_preparer import get_tokenizer
-    from evaluate import accuracy
+    from evaluate import greedy_answers
+    from models import create_model
     enc = get_tokenizer("bytes")
-    problems = synthetic_math.held_out_problems("test", 6)
+    torch.manual_seed(0)
+    model = create_model("baseline_gpt2", preset="tiny", vocab_size=320).eval()
+    questions = [p["question"] for p in synthetic_math.held_out_problems("test", 6)]
+    assert len({len(q) for q in questions}) > 3
+    one = greedy_answers(model, enc, questions, 25, batch_size=1)
+    assert greedy_answers(model, enc, questions, 25, batch_size=4) == one
 
-    class Oracle(ScriptedModel):  # answers every problem right except those of one family
-        def generate(self, idx, max_new_tokens, **kw):
-            prompt = enc.decode(idx[0].tolist())
-            p = next(p for p in problems if p["question"] in prompt)
-            right = p["family"] != problems[0]["family"]
-            text = " " + (p["answer"] if right else "#### 123456789") + "<|endoftext|>"
-            return torch.cat([idx, torch.tensor([enc.encode(text, allowed_special="all")])], dim=1)
 
-    per_family, outputs = accuracy(Oracle(enc, ""), enc, problems, 400, show_progress=False)
-    assert sum(t for _, t in per_family.values()) == 6 and len(outputs) == 6
-    for family, (correct, total) in per_family.items():
-        assert correct == (0 if family == problems[0]["family"] else total)
+def test_accuracy_per_family_strict_and_flexible():
+    from fractions import Fraction
+
+    import synthetic_math
+    from base_data_preparer import get_tokenizer
+    from evaluate import accuracy, answer_value
+    enc = get_tokenizer("bytes")
+    problems = synthetic_math.held_out_problems("test", 8)
+    wrong_family = problems[0]["family"]
+
+    class Oracle(torch.nn.Module):  # answers right except one family (there: the number without '####')
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, idx, max_new_tokens, prompt_lengths=None, eos_token=None, **kw):
+            rows = []
+            for row, n in zip(idx.tolist(), prompt_lengths.tolist()):
+                prompt = enc.decode(row[len(row) - n:])
+                p = next(p for p in problems if f"Question: {p['question']}\n" in prompt)
+                text = " " + (p["answer"] if p["family"] != wrong_family else f"so {p['final']}") + "<|endoftext|>"
+                rows.append(enc.encode(text, allowed_special="all"))
+            n = max(map(len, rows))
+            new = torch.tensor([r + [eos_token] * (n - len(r)) for r in rows])
+            return torch.cat([idx, new], dim=1)
+
+    per_family, outputs = accuracy(Oracle(), enc, problems, 400, batch_size=3, show_progress=False)
+    assert [o["question"] for o in outputs] == [p["question"] for p in problems]   # the problems' order
+    assert sum(c["total"] for c in per_family.values()) == 8
+    for p, o in zip(problems, outputs):
+        right = p["family"] != wrong_family
+        assert o["correct"] == right
+        # flexible reads the last number: right everywhere, except where the reference is no number
+        assert o["correct_flexible"] == (right or isinstance(answer_value(p["final"]), Fraction))
+    for family, c in per_family.items():
+        assert c["strict"] == sum(o["correct"] for o in outputs if o["family"] == family)
+        assert c["flexible"] == sum(o["correct_flexible"] for o in outputs if o["family"] == family)
 
 
 def test_json_task_takes_the_requested_split(tmp_path):
@@ -114,27 +186,66 @@ def test_json_task_takes_the_requested_split(tmp_path):
         task_problems(f"json:{bad}", "all", None, 1337)
 
 
+# ---- the command line and the loss ---------------------------------------------------------------
+
 @pytest.fixture(scope="module")
 def tiny_run(data_dir, tmp_path_factory):
     from test_answer_loss import trainer
     out = tmp_path_factory.mktemp("eval") / "run"
-    assert trainer(data_dir, out, "--max-steps", 2, "--eval-interval", 2, "--data-dir", data_dir).train() == 0
+    assert trainer(data_dir, out, "--max-steps", 2, "--eval-interval", 2, "--eval-batches", 3,
+                   "--data-dir", data_dir).train() == 0
     return out
 
 
-def test_evaluate_command_line(tiny_run, tmp_path):
+def final_row(run, split):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split][-1]
+
+
+def test_loss_is_the_trainers_final_test_loss(tiny_run, tmp_path):
+    out = tmp_path / "loss.json"
+    result = run_script("evaluate.py", "--checkpoint", tiny_run / "checkpoint.pt", "--out", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "test loss" in result.stdout and "every token" in result.stdout and "the first 3 batches" in result.stdout
+    loss, row = json.loads(out.read_text())["loss"], final_row(tiny_run, "test")
+    assert loss["batches"] == 3
+    assert loss["loss"] == pytest.approx(row["loss"], abs=1e-5) and loss["bpb"] == pytest.approx(row["bpb"], abs=1e-5)
+
+
+def test_loss_of_an_answer_only_run_names_both_figures(data_dir, tmp_path):
+    from test_answer_loss import trainer
+    run = tmp_path / "answer"
+    assert trainer(data_dir, run, "--max-steps", 1, "--eval-interval", 1, "--eval-batches", 2, "--loss-on", "answer",
+                   "--data-dir", data_dir).train() == 0
+    from evaluate import main
+    out = tmp_path / "loss.json"
+    assert main(["--checkpoint", str(run / "checkpoint.pt"), "--out", str(out), "--quiet"]) == 0
+    loss, row = json.loads(out.read_text())["loss"], final_row(run, "test")
+    assert loss["answer_loss"] == pytest.approx(row["loss"], abs=1e-5)        # what the run trains on
+    assert loss["loss"] == pytest.approx(row["loss_all"], abs=1e-5)           # every token
+
+
+def test_evaluate_command_line(tiny_run, tmp_path, capsys):
     out = tmp_path / "result.json"
     result = run_script("evaluate.py", "--checkpoint", tiny_run / "checkpoint.pt", "--task", "synthetic-math",
-                        "--limit", 3, "--max-new-tokens", 20, "--eval-batches", 3, "--out", out, "--quiet")
+                        "--limit", 3, "--max-new-tokens", 20, "--batch-size", 2, "--out", out, "--quiet")
     assert result.returncode == 0, result.stderr
-    assert "test loss" in result.stdout and "bpb" in result.stdout and "| **all** | 3 |" in result.stdout
+    assert "loss" not in result.stdout                      # an accuracy task computes no loss by default
+    assert "| **all** | 3 |" in result.stdout and "strict" in result.stdout and "flexible" in result.stdout
     data = json.loads(out.read_text())
-    assert data["loss"]["batches"] == 3 and data["loss"]["answer_loss"] > 0
-    assert data["accuracy"]["total"] == 3 and len(data["accuracy"]["answers"]) == 3
+    assert "loss" not in data and data["accuracy"]["total"] == 3 and len(data["accuracy"]["answers"]) == 3
+    assert data["accuracy"]["accuracy"] == data["accuracy"]["strict"]["accuracy"]
     assert sum(f["total"] for f in data["accuracy"]["per_family"].values()) == 3
-    assert_one_line_error(run_script("evaluate.py", "--checkpoint", tiny_run / "checkpoint.pt", "--no-loss",
-                                     "--task", "wikipedia"), "--task")
-    assert_one_line_error(run_script("evaluate.py", "--checkpoint", tiny_run / "checkpoint.pt", "--out", out),
-                          "--overwrite")  # an existing --out is kept
-    assert json.loads(out.read_text()) == data
+    from evaluate import main
+    ckpt = str(tiny_run / "checkpoint.pt")
+    assert main(["--checkpoint", ckpt, "--task", "synthetic-math", "--limit", "2", "--max-new-tokens", "5", "--loss",
+                 "--eval-batches", "1", "--quiet"]) == 0
+    assert "test loss" in capsys.readouterr().out
+    for args, words in [(["--no-loss", "--task", "wikipedia"], "--task"), (["--no-loss"], "nothing to do"),
+                        (["--out", str(out)], "--overwrite"), (["--task", "synthetic-math", "--batch-size", "0"],
+                                                               "--batch-size")]:
+        assert main(["--checkpoint", ckpt, *args]) == 2
+        err = capsys.readouterr().err
+        assert_one_line_error(subprocess.CompletedProcess([], 2, "", err), words)
+    assert json.loads(out.read_text()) == data   # an existing --out is kept
     assert_one_line_error(run_script("evaluate.py", "--checkpoint", tmp_path / "missing.pt"), "missing.pt")

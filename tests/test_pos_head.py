@@ -105,9 +105,9 @@ def test_sinusoidal_table():
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_clap_logits_are_bounded_by_beta(name):
+def test_clap_cosine_logits_are_bounded_by_beta(name):
     torch.manual_seed(0)
-    model = create_model(name, vocab_size=V, head="clap").eval()
+    model = create_model(name, vocab_size=V, head="clap-cosine").eval()
     head = model.head
     assert [n for n, _ in head.named_parameters()] == ["log_beta"]   # no layer, no bias
     with torch.no_grad():
@@ -120,9 +120,31 @@ def test_clap_logits_are_bounded_by_beta(name):
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(1, 5))      # unit-length token embeddings go in
 
 
-def test_clap_head_is_tied_and_beta_learns():
-    wte = torch.nn.Embedding(10, 8)
+def test_clap_is_the_seeds_formula_on_a_hand_computed_example():
+    """Seed 002's ClapHead (fairseq): logits = beta * h @ normalize(E)^T, h NOT normalised, beta a learned
+    scalar starting at 1; embeddings L2-normalised on the way in."""
     head = OutputHead("clap")
+    assert [n for n, _ in head.named_parameters()] == ["beta"] and head.beta.item() == 1.0
+    E = torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]])          # unit rows: (.6, .8), (0, 1), (1, 0)
+    h = torch.tensor([[[2.0, 1.0], [-1.0, 10.0]]])                   # (1, 2, 2), not unit length
+    want = torch.tensor([[[2.0, 1.0, 2.0],                           # 2*.6 + 1*.8, 1, 2
+                          [7.4, 10.0, -1.0]]])                       # -.6 + 8, 10, -1
+    torch.testing.assert_close(head(h, E), want)
+    with torch.no_grad():
+        head.beta.fill_(0.5)
+    torch.testing.assert_close(head(h, E), 0.5 * want)
+    wte = torch.nn.Embedding(3, 2)
+    with torch.no_grad():
+        wte.weight.copy_(E)
+    torch.testing.assert_close(head.embed(wte, torch.tensor([[0, 1]])), torch.tensor([[[0.6, 0.8], [0.0, 1.0]]]))
+    logits = head(h.requires_grad_(), wte.weight)
+    F.cross_entropy(logits[0], torch.tensor([1, 2])).backward()
+    assert wte.weight.grad.abs().sum() > 0 and head.beta.grad.abs() > 0   # tied, and beta learns
+
+
+def test_clap_cosine_head_is_tied_and_beta_learns():
+    wte = torch.nn.Embedding(10, 8)
+    head = OutputHead("clap-cosine")
     h = torch.randn(3, 8, requires_grad=True)
     logits = head(h, wte.weight)
     want = head.log_beta.exp() * F.normalize(h, dim=-1) @ F.normalize(wte.weight, dim=-1).t()
@@ -150,8 +172,9 @@ def test_alibi_model_has_no_position_weights():
     alibi = create_model("baseline_gpt2", vocab_size=V, pos="alibi")
     assert "wpe.weight" in plain.state_dict() and "wpe.weight" not in alibi.state_dict()
     assert plain.num_params() - alibi.num_params() == plain.config.block_size * plain.config.n_embd
-    clap = create_model("baseline_gpt2", vocab_size=V, head="clap")
-    assert clap.num_params() - plain.num_params() == 1   # beta
+    for head in ("clap", "clap-cosine"):
+        clap = create_model("baseline_gpt2", vocab_size=V, head=head)
+        assert clap.num_params() - plain.num_params() == 1   # beta
 
 
 SMALL = ("--n-layer", 2, "--n-head", 2, "--n-embd", 32, "--micro-batch-size", 4, "--seq-len", 32,
@@ -174,7 +197,7 @@ def test_options_are_flags_saved_in_the_checkpoint_and_restored_on_resume(data_d
     model, ckpt = AutoRegressiveModel.from_checkpoint(str(out / "checkpoint.pt"))
     assert (model.config.pos, model.config.head) == ("alibi", "clap") and ckpt["model_config"]["pos"] == "alibi"
     assert all(b.attn.alibi for b in model.blocks) and "wpe.weight" not in ckpt["model_state"]
-    assert model.head.log_beta.item() != math.log(1 / 0.07)          # beta trained, saved and restored
+    assert model.head.beta.item() != 1.0                              # beta trained, saved and restored
     # Resumed without the flags: the model is rebuilt from the checkpoint's options (a learned/tied model
     # could not load these weights) and training continues.
     resumed = run_script("train_baseline_gpt2.py", *train_args(data_dir, out, *SMALL, "--max-steps", 6, "--resume"))
@@ -192,7 +215,7 @@ def test_bench_smoke(data_dir, tmp_path):
                         "--out-dir", tmp_path / "bench", timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    for variant in ("| baseline |", "| +alibi |", "| +clap |", "| +alibi+clap |"):
+    for variant in ("| baseline |", "| +alibi |", "| +clap |", "| +alibi+clap |", "| +clap-cosine |"):
         assert out.count(variant) == 2, out                            # one row in each table
     learned_row = [line for line in out.splitlines() if line.startswith("| baseline |")][-1]
     assert learned_row.count("n/a") == 2                               # learned: no 2x, 4x
