@@ -93,6 +93,8 @@ def transposed(name):
 def load_hf_gpt2(name):
     """GPT2LMHeadModel (fp32, eval) from a local folder or the Hub; CheckpointError with one line otherwise."""
     transformers = require_transformers()
+    if not name:
+        raise CheckpointError("hf: needs a Hugging Face model: hf:gpt2, hf:gpt2-medium, ... or hf:FOLDER")
     local = os.path.isdir(name)
     if local and not os.path.isfile(os.path.join(name, "config.json")):
         raise CheckpointError(f"{name} is not a Hugging Face model folder (no config.json); give a folder written "
@@ -103,10 +105,7 @@ def load_hf_gpt2(name):
     try:
         config = transformers.AutoConfig.from_pretrained(name)
     except Exception as e:  # malformed JSON, unknown model type, offline without a cached copy, no such repo
-        if not local and "connect" in str(e):
-            raise CheckpointError(f"{name} is neither a local folder nor in the Hugging Face cache, and the Hub "
-                                  f"cannot be reached (offline?); connect once, or give a folder written by "
-                                  f"save_pretrained") from None
+        offline_check(name, local, e)
         raise CheckpointError(f"cannot read the config of {where} ({first_line(e)})") from None
     check_gpt2_config(config, name)
     if local:
@@ -114,6 +113,7 @@ def load_hf_gpt2(name):
     try:
         model, info = transformers.GPT2LMHeadModel.from_pretrained(name, output_loading_info=True)
     except Exception as e:  # missing, truncated or corrupt weight files; offline without the weights cached
+        offline_check(name, local, e)
         raise CheckpointError(f"cannot load the weights of {where} ({first_line(e)}); it is corrupt or "
                               f"incomplete") from None
     missing = sorted(info.get("missing_keys", [])) + sorted(info.get("mismatched_keys", []))
@@ -124,6 +124,13 @@ def load_hf_gpt2(name):
     if not config.tie_word_embeddings and not torch.equal(model.lm_head.weight, model.transformer.wte.weight):
         raise CheckpointError(f"{name} has an output head of its own (not tied to wte); lmsmall's GPT-2 ties them")
     return model
+
+
+def offline_check(name, local, error):
+    """The one-line reason when a Hub name failed because the Hub cannot be reached."""
+    if not local and "connect" in str(error):
+        raise CheckpointError(f"{name} is neither a local folder nor in the Hugging Face cache, and the Hub cannot "
+                              f"be reached (offline?); connect once, or give a folder written by save_pretrained")
 
 
 def check_gpt2_config(config, name):
