@@ -75,9 +75,10 @@ def one_line_error(capsys, code, *words):
 
 def test_from_hf_gives_the_same_logits_loss_and_greedy_text(hf_dir, tmp_path, capsys):
     from auto_regressive_model import AutoRegressiveModel
+    from convert_hf import main
     out = tmp_path / "gpt2.pt"
-    r = run_script("convert_hf.py", "from-hf", "--model", hf_dir, "--out", out)
-    assert r.returncode == 0 and "50304" in r.stdout, r.stderr
+    assert main(["from-hf", "--model", str(hf_dir), "--out", str(out)]) == 0
+    assert "padded to 50304" in capsys.readouterr().out
     model, ckpt = AutoRegressiveModel.from_checkpoint(str(out))
     assert model.name == "baseline_gpt2" and ckpt["config"]["tokenizer"] == "gpt2"
     assert model.config.vocab_size == 50304 and model.config.block_size == 32
@@ -96,7 +97,6 @@ def test_from_hf_gives_the_same_logits_loss_and_greedy_text(hf_dir, tmp_path, ca
     for use_cache in (True, False):
         got = model.generate(prompt, 20, top_k=1, use_cache=use_cache, vocab_limit=V)
         assert torch.equal(got, expected)
-    from convert_hf import main
     one_line_error(capsys, main(["from-hf", "--model", str(hf_dir), "--out", str(out)]), "already exists")
 
 
@@ -278,12 +278,16 @@ def test_finetune_and_mntp_from_hf_run_end_to_end_and_go_back_to_hf(hf_dir, gsm8
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer(text)["input_ids"] == get_tokenizer("gpt2").encode(text, allowed_special="all")
 
-    r = run_script("train_mntp.py", "--checkpoint", f"hf:{hf_dir}", "--data", f"json:{GSM8K}",
-                   "--out-dir", tmp_path / "mntp", *tiny)
-    assert r.returncode == 0, r.stderr
+    # python train_mntp.py --checkpoint hf:DIR ..., in this process (what train_mntp.py's __main__ runs)
+    from train_mntp import MNTPTrainer, resolve, run as train_mntp
+    mntp = ["--checkpoint", f"hf:{hf_dir}", "--data", f"json:{(REPO / GSM8K).resolve()}",
+            "--out-dir", str(tmp_path / "mntp"), *map(str, tiny)]
+    assert train_mntp(MNTPTrainer, mntp, resolve) == 0
     rows = [json.loads(line) for line in (tmp_path / "mntp" / "metrics.jsonl").read_text().splitlines()]
     assert any(row["split"] == "val" and "acc" in row for row in rows)
-    from train_mntp import MNTPTrainer, resolve, run as run_mntp
-    code = run_mntp(MNTPTrainer, ["--checkpoint", f"hf:{hf_dir}", "--tokenizer", "bytes", "--out-dir",
-                                  str(tmp_path / "x")], resolve)
+    model, ckpt = AutoRegressiveModel.from_checkpoint(str(tmp_path / "mntp" / "checkpoint.pt"))
+    assert model.config.attention == "bidirectional" and ckpt["config"]["mask_token"] == V
+    capsys.readouterr()
+    code = train_mntp(MNTPTrainer, ["--checkpoint", f"hf:{hf_dir}", "--tokenizer", "bytes", "--out-dir",
+                                    str(tmp_path / "x")], resolve)
     one_line_error(capsys, code, "tokenizer")
