@@ -202,6 +202,7 @@ def checkpoint_from_hf(name):
 def absolute_checkpoint(spec):
     """A --checkpoint value with its path made absolute (a run folder records it; --resume may run elsewhere).
     hf:NAME stays as it is unless NAME is a local folder."""
+    spec = str(spec)
     if spec.startswith("hf:"):
         return "hf:" + os.path.abspath(spec[3:]) if os.path.isdir(spec[3:]) else spec
     return os.path.abspath(spec)
