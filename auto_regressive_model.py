@@ -219,7 +219,11 @@ class AutoRegressiveModel(nn.Module):
 
     @staticmethod
     def load_checkpoint_file(path, map_location="cpu"):
-        """Read and validate a checkpoint file; CheckpointError with a one-line reason otherwise."""
+        """Read and validate a checkpoint file; CheckpointError with a one-line reason otherwise.
+        hf:NAME_OR_DIR is a Hugging Face GPT-2 (the Hub or a local folder), converted by convert_hf.py."""
+        if str(path).startswith("hf:"):
+            from convert_hf import checkpoint_from_hf
+            return checkpoint_from_hf(str(path)[3:])
         if not os.path.isfile(path):
             raise CheckpointError(f"no checkpoint at {path}")
         try:

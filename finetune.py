@@ -32,6 +32,7 @@ from auto_regressive_model import AutoRegressiveModel, CheckpointError
 import base_trainer
 from base_trainer import COMMON_DEFAULTS, BaseTrainer, TrainError, add_trainer_arguments
 from components import MLP, LoRALinear, SelfAttention
+from convert_hf import absolute_checkpoint
 from models import create_model, model_module
 
 FINETUNE_DEFAULTS = dict(max_steps=100, warmup_steps=10, eval_interval=25, checkpoint_interval=25)
@@ -170,11 +171,11 @@ def resolve_config(argv, parser=None, defaults=FINETUNE_DEFAULTS, entry_point="f
             raise TrainError(f"nothing to resume: no checkpoint.pt in {out_dir}; run without --resume to start")
         name = AutoRegressiveModel.load_checkpoint_file(path)["model_name"]
         if "checkpoint" in typed:
-            typed["checkpoint"] = os.path.abspath(typed["checkpoint"])
+            typed["checkpoint"] = absolute_checkpoint(typed["checkpoint"])
         return name, dict(COMMON_DEFAULTS, out_dir=out_dir, resume=True), typed
     if "checkpoint" not in typed:
         raise TrainError(f"{entry_point} needs --checkpoint PATH (the trained model to start from)")
-    typed["checkpoint"] = os.path.abspath(typed["checkpoint"])
+    typed["checkpoint"] = absolute_checkpoint(typed["checkpoint"])
     base = AutoRegressiveModel.load_checkpoint_file(typed["checkpoint"])
     base_cfg, name = base["config"], base["model_name"]
     if "tokenizer" in typed and typed["tokenizer"] != base_cfg["tokenizer"]:

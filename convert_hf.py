@@ -1,0 +1,352 @@
+"""
+The Hugging Face bridge: real GPT-2 weights in, any GPT-2-shaped lmsmall model out.
+
+    python convert_hf.py from-hf --model gpt2 --out gpt2.pt                  # the Hub (once, then its cache)
+    python convert_hf.py from-hf --model path/to/folder --out gpt2.pt        # a folder written by save_pretrained
+    python convert_hf.py to-hf --checkpoint runs/baseline_gpt2/checkpoint.pt --out hf/baseline
+    python finetune.py --checkpoint hf:gpt2 ...                              # any script: converted on the fly
+
+lmsmall's baseline_gpt2 is GPT-2 (build-nanogpt), so the bridge is naming and layout:
+    transformer.wte / wpe / ln_f     <->  wte / wpe / ln_f
+    transformer.h.{i}.*              <->  blocks.{i}.*
+    attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj: HF stores them as Conv1D, weight (in, out), the transpose
+    of nn.Linear's (out, in).
+    lm_head is tied to wte in both.
+Vocabulary: GPT-2 has 50257 tokens; lmsmall pads the table to a multiple of 64 (50304, faster matmuls). The 47
+padded rows are set to the mean of the real rows: the tokenizer never produces them, generate.py and evaluate.py
+never sample them (vocab_limit), and by Jensen's inequality (mean of exp >= exp of mean) their share of the
+softmax is at most 47 / 50257, so a loss over 50304 logits exceeds GPT-2's own by at most log(1 + 47/50257)
+< 0.001 nats. to-hf cuts the table back to the tokenizer's size.
+
+What can go to Hugging Face (as GPT2LMHeadModel): baseline_gpt2 and progressive_diverging (its LoRA merged; a
+stage-1 or stage-2 model, whose blocks are shared, is unrolled into n_layer blocks), causal, with the tied head
+and learned positions (sinusoidal and none also: their positions become a fixed wpe table of block_size rows).
+Not ALiBi, the CLAP head, bidirectional encoders (MNTP), conv_attention or dual_mask_gpt: GPT-2 has no
+equivalent. Tokenizer files go with it (vocab.json, merges.txt, tokenizer.json): GPT-2's, copied from tiktoken's
+cache, for gpt2 runs; for byte runs a byte-level vocabulary without merges (id = the byte, 256 = <|endoftext|>).
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+import torch
+
+from auto_regressive_model import CHECKPOINT_FORMAT, AutoRegressiveModel, CheckpointError
+from data_file_utils import DataError
+from models import ModelConfigError
+
+GPT2_VOCAB = 50257
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # HF Conv1D
+# tiktoken caches each file it downloads under the sha1 of its URL; HF calls them vocab.json and merges.txt.
+TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+GPT2_FILES = {"vocab.json": TIKTOKEN_URL + "encoder.json", "merges.txt": TIKTOKEN_URL + "vocab.bpe"}
+WHY_NOT = {  # models and options GPT-2 has no equivalent for
+    "conv_attention": "conv_attention's hourglass (compressors and expanders between resolutions) has no GPT-2 "
+                      "equivalent",
+    "dual_mask_gpt": "dual_mask_gpt's task tokens and backward (anti-causal) direction have no GPT-2 equivalent",
+    "alibi": "ALiBi positions (biases inside attention) have no GPT-2 equivalent (GPT-2 adds position vectors)",
+    "clap": "the CLAP head (unit-length embeddings, cosine logits times a learned beta) has no GPT-2 equivalent",
+    "bidirectional": "it is an encoder (bidirectional attention, e.g. MNTP), and GPT-2 is causal",
+}
+
+
+def require_transformers():
+    try:
+        import safetensors  # noqa: F401  (save_pretrained writes model.safetensors with it)
+        import transformers
+    except ImportError:
+        raise CheckpointError("the Hugging Face bridge needs transformers and safetensors: "
+                              "pip install transformers safetensors") from None
+    transformers.logging.set_verbosity_error()  # its warnings are not ours to print; errors still raise
+    transformers.logging.disable_progress_bar()  # per-tensor loading bars (Hub downloads keep theirs)
+    return transformers
+
+
+def first_line(e):
+    text = str(e).strip()
+    return (text.splitlines()[0][:160] if text else type(e).__name__)
+
+
+def hf_name(name):
+    """An lmsmall baseline_gpt2 weight name -> GPT2LMHeadModel's: blocks.3.attn.c_attn.weight ->
+    transformer.h.3.attn.c_attn.weight, wte.weight -> transformer.wte.weight."""
+    return "transformer." + re.sub(r"^blocks\.", "h.", name)
+
+
+def lmsmall_name(name):
+    return re.sub(r"^h\.", "blocks.", name.removeprefix("transformer."))
+
+
+def transposed(name):
+    return name.endswith(TRANSPOSED)
+
+
+# ---- Hugging Face -> lmsmall -----------------------------------------------------------------------
+
+def load_hf_gpt2(name):
+    """GPT2LMHeadModel (fp32, eval) from a local folder or the Hub; CheckpointError with one line otherwise."""
+    transformers = require_transformers()
+    if not name:
+        raise CheckpointError("hf: needs a Hugging Face model: hf:gpt2, hf:gpt2-medium, ... or hf:FOLDER")
+    local = os.path.isdir(name)
+    if local and not os.path.isfile(os.path.join(name, "config.json")):
+        raise CheckpointError(f"{name} is not a Hugging Face model folder (no config.json); give a folder written "
+                              f"by save_pretrained or a Hub name such as gpt2")
+    if not local and (os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise CheckpointError(f"no Hugging Face model folder at {name}")
+    where = f"folder {name}" if local else f"{name} (Hugging Face Hub)"
+    try:
+        config = transformers.AutoConfig.from_pretrained(name)
+    except Exception as e:  # malformed JSON, unknown model type, offline without a cached copy, no such repo
+        offline_check(name, local, e)
+        raise CheckpointError(f"cannot read the config of {where} ({first_line(e)})") from None
+    check_gpt2_config(config, name)
+    if local:
+        check_gpt2_tokenizer(name)
+    try:
+        model, info = transformers.GPT2LMHeadModel.from_pretrained(name, output_loading_info=True)
+    except Exception as e:  # missing, truncated or corrupt weight files; offline without the weights cached
+        offline_check(name, local, e)
+        raise CheckpointError(f"cannot load the weights of {where} ({first_line(e)}); it is corrupt or "
+                              f"incomplete") from None
+    missing = sorted(info.get("missing_keys", [])) + sorted(info.get("mismatched_keys", []))
+    if missing:  # transformers would fill them with random numbers and carry on
+        raise CheckpointError(f"the weights of {where} lack {missing[0]} ({len(missing)} tensors missing or of "
+                              f"the wrong shape); the folder is incomplete")
+    model = model.float().eval()
+    if not config.tie_word_embeddings and not torch.equal(model.lm_head.weight, model.transformer.wte.weight):
+        raise CheckpointError(f"{name} has an output head of its own (not tied to wte); lmsmall's GPT-2 ties them")
+    return model
+
+
+def offline_check(name, local, error):
+    """The one-line reason when a Hub name failed because the Hub cannot be reached."""
+    if not local and "connect" in str(error):
+        raise CheckpointError(f"{name} is neither a local folder nor in the Hugging Face cache, and the Hub cannot "
+                              f"be reached (offline?); connect once, or give a folder written by save_pretrained")
+
+
+def check_gpt2_config(config, name):
+    """The options of GPT2Config that baseline_gpt2 computes; anything else is another model."""
+    if config.model_type != "gpt2":
+        raise CheckpointError(f"{name} is a {config.model_type} model; convert_hf.py reads GPT-2 (model_type gpt2)")
+    if config.vocab_size != GPT2_VOCAB:
+        raise CheckpointError(f"{name} has a vocabulary of {config.vocab_size} tokens, not GPT-2's {GPT2_VOCAB}: "
+                              f"another tokenizer, which lmsmall cannot run")
+    differs = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
+               "n_inner": (None, 4 * config.n_embd), "scale_attn_weights": (True,),
+               "scale_attn_by_inverse_layer_idx": (False,), "add_cross_attention": (False,)}
+    for option, fine in differs.items():
+        if getattr(config, option, fine[0]) not in fine:
+            raise CheckpointError(f"{name} sets {option}={getattr(config, option)!r}, which lmsmall's GPT-2 does "
+                                  f"not compute (it needs {fine[0]!r})")
+
+
+def gpt2_vocabulary():
+    """GPT-2's token -> id table (encoder.json) from tiktoken's cache, or None when it is not there."""
+    path = tiktoken_file(GPT2_FILES["vocab.json"])
+    return None if path is None else json.load(open(path, encoding="utf-8"))
+
+
+def check_gpt2_tokenizer(folder):
+    """A local folder's own tokenizer (if it has one) must be GPT-2's: lmsmall encodes with tiktoken's gpt2."""
+    vocab = None
+    if os.path.isfile(os.path.join(folder, "vocab.json")):
+        vocab = json.load(open(os.path.join(folder, "vocab.json"), encoding="utf-8"))
+    elif os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        vocab = json.load(open(os.path.join(folder, "tokenizer.json"), encoding="utf-8")).get("model", {}).get("vocab")
+    gpt2 = gpt2_vocabulary() if vocab is not None else None
+    if gpt2 is not None and vocab != gpt2:
+        raise CheckpointError(f"{folder} comes with a tokenizer other than GPT-2's; lmsmall runs Hugging Face "
+                              f"models with the gpt2 tokenizer only")
+
+
+def run_config(block_size):
+    """The run settings a converted model carries (what finetune.py and train_mntp.py inherit): the project's
+    GPT-2 setup, the rtx3080 preset (gpt2 tokenizer, math-reasoning data, lr 6e-4 .. 6e-5)."""
+    from base_trainer import COMMON_DEFAULTS, TRAIN_PRESETS
+    cfg = dict(COMMON_DEFAULTS, **TRAIN_PRESETS["rtx3080"], preset="rtx3080", model_name="baseline_gpt2",
+               model_overrides={}, entry_point="convert_hf.py")
+    cfg["seq_len"] = min(cfg["seq_len"], block_size)
+    return cfg
+
+
+def checkpoint_from_hf(name):
+    """An lmsmall baseline_gpt2 checkpoint (the dict a checkpoint.pt holds) of a Hugging Face GPT-2."""
+    from models import model_config
+    hf = load_hf_gpt2(name)
+    c = hf.config
+    padded = (GPT2_VOCAB + 63) // 64 * 64
+    config = model_config("baseline_gpt2", preset=None, vocab_size=padded, block_size=c.n_positions,
+                          n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, dropout=0.0)
+    state = {}
+    for key, tensor in hf.state_dict().items():
+        if key == "lm_head.weight" or not key.startswith("transformer."):
+            continue  # the head is tied to wte (checked in load_hf_gpt2)
+        tensor = tensor.detach()
+        state[lmsmall_name(key)] = (tensor.t() if transposed(key) else tensor).contiguous().clone()
+    wte = state["wte.weight"]  # padded rows: the mean embedding (see the top of this file)
+    state["wte.weight"] = torch.cat([wte, wte.mean(0, keepdim=True).expand(padded - GPT2_VOCAB, -1)])
+    return {"format": CHECKPOINT_FORMAT, "model_name": "baseline_gpt2", "model_config": dataclasses.asdict(config),
+            "model_state": state, "model_extra_state": {}, "config": run_config(c.n_positions),
+            "converted_from": f"hf:{name}"}
+
+
+def absolute_checkpoint(spec):
+    """A --checkpoint value with its path made absolute (a run folder records it; --resume may run elsewhere).
+    hf:NAME stays as it is unless NAME is a local folder."""
+    spec = str(spec)
+    if spec.startswith("hf:"):
+        return "hf:" + os.path.abspath(spec[3:]) if os.path.isdir(spec[3:]) else spec
+    return os.path.abspath(spec)
+
+
+# ---- lmsmall -> Hugging Face -----------------------------------------------------------------------
+
+def why_not_exportable(model):
+    """None when GPT2LMHeadModel can compute `model` exactly, else the reason in words."""
+    if model.name not in ("baseline_gpt2", "progressive_diverging"):
+        return WHY_NOT.get(model.name, f"{model.name} is not a GPT-2 architecture")
+    for option, value in (("pos", "alibi"), ("head", "clap"), ("attention", "bidirectional")):
+        if getattr(model.config, option) == value:
+            return WHY_NOT[value]
+    return None
+
+
+def hf_state_dict(model, n_vocab):
+    """GPT2LMHeadModel's weights for an lmsmall model (LoRA merged): applications unrolled into blocks."""
+    c = model.config
+    with torch.no_grad():
+        positions = model.wpe(torch.arange(c.block_size))  # learned: the table; sinusoidal: fixed; none: 0.0
+        positions = positions + torch.zeros(c.block_size, c.n_embd)
+    wte = model.wte.weight.detach()[:n_vocab]
+    state = {"transformer.wte.weight": wte, "transformer.wpe.weight": positions, "lm_head.weight": wte,
+             "transformer.ln_f.weight": model.ln_f.weight.detach(), "transformer.ln_f.bias": model.ln_f.bias.detach()}
+    repeats = c.n_layer // len(model.blocks)  # 1 for baseline_gpt2; 4, 2, 1 in progressive stages 1, 2, 3
+    for a in range(c.n_layer):
+        for key, tensor in model.blocks[a // repeats].state_dict().items():
+            name = hf_name(f"blocks.{a}.{key}")
+            state[name] = (tensor.t() if transposed(name) else tensor).contiguous().clone()
+    return state
+
+
+def tiktoken_file(url):
+    """The path of tiktoken's cached copy of url (its cache names files by the sha1 of the URL), or None."""
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+        os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    path = os.path.join(cache, hashlib.sha1(url.encode()).hexdigest())
+    return path if os.path.isfile(path) else None
+
+
+def byte_vocabulary():
+    """The byte tokenizer as a byte-level BPE vocabulary without merges: GPT-2's printable stand-in for each byte
+    (its bytes_to_unicode table) -> the byte's value, and <|endoftext|> -> 256."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    char = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+    return {char[b]: b for b in range(256)} | {"<|endoftext|>": 256}
+
+
+def write_tokenizer(folder, tokenizer_name, block_size):
+    """vocab.json and merges.txt, then tokenizer.json and tokenizer_config.json through AutoTokenizer, which must
+    then encode exactly as lmsmall's tokenizer does."""
+    from base_data_preparer import get_tokenizer
+    transformers = require_transformers()
+    enc = get_tokenizer(tokenizer_name)  # a gpt2 run: puts GPT-2's files into tiktoken's cache if online
+    if tokenizer_name == "gpt2":
+        for name, url in GPT2_FILES.items():
+            if tiktoken_file(url) is None:
+                raise CheckpointError(f"GPT-2's {url.rsplit('/', 1)[1]} is not in tiktoken's cache; set "
+                                      f"TIKTOKEN_CACHE_DIR to the folder that holds it (e.g. ../shared/tiktoken-cache)")
+            shutil.copyfile(tiktoken_file(url), os.path.join(folder, name))
+    else:
+        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(byte_vocabulary(), f, ensure_ascii=False)
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, model_max_length=block_size)
+    tokenizer.save_pretrained(folder)
+    sample = "Question: What is 12 + 35?\nAnswer: 47<|endoftext|> déjà vu, 😀  two  spaces\n"
+    ids = transformers.AutoTokenizer.from_pretrained(folder)(sample)["input_ids"]
+    if ids != enc.encode(sample, allowed_special="all"):
+        raise CheckpointError(f"the exported {tokenizer_name} tokenizer does not encode as lmsmall's does "
+                              f"(transformers {transformers.__version__}); please report this")
+
+
+def export_hf(checkpoint, out, overwrite=False):
+    """Write `checkpoint` (a path or hf:NAME) as a Hugging Face GPT-2 folder `out`; returns a summary line."""
+    transformers = require_transformers()
+    if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
+        raise CheckpointError(f"{out} already exists; add --overwrite to replace it or choose another --out")
+    model, ckpt = AutoRegressiveModel.from_checkpoint(checkpoint)  # for inference: LoRA merged
+    reason = why_not_exportable(model)
+    if reason:
+        raise CheckpointError(f"{checkpoint} cannot go to Hugging Face as GPT-2: {reason}")
+    from base_data_preparer import get_tokenizer
+    tokenizer_name = ckpt["config"]["tokenizer"]
+    enc = get_tokenizer(tokenizer_name)
+    c = model.config
+    config = transformers.GPT2Config(
+        vocab_size=enc.n_vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=c.dropout,
+        bos_token_id=enc.eot_token, eos_token_id=enc.eot_token, architectures=["GPT2LMHeadModel"])
+    hf = transformers.GPT2LMHeadModel(config)
+    hf.load_state_dict(hf_state_dict(model, enc.n_vocab), strict=True)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".to-hf-", dir=parent)  # written in full, then renamed into place
+    try:
+        hf.save_pretrained(staging)
+        write_tokenizer(staging, tokenizer_name, c.block_size)
+        if os.path.exists(out):
+            shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    unrolled = f", {len(model.blocks)} shared blocks unrolled" if len(model.blocks) != c.n_layer else ""
+    return (f"{checkpoint} ({model.name}{unrolled}) -> {out}: GPT2LMHeadModel with {c.n_layer} layers, vocabulary "
+            f"{enc.n_vocab}, context {c.block_size}, and the {tokenizer_name} tokenizer")
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Convert between Hugging Face GPT-2 and lmsmall checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("from-hf", help="a Hugging Face GPT-2 (Hub name or local folder) -> an lmsmall checkpoint")
+    a.add_argument("--model", required=True, help="gpt2, gpt2-medium, ... or a folder written by save_pretrained")
+    a.add_argument("--out", required=True, help="the checkpoint file to write, e.g. gpt2.pt")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    b = sub.add_parser("to-hf", help="an lmsmall checkpoint -> a folder transformers loads")
+    b.add_argument("--checkpoint", required=True, help="an lmsmall checkpoint.pt")
+    b.add_argument("--out", required=True, help="the folder to write")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "from-hf":
+            if os.path.exists(args.out) and not args.overwrite:
+                raise CheckpointError(f"{args.out} already exists; add --overwrite to replace it or choose another --out")
+            ckpt = checkpoint_from_hf(args.model)
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            torch.save(ckpt, args.out + ".tmp")
+            os.replace(args.out + ".tmp", args.out)  # a half-written file never carries the name
+            c = ckpt["model_config"]
+            print(f"{args.model} -> {args.out}: baseline_gpt2 with {c['n_layer']} layers, {c['n_embd']} wide, context "
+                  f"{c['block_size']}, vocabulary {GPT2_VOCAB} padded to {c['vocab_size']}, tokenizer gpt2")
+        else:
+            print(export_hf(args.checkpoint, args.out, args.overwrite))
+    except (CheckpointError, DataError, ModelConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
