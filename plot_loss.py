@@ -89,7 +89,11 @@ def plain_log_axis(ax):
     fmt = ticker.FuncFormatter(lambda v, _: f"{v:g}")
     ax.yaxis.set_major_formatter(fmt)
     low, high = ax.get_ylim()
-    ax.yaxis.set_minor_formatter(fmt if high / low < 20 else ticker.NullFormatter())
+    if high / low < 20:  # less than about a decade: more ticks, all labelled
+        ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)))
+        ax.yaxis.set_minor_formatter(fmt)
+    else:
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
 def plot_runs(run_dirs, out, x="tokens", smooth=1, fields=("loss",), log_y=True):
@@ -100,7 +104,7 @@ def plot_runs(run_dirs, out, x="tokens", smooth=1, fields=("loss",), log_y=True)
 
 def make_figure(run_dirs, x="tokens", smooth=1, fields=("loss",), log_y=True):
     fig, ax = plt.subplots(figsize=(11, 6))
-    count = itertools.count()
+    count, legend = itertools.count(), {}
     for run_dir in run_dirs:
         rows = read_metrics(run_dir)
         xs = x_values(rows, x)
@@ -114,11 +118,12 @@ def make_figure(run_dirs, x="tokens", smooth=1, fields=("loss",), log_y=True):
             found = found or bool(train or val)
             if train:
                 losses = running_mean([v for _, v in train], smooth) if smooth > 1 else [v for _, v in train]
-                ax.plot([xv for xv, _ in train], losses, color=color, linestyle=linestyle, linewidth=0.8,
-                        alpha=0.7, label=f"{label} train" + (f" (mean of {smooth})" if smooth > 1 else ""))
-            if val:
-                ax.plot([xv for xv, _ in val], [v for _, v in val], color=color, linestyle=linestyle,
-                        linewidth=1.8, marker=marker, markersize=4, label=f"{label} val")
+                legend[label] = ax.plot([xv for xv, _ in train], losses, color=color, linestyle=linestyle,
+                                        linewidth=0.8, alpha=0.7, gid=f"{label} train")[0]
+            if val:  # one legend entry per curve pair: the val line's style names both
+                legend[label] = ax.plot([xv for xv, _ in val], [v for _, v in val], color=color,
+                                        linestyle=linestyle, linewidth=1.8, marker=marker, markersize=4,
+                                        gid=f"{label} val")[0]
         if not found:
             raise PlotError(f"{run_dir}: no train or val row has {' or '.join(fields)}; fields there: "
                             f"{', '.join(sorted({k for r in rows for k in r if k.startswith('loss')}))}")
@@ -134,9 +139,9 @@ def make_figure(run_dirs, x="tokens", smooth=1, fields=("loss",), log_y=True):
     ax.set_xlabel(X_LABELS[x])
     ax.set_ylabel("loss (nats/token)" + (", log scale" if log_y else ""))
     ax.grid(True, which="both", alpha=0.3)
-    entries = len(ax.get_legend_handles_labels()[1])
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
-              ncol=1 + entries // 40, title="thin: train, thick + markers: val", title_fontsize=7)
+    title = "thin: train" + (f" (mean of {smooth} steps)" if smooth > 1 else "") + "\nthick + markers: val"
+    ax.legend(list(legend.values()), list(legend), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0.0, handlelength=4, ncol=1 + len(legend) // 40, title=title, title_fontsize=7)
     return fig
 
 
