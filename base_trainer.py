@@ -2,7 +2,8 @@
 BaseTrainer: everything about training that is not the model.
 
     python train_baseline_gpt2.py --preset tiny                    # one process (CPU, CUDA or MPS)
-    torchrun --nproc_per_node=2 train_baseline_gpt2.py ...         # DDP: NCCL on GPUs, gloo on CPU
+    torchrun --nproc_per_node=2 train_baseline_gpt2.py --preset tiny --micro-batch-size 4   # DDP: gloo on CPU
+                                                                   # (NCCL on GPUs); 2 x 4 x 128 = 1024 tokens/step
 
 One optimizer step consumes --total-batch-size tokens: micro-batches of --micro-batch-size x --seq-len,
 accumulated over grad_accum = total / (micro * seq * world_size) micro-steps on each of world_size ranks.
@@ -309,8 +310,11 @@ class BaseTrainer:
             raise TrainError("--micro-batch-size, --seq-len, --total-batch-size and --max-steps must be positive")
         per_micro_step = B * T * self.world_size
         if cfg["total_batch_size"] % per_micro_step:
+            fit = cfg["total_batch_size"] // (T * self.world_size)  # a micro batch that fits, if any
+            hint = f"; e.g. --micro-batch-size {fit}" if fit and fit * T * self.world_size == cfg["total_batch_size"] \
+                else ""
             raise TrainError(f"--total-batch-size {cfg['total_batch_size']} is not a multiple of micro batch x "
-                             f"seq len x processes = {B} x {T} x {self.world_size} = {per_micro_step}")
+                             f"seq len x processes = {B} x {T} x {self.world_size} = {per_micro_step}{hint}")
         self.grad_accum = cfg["total_batch_size"] // per_micro_step
         if cfg["loss_on"] not in LOSS_ON:
             raise TrainError(f"--loss-on must be one of {', '.join(LOSS_ON)}, not {cfg['loss_on']!r}")
