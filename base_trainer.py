@@ -141,7 +141,7 @@ def add_trainer_arguments(p, model_name="<model>"):
     p.add_argument("--filler-token", help="a string that is one token of the tokenizer (e.g. ' blah' with gpt2): "
                    "such tokens are neither attended to nor scored")
     p.add_argument("--threads", type=int, help="CPU threads of torch (default: OMP_NUM_THREADS if set; with "
-                   "--preset tiny on a CPU the cores the load leaves free, at most 4; else torch's default)")
+                   "--preset tiny on a CPU 1 if the machine is busy, else one per core, at most 4; else torch's)")
     return p
 
 
@@ -220,6 +220,7 @@ class BaseTrainer:
         if resume_ckpt is not None:
             self.adopt_saved_config(resume_ckpt)
         self.log(trainer_console.set_cpu_threads(self.cfg, self.device_type, self.world_size))
+        self.log(trainer_console.gpu_preset_note(self.cfg, self.device_type))  # before data and model take time
         self.setup_data()
         self.seed_everything(self.cfg["seed"])  # before the model: --seed decides the initial weights
         self.setup_model()
@@ -311,8 +312,8 @@ class BaseTrainer:
         per_micro_step = B * T * self.world_size
         if cfg["total_batch_size"] % per_micro_step:
             fit = cfg["total_batch_size"] // (T * self.world_size)  # a micro batch that fits, if any
-            hint = f"; e.g. --micro-batch-size {fit}" if fit and fit * T * self.world_size == cfg["total_batch_size"] \
-                else ""
+            fits = fit and fit * T * self.world_size == cfg["total_batch_size"]
+            hint = f"; e.g. --micro-batch-size {fit}" if fits else ""
             raise TrainError(f"--total-batch-size {cfg['total_batch_size']} is not a multiple of micro batch x "
                              f"seq len x processes = {B} x {T} x {self.world_size} = {per_micro_step}{hint}")
         self.grad_accum = cfg["total_batch_size"] // per_micro_step
@@ -620,7 +621,6 @@ class BaseTrainer:
                  f"{cfg['seq_len']} x {self.grad_accum} accum x {self.world_size} | data {self.dataset_dir}")
         if cfg["resume"]:
             self.log(f"resuming at step {self.step} from {self.ckpt_path}")
-        self.log(trainer_console.gpu_preset_note(cfg, self.device_type))
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGTERM, self.request_stop)
         dts = []
