@@ -91,9 +91,9 @@ def usable_cores():
 
 def tiny_preset_threads(cores, load, world_size=1):
     """Threads per process for the tiny preset. When the machine is busy (load average within half a core of
-    the core count) 1 thread: OpenMP threads that wait for each other while another job holds a core make a
-    step several times slower (2-core box, issue 16: 3.5-5 min with 2 threads against 39 s with 1). Otherwise
-    the cores shared by this run's processes, at most TINY_MAX_THREADS (2 threads won on a quieter box)."""
+    the core count) 1 thread: OpenMP threads wait for each other, so while another job holds a core 2 threads
+    ran the tiny preset 4.7-5x slower than 1 on the 2-core box (README, "Set up and run"). Otherwise the cores
+    shared by this run's processes, at most TINY_MAX_THREADS (2 threads won at load 1.3 on 2 cores)."""
     if load >= cores - 0.5:
         return 1
     return max(1, min(TINY_MAX_THREADS, cores // world_size))
