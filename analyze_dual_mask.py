@@ -352,11 +352,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("roots", nargs="+", help="folders holding run folders (searched recursively)")
-    p.add_argument("--out", default="docs/dual_mask", help="where the PNGs and summary.md go")
+    p.add_argument("--out", default="runs/dual_mask_analysis", help="where the PNGs and summary.md go (default "
+                   "runs/dual_mask_analysis; docs/dual_mask holds the committed figures)")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
     p.add_argument("--p-bw", type=float, default=0.05, help="the p_bw compared with p_bw = 0")
     p.add_argument("--windows", nargs="+", default=["0:1", "0:0.2", "0.5:1"],
                    help="violin windows as fractions of training, start:stop (default 0:1 0:0.2 0.5:1)")
     args = p.parse_args(argv)
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        print(f"error: {args.out} already holds files; add --overwrite to replace them or choose another --out",
+              file=sys.stderr)
+        return 2
     runs = with_ppl(find_runs(args.roots))
     groups = group_runs(runs)
     x = args.p_bw
@@ -391,6 +397,9 @@ def main(argv=None):
         written.append(f"cut_losses_p{x:g}.png")
     print(write_summary(summary_rows(groups, x), x, out("summary.md")))
     print("wrote " + ", ".join(written) + " and summary.md to " + args.out)
+    stale = sorted(set(os.listdir(args.out)) - set(written) - {"summary.md"})
+    if stale:  # from an earlier analysis (another --p-bw or --windows): said, not deleted
+        print(f"note: {args.out} also holds files this run did not write: {', '.join(stale)}")
     return 0
 
 

@@ -12,7 +12,8 @@ The forward contract
     LayerNorm, before the head, one row per idx position (for embeddings; forward is head(features)).
 
 Hooks the trainer calls (a model overrides what it needs; the defaults are plain next-token training)
-    training_loss(x, y, loss_mask, step) -> (loss, {metric: float})   one micro-batch of training
+    training_loss(x, y, loss_mask, step) -> (loss, {metric: float})   one micro-batch of training; a "loss"
+                                             metric replaces the logged loss (dual_mask_gpt: the fw loss)
     evaluation_losses(x, y, loss_mask)    -> {"loss": tensor, ...}    one batch of evaluation
     on_train_step(step, max_steps)        -> True when the trainable parameters changed (optimizer rebuilt;
                                              a `parameter_origins` dict {copy: source} lets copies inherit

@@ -2,7 +2,8 @@
 BaseTrainer: everything about training that is not the model.
 
     python train_baseline_gpt2.py --preset tiny                    # one process (CPU, CUDA or MPS)
-    torchrun --nproc_per_node=2 train_baseline_gpt2.py ...         # DDP: NCCL on GPUs, gloo on CPU
+    torchrun --nproc_per_node=2 train_baseline_gpt2.py --preset tiny --micro-batch-size 4   # DDP: gloo on CPU
+                                                                   # (NCCL on GPUs); 2 x 4 x 128 = 1024 tokens/step
 
 One optimizer step consumes --total-batch-size tokens: micro-batches of --micro-batch-size x --seq-len,
 accumulated over grad_accum = total / (micro * seq * world_size) micro-steps on each of world_size ranks.
@@ -51,6 +52,7 @@ from base_data_preparer import ensure_prepared, get_tokenizer, parse_count
 from data_file_utils import DataError
 from dataloader import TokenDataLoader
 from models import ModelConfigError, model_config, model_module
+import trainer_console
 
 TRAIN_PRESETS = {
     # The seed's setup: its 80k micro-batches of 8 x 256 = 164M tokens, i.e. 313 steps of 524288 tokens.
@@ -66,10 +68,10 @@ TRAIN_PRESETS = {
                  checkpoint_interval=50, max_tokens=None),
 }
 COMMON_DEFAULTS = dict(data_dir="data", seed=1337, data_seed=1337, device="auto", compile=False, resume=False,
-                       overwrite=False, loss_on="all", filler_token=None)
+                       overwrite=False, loss_on="all", filler_token=None, threads=None)
 # What --resume may change; everything else comes from the checkpoint so the run continues exactly.
 RESUME_MAY_CHANGE = {"max_steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "compile",
-                     "resume", "overwrite", "out_dir", "data_dir"}
+                     "resume", "overwrite", "out_dir", "data_dir", "threads"}
 # vocab_size and block_size are set from the data and --seq-len; attention="bidirectional" would let a
 # next-token model see its targets (only train_mntp.py switches it, for an encoder).
 NOT_FLAGS = {"vocab_size", "block_size", "attention"}
@@ -93,7 +95,9 @@ def str2bool(text):
 def build_parser(model_name):
     p = argparse.ArgumentParser(description=f"Train {model_name}. Every default comes from --preset.")
     # Every option defaults to None so that we know what the user typed: preset < typed.
-    p.add_argument("--preset", choices=list(TRAIN_PRESETS), default="rtx3080")
+    p.add_argument("--preset", choices=list(TRAIN_PRESETS), default="rtx3080",
+                   help="default rtx3080: the seed's sizes, for a GPU (hours to days on a CPU); tiny: a laptop "
+                   "CPU, offline, a few minutes")
     add_trainer_arguments(p, model_name)
     group = p.add_argument_group(f"{model_name} options")
     for field in dataclasses.fields(model_module(model_name).Config):
@@ -102,6 +106,7 @@ def build_parser(model_name):
         kind = str2bool if field.type in (bool, "bool") else type(field.default)
         group.add_argument("--" + field.name.replace("_", "-"), dest="model." + field.name, type=kind,
                            help=f"(preset default: see models/{model_name}.py)")
+    trainer_console.describe_options(p, model_name, list(TRAIN_PRESETS), lambda k: preset_defaults(model_name, k))
     return p
 
 
@@ -135,6 +140,8 @@ def add_trainer_arguments(p, model_name="<model>"):
                    "data (the loader's loss mask)")
     p.add_argument("--filler-token", help="a string that is one token of the tokenizer (e.g. ' blah' with gpt2): "
                    "such tokens are neither attended to nor scored")
+    p.add_argument("--threads", type=int, help="CPU threads of torch (default: OMP_NUM_THREADS if set; with "
+                   "--preset tiny on a CPU 1 if the machine is busy, else one per core, at most 4; else torch's)")
     return p
 
 
@@ -143,13 +150,18 @@ def resolve_config(model_name, argv):
     Returns (config, typed) where typed holds only what the user gave on the command line."""
     ns = build_parser(model_name).parse_args(argv)
     typed = {k: v for k, v in vars(ns).items() if v is not None}
-    preset = typed.get("preset", "rtx3080")
-    cfg = dict(COMMON_DEFAULTS, out_dir=f"runs/{model_name}", preset=preset, model_name=model_name)
-    cfg.update(TRAIN_PRESETS[preset])
-    cfg.update(getattr(model_module(model_name), "TRAIN_PRESETS", {}).get(preset, {}))
+    cfg = preset_defaults(model_name, typed.get("preset", "rtx3080"))
     cfg.update({k: v for k, v in typed.items() if not k.startswith("model.")})
     cfg["model_overrides"] = {k[len("model."):]: v for k, v in typed.items() if k.startswith("model.")}
     return cfg, typed
+
+
+def preset_defaults(model_name, preset):
+    """The settings of a preset before any flag: COMMON_DEFAULTS < TRAIN_PRESETS < the model's TRAIN_PRESETS."""
+    cfg = dict(COMMON_DEFAULTS, out_dir=f"runs/{model_name}", preset=preset, model_name=model_name)
+    cfg.update(TRAIN_PRESETS[preset])
+    cfg.update(getattr(model_module(model_name), "TRAIN_PRESETS", {}).get(preset, {}))
+    return cfg
 
 
 # ---- the trainer ----------------------------------------------------------------------------
@@ -207,6 +219,8 @@ class BaseTrainer:
         self.resume_ckpt = resume_ckpt = self.check_run_folder()
         if resume_ckpt is not None:
             self.adopt_saved_config(resume_ckpt)
+        self.log(trainer_console.set_cpu_threads(self.cfg, self.device_type, self.world_size))
+        self.log(trainer_console.gpu_preset_note(self.cfg, self.device_type))  # before data and model take time
         self.setup_data()
         self.seed_everything(self.cfg["seed"])  # before the model: --seed decides the initial weights
         self.setup_model()
@@ -243,7 +257,7 @@ class BaseTrainer:
                          if self.device_type == "cuda" else contextlib.nullcontext())
 
     def log(self, *args):
-        if self.master:
+        if self.master and args != (None,):  # None: a helper had nothing to say
             print(*args, flush=True)
 
     # -- run folder --
@@ -297,8 +311,11 @@ class BaseTrainer:
             raise TrainError("--micro-batch-size, --seq-len, --total-batch-size and --max-steps must be positive")
         per_micro_step = B * T * self.world_size
         if cfg["total_batch_size"] % per_micro_step:
+            fit = cfg["total_batch_size"] // (T * self.world_size)  # a micro batch that fits, if any
+            fits = fit and fit * T * self.world_size == cfg["total_batch_size"]
+            hint = f"; e.g. --micro-batch-size {fit}" if fits else ""
             raise TrainError(f"--total-batch-size {cfg['total_batch_size']} is not a multiple of micro batch x "
-                             f"seq len x processes = {B} x {T} x {self.world_size} = {per_micro_step}")
+                             f"seq len x processes = {B} x {T} x {self.world_size} = {per_micro_step}{hint}")
         self.grad_accum = cfg["total_batch_size"] // per_micro_step
         if cfg["loss_on"] not in LOSS_ON:
             raise TrainError(f"--loss-on must be one of {', '.join(LOSS_ON)}, not {cfg['loss_on']!r}")
@@ -403,6 +420,8 @@ class BaseTrainer:
                  "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
+        if torch.backends.mps.is_available():
+            state["mps"] = torch.mps.get_rng_state()
         return state
 
     @staticmethod
@@ -413,6 +432,8 @@ class BaseTrainer:
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+        if "mps" in state and torch.backends.mps.is_available():
+            torch.mps.set_rng_state(state["mps"])
 
     # -- checkpoints --
     def save_checkpoint(self):
@@ -608,10 +629,12 @@ class BaseTrainer:
                 self.evaluate("val")
             row = self.train_step()
             dts.append(row["dt_ms"])
-            eta = (cfg["max_steps"] - self.step) * sum(dts[-20:]) / len(dts[-20:]) / 1000
+            eta = trainer_console.eta_seconds(dts, cfg["max_steps"] - self.step)
             self.log(f"step {row['step']:5d} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | norm "
                      f"{row['grad_norm']:.2f} | {row['dt_ms']:.0f} ms | {row['tok_per_s']:,.0f} tok/s | "
                      f"eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+            if len(dts) == 1:
+                self.log(trainer_console.gpu_preset_estimate(cfg, self.device_type, dts[0], eta))
             if self.step % cfg["checkpoint_interval"] == 0 and self.step < cfg["max_steps"]:
                 self.save_checkpoint()
             if fault("kill_after_step", self.step):  # test hook: die like kill -9

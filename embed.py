@@ -1,9 +1,12 @@
 """
 Text embeddings from lmsmall checkpoints: mean-pooled vectors, and token vectors for late interaction (MaxSim).
 
-    python embed.py --checkpoint runs/mntp/checkpoint.pt --input texts.txt --out emb.npy            # a text a line
-    python embed.py --checkpoint runs/dual/checkpoint.pt --input gsm8k.jsonl --field question --out q.npy
-    python embed.py --checkpoint ... --input texts.txt --tokens --out tokens.npz                     # MaxSim
+    python embed.py --checkpoint runs/mntp/checkpoint.pt --input texts.txt --out runs/emb.npy     # a text a line
+    python embed.py --checkpoint runs/dual/checkpoint.pt --input gsm8k.jsonl --field question --out runs/q.npy
+    python embed.py --checkpoint ... --input texts.txt --tokens --out runs/tokens.npz              # MaxSim
+
+The command line shows a progress bar and writes the output batch by batch (memory does not grow with the
+number of texts beyond the texts themselves); an existing --out is kept unless --overwrite.
 
     from embed import embed, token_embeddings, maxsim
     E = embed(model, enc, ["What is 2 + 3?", ...])          # (N, D) float32, unit rows: cosine = E @ E.T
@@ -28,15 +31,20 @@ BW token at the end), a key mask for the bidirectional encoder.
 """
 
 import argparse
+import io
+import itertools
 import json
 import math
 import os
+import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from auto_regressive_model import AutoRegressiveModel, CheckpointError
 from base_data_preparer import get_tokenizer
@@ -83,29 +91,36 @@ def _pass(model, kind, rows, direction=None):
     return h.float(), spans
 
 
-def text_features(model, enc, texts, kind=None, batch_size=32):
-    """Per text its token features (L, C) as a float tensor; for dual a pair (fw, bw). Texts are batched by
-    length; the result is in input order."""
+def feature_batches(model, enc, texts, kind=None, batch_size=32, progress=False):
+    """Yields (i, features of text i) batch by batch, texts in order of length (little padding): (L, C) float
+    tensors, for dual a pair (fw, bw). Only one batch's features are alive at a time."""
     kind = kind or embedding_kind(model)
     if kind not in KINDS:
         raise EmbedError(f"unknown embedding kind {kind!r}; choose one of: {', '.join(KINDS)}")
     if (kind == "dual") != (model.name == "dual_mask_gpt") or (kind == "mntp") != (embedding_kind(model) == "mntp"):
         raise EmbedError(f"a {model.name} checkpoint ({embedding_kind(model)}) cannot give {kind} embeddings")
-    rows = encode(enc, texts, model.config.block_size)
+    rows = [np.asarray(r, dtype=np.int64) for r in encode(enc, texts, model.config.block_size)]  # compact ids
     if any(len(r) < 3 for r in rows):
         raise EmbedError("an empty text has no tokens to embed")
     was_training = model.training
     model.eval()
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths together: little padding
-    out = [None] * len(rows)
-    for b in range(0, len(order), batch_size):
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    starts = range(0, len(order), batch_size)
+    for b in tqdm(starts, desc="embedding", unit="batch", disable=not progress, file=sys.stderr):
         batch = order[b:b + batch_size]
-        passes = [("fw", "bw")] if kind == "dual" else [(None,)]
-        feats = [_pass(model, kind, [rows[i] for i in batch], d) for d in passes[0]]
+        passes = ("fw", "bw") if kind == "dual" else (None,)
+        feats = [_pass(model, kind, [rows[i] for i in batch], d) for d in passes]
         for j, i in enumerate(batch):
             per_pass = [h[j, spans[j]].cpu() for h, spans in feats]
-            out[i] = tuple(per_pass) if kind == "dual" else per_pass[0]
+            yield i, (tuple(per_pass) if kind == "dual" else per_pass[0])
     model.train(was_training)
+
+
+def text_features(model, enc, texts, kind=None, batch_size=32):
+    """Per text its token features (L, C) as a float tensor; for dual a pair (fw, bw); in input order."""
+    out = [None] * len(texts)
+    for i, f in feature_batches(model, enc, texts, kind, batch_size):
+        out[i] = f
     return out
 
 
@@ -114,19 +129,79 @@ def _combine(parts):
     return torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1) / math.sqrt(len(parts))
 
 
+def pooled_vector(features):
+    """The mean-pooled, L2-normalised embedding of one text's features (dual: fw and bw, combined)."""
+    if isinstance(features, tuple):
+        return _combine([p.mean(0) for p in features])
+    return F.normalize(features.mean(0), dim=-1)
+
+
+def token_vectors(features):
+    """One text's unit token vectors (L, C), dual: (L, 2C)."""
+    return _combine(list(features)) if isinstance(features, tuple) else F.normalize(features, dim=-1)
+
+
 def embed(model, enc, texts, kind=None, batch_size=32):
     """Mean-pooled, L2-normalised embeddings: float32 array (N, C), or (N, 2C) for dual."""
-    feats = text_features(model, enc, texts, kind, batch_size)
-    rows = [_combine([p.mean(0) for p in f]) if isinstance(f, tuple) else F.normalize(f.mean(0), dim=-1)
-            for f in feats]
+    rows = [None] * len(texts)
+    for i, f in feature_batches(model, enc, texts, kind, batch_size):
+        rows[i] = pooled_vector(f)
     return torch.stack(rows).numpy().astype(np.float32)
 
 
 def token_embeddings(model, enc, texts, kind=None, batch_size=32):
     """Per text an (L, C) (dual: (L, 2C)) float32 array of unit token vectors, for late interaction."""
-    feats = text_features(model, enc, texts, kind, batch_size)
-    return [(_combine(list(f)) if isinstance(f, tuple) else F.normalize(f, dim=-1)).numpy().astype(np.float32)
-            for f in feats]
+    out = [None] * len(texts)
+    for i, f in feature_batches(model, enc, texts, kind, batch_size):
+        out[i] = token_vectors(f).numpy().astype(np.float32)
+    return out
+
+
+# ---- writing as it goes: memory does not grow with the number of texts ---------------------------------
+
+def open_npy(path, shape):
+    """A .npy file of float32 `shape` whose rows are written in any order with write_rows (no memmap: pages
+    written through a file handle do not count toward this process's memory)."""
+    f = open(path, "wb")
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                             "fortran_order": False, "shape": tuple(shape)})
+    return f, f.tell()
+
+
+def write_rows(f, header, width, first_row, rows):
+    f.seek(header + first_row * width * 4)
+    f.write(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
+
+
+def write_pooled(path, items, n, width):
+    """items: (i, features) as feature_batches yields them -> an (n, width) .npy written batch by batch."""
+    f, header = open_npy(path, (n, width))
+    with f:
+        for i, features in items:
+            write_rows(f, header, width, i, pooled_vector(features).numpy()[None])
+
+
+def write_tokens(path, items, lengths, width):
+    """items -> an .npz with 'tokens' (all texts' unit token vectors stacked, in input order) and 'offsets'
+    (text i is tokens[offsets[i]:offsets[i+1]]), as np.savez writes it; the tokens go through a temporary .npy
+    that is copied into the zip in chunks."""
+    offsets = np.cumsum([0] + list(lengths))
+    tmp = path + ".tokens.tmp"
+    try:
+        f, header = open_npy(tmp, (int(offsets[-1]), width))
+        with f:
+            for i, features in items:
+                write_rows(f, header, width, offsets[i], token_vectors(features).numpy())
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            with open(tmp, "rb") as src, z.open("tokens.npy", "w", force_zip64=True) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            buffer = io.BytesIO()
+            np.save(buffer, offsets)
+            z.writestr("offsets.npy", buffer.getvalue())
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return int(offsets[-1])
 
 
 def maxsim(queries, documents):
@@ -171,7 +246,8 @@ def main(argv=None):
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--input", required=True, help="a text per line, or JSON lines with --field")
     p.add_argument("--field", help="take this string field of each JSON line")
-    p.add_argument("--out", required=True, help=".npy (pooled, N x D) or, with --tokens, .npz")
+    p.add_argument("--out", help=".npy (pooled, N x D) or, with --tokens, .npz (default runs/embeddings.npy, "
+                   "with --tokens runs/token_embeddings.npz)")
     p.add_argument("--kind", choices=KINDS, help="check the checkpoint gives this kind (default: its own)")
     p.add_argument("--tokens", action="store_true", help="token embeddings for MaxSim: an .npz with 'tokens' "
                    "(all texts' token vectors stacked) and 'offsets' (text i is tokens[offsets[i]:offsets[i+1]])")
@@ -181,25 +257,32 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    suffix = ".npz" if args.tokens else ".npy"
+    out = args.out or os.path.join("runs", "token_embeddings.npz" if args.tokens else "embeddings.npy")
+    out = out if out.endswith(suffix) else out + suffix   # as np.save / np.savez name their files
     try:
-        if os.path.exists(args.out) and not args.overwrite:
-            raise EmbedError(f"{args.out} already exists; add --overwrite to replace it or choose another --out")
+        if os.path.exists(out) and not args.overwrite:
+            raise EmbedError(f"{out} already exists; add --overwrite to replace it or choose another --out")
         model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
         enc = get_tokenizer(ckpt["config"]["tokenizer"])
         texts = read_texts(args.input, args.field)
+        items = feature_batches(model, enc, texts, args.kind, args.batch_size, progress=True)
+        first = next(items)
+        width = (token_vectors(first[1])).shape[-1]
+        items = itertools.chain([first], items)
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        tmp = out + ".tmp"   # the finished file appears at once, by rename
         if args.tokens:
-            mats = token_embeddings(model, enc, texts, args.kind, args.batch_size)
-            offsets = np.cumsum([0] + [len(m) for m in mats])
-            np.savez(args.out, tokens=np.concatenate(mats), offsets=offsets)
-            shape = f"{offsets[-1]} tokens x {mats[0].shape[1]}"
+            lengths = [len(r) - 2 for r in encode(enc, texts, model.config.block_size)]
+            shape = f"{write_tokens(tmp, items, lengths, width)} tokens x {width}"
         else:
-            E = embed(model, enc, texts, args.kind, args.batch_size)
-            np.save(args.out, E)
-            shape = f"{E.shape[0]} x {E.shape[1]}"
+            write_pooled(tmp, items, len(texts), width)
+            shape = f"{len(texts)} x {width}"
+        os.replace(tmp, out)
     except (EmbedError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{embedding_kind(model)} embeddings of {len(texts)} texts ({shape}) -> {args.out}")
+    print(f"{embedding_kind(model)} embeddings of {len(texts)} texts ({shape}) -> {out}")
     return 0
 
 

@@ -122,9 +122,16 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help=f"output file (one path only); default <run dir>/{CUTS_FILE}")
     p.add_argument("--skip-existing", action="store_true", help=f"skip runs that already have {CUTS_FILE}")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = p.parse_args(argv)
     if args.out and len(args.paths) > 1:
         p.error("--out takes a single path")
+    outs = [args.out or os.path.join(os.path.dirname(checkpoint_path(path)) or ".", CUTS_FILE) for path in args.paths]
+    existing = [o for o in outs if os.path.exists(o)]
+    if existing and not (args.overwrite or args.skip_existing):
+        print(f"error: {existing[0]} already exists; add --overwrite to replace it, --skip-existing to keep it, or "
+              f"choose another --out", file=sys.stderr)
+        return 2
     failed = 0
     for path in args.paths:
         out = args.out or os.path.join(os.path.dirname(checkpoint_path(path)) or ".", CUTS_FILE)

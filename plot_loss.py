@@ -1,14 +1,20 @@
 """
-Loss curves of many runs in one PNG: train (thin line) and val (markers) per run, log-scale loss.
+Loss curves of many runs in one PNG: per run, train loss (thin line) and val loss (thick line with markers).
 
-    python plot_loss.py                                  # every runs/*/ that has a metrics.jsonl
-    python plot_loss.py runs/baseline_gpt2 runs/conv_attention --out compare.png --x steps
+    python plot_loss.py                                       # every runs/*/ with a metrics.jsonl -> runs/loss.png
+    python plot_loss.py runs/baseline_gpt2 runs/conv_attention --out runs/compare.png --x steps
+    python plot_loss.py runs/dual --fields loss loss_bw      # dual_mask_gpt: fw loss and bw loss as own curves
+    python plot_loss.py ... --smooth 20 --x time --linear     # running mean of 20 train steps, seconds, linear y
 
-Dotted vertical lines mark where a run's "stage" changes (progressive_diverging).
+Each run (and each --fields entry) gets its own colour and line style (10 colours x 4 styles, then markers),
+so any number of runs stay apart; the legend sits outside the axes. Vertical dotted lines, labelled, mark
+where a run's "stage" changes (progressive_diverging). --x time is training time (the train rows' dt_ms
+summed; evaluation not counted). An existing --out is kept unless --overwrite.
 """
 
 import argparse
 import glob
+import itertools
 import json
 import os
 import sys
@@ -17,6 +23,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+
+COLORS = [f"C{i}" for i in range(10)]
+LINESTYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+X_LABELS = {"tokens": "tokens", "steps": "optimizer steps", "time": "training time (s, evaluation excluded)"}
 
 
 class PlotError(Exception):
@@ -41,50 +53,124 @@ def read_metrics(run_dir):
     return rows
 
 
-def plot_runs(run_dirs, out, x="tokens", smooth=10):
-    fig, ax = plt.subplots(figsize=(10, 6))
-    for i, run_dir in enumerate(run_dirs):
-        rows = read_metrics(run_dir)
-        color = f"C{i % 10}"
-        label = os.path.basename(os.path.normpath(run_dir))
-        train = [r for r in rows if r.get("split") == "train"]
-        val = [r for r in rows if r.get("split") == "val"]
-        if train:
-            xs = [r.get(x, r["step"]) for r in train]
-            losses = [r["loss"] for r in train]
-            # Running mean over `smooth` steps: single steps are noisy.
-            smoothed = [sum(losses[max(0, j - smooth + 1): j + 1]) / len(losses[max(0, j - smooth + 1): j + 1])
-                        for j in range(len(losses))]
-            ax.plot(xs, smoothed, color=color, linewidth=1, alpha=0.8, label=f"{label} train")
-            for prev, row in zip(train, train[1:]):
-                if "stage" in row and row["stage"] != prev.get("stage"):
-                    ax.axvline(row.get(x, row["step"]), color=color, linestyle=":", linewidth=1)
-        if val:
-            ax.plot([r.get(x, r["step"]) for r in val], [r["loss"] for r in val], color=color,
-                    marker="o", markersize=4, linestyle="--", linewidth=1, label=f"{label} val")
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens" if x == "tokens" else "optimizer steps")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+def series_style(i):
+    """The i-th curve's (colour, linestyle, marker): colours change fastest, then line styles, then markers,
+    so 10 x 4 x 8 curves look different before any style repeats."""
+    return (COLORS[i % 10], LINESTYLES[i // 10 % len(LINESTYLES)],
+            MARKERS[i // (10 * len(LINESTYLES)) % len(MARKERS)])
+
+
+def running_mean(values, window):
+    out, total = [], 0.0
+    for j, v in enumerate(values):
+        total += v
+        if j >= window:
+            total -= values[j - window]
+        out.append(total / min(j + 1, window))
+    return out
+
+
+def x_values(rows, x):
+    """x of each row: tokens, step or training seconds (a val row at step s: the time after s train steps)."""
+    if x == "steps":
+        return [r["step"] for r in rows]
+    if x == "tokens":
+        return [r.get("tokens", r["step"]) for r in rows]
+    seconds, elapsed = {}, 0.0
+    for r in rows:
+        if r.get("split") == "train":
+            elapsed += r.get("dt_ms", 0.0) / 1000
+            seconds[r["step"] + 1] = elapsed
+    return [seconds.get(r["step"] + (r.get("split") == "train"), 0.0) for r in rows]
+
+
+def plain_log_axis(ax):
+    """Log-scale y with plain numbers (2, 3, 4) instead of 2x10^0; minor ticks labelled when they fit."""
+    fmt = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(fmt)
+    low, high = ax.get_ylim()
+    if high / low < 20:  # less than about a decade: more ticks, all labelled
+        ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)))
+        ax.yaxis.set_minor_formatter(fmt)
+    else:
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
+def plot_runs(run_dirs, out, x="tokens", smooth=1, fields=("loss",), log_y=True):
+    fig = make_figure(run_dirs, x, smooth, fields, log_y)
+    fig.savefig(out, dpi=120, bbox_inches="tight")  # "tight": the legend outside the axes is kept
     plt.close(fig)
+
+
+def make_figure(run_dirs, x="tokens", smooth=1, fields=("loss",), log_y=True):
+    fig, ax = plt.subplots(figsize=(11, 6))
+    count, legend = itertools.count(), {}
+    for run_dir in run_dirs:
+        rows = read_metrics(run_dir)
+        xs = x_values(rows, x)
+        name = os.path.basename(os.path.normpath(run_dir))
+        found = False
+        for field in fields:
+            color, linestyle, marker = series_style(next(count))
+            label = name if list(fields) == ["loss"] else f"{name} {field}"
+            train = [(xv, r[field]) for xv, r in zip(xs, rows) if r.get("split") == "train" and field in r]
+            val = [(xv, r[field]) for xv, r in zip(xs, rows) if r.get("split") == "val" and field in r]
+            found = found or bool(train or val)
+            if train:
+                losses = running_mean([v for _, v in train], smooth) if smooth > 1 else [v for _, v in train]
+                legend[label] = ax.plot([xv for xv, _ in train], losses, color=color, linestyle=linestyle,
+                                        linewidth=0.8, alpha=0.7, gid=f"{label} train")[0]
+            if val:  # one legend entry per curve pair: the val line's style names both
+                legend[label] = ax.plot([xv for xv, _ in val], [v for _, v in val], color=color,
+                                        linestyle=linestyle, linewidth=1.8, marker=marker, markersize=4,
+                                        gid=f"{label} val")[0]
+        if not found:
+            raise PlotError(f"{run_dir}: no train or val row has {' or '.join(fields)}; fields there: "
+                            f"{', '.join(sorted({k for r in rows for k in r if k.startswith('loss')}))}")
+        train_rows = [(xv, r) for xv, r in zip(xs, rows) if r.get("split") == "train"]
+        for (_, prev), (xv, row) in zip(train_rows, train_rows[1:]):
+            if "stage" in row and row["stage"] != prev.get("stage"):
+                ax.axvline(xv, color="grey", linestyle=":", linewidth=1)
+                ax.annotate(f"{name}: stage {row['stage']}", xy=(xv, 0.99), xycoords=("data", "axes fraction"),
+                            rotation=90, fontsize=7, va="top", ha="right", color="dimgrey")
+    if log_y:
+        ax.set_yscale("log")
+        plain_log_axis(ax)
+    ax.set_xlabel(X_LABELS[x])
+    ax.set_ylabel("loss (nats/token)" + (", log scale" if log_y else ""))
+    ax.grid(True, which="both", alpha=0.3)
+    title = "thin: train" + (f" (mean of {smooth} steps)" if smooth > 1 else "") + "\nthick + markers: val"
+    ax.legend(list(legend.values()), list(legend), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0.0, handlelength=4, ncol=1 + len(legend) // 40, title=title, title_fontsize=7)
+    return fig
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Plot train and val loss of lmsmall runs into one PNG.")
     p.add_argument("runs", nargs="*", help="run folders (default: every runs/*/ with a metrics.jsonl)")
-    p.add_argument("--out", default="loss.png")
-    p.add_argument("--x", choices=["tokens", "steps"], default="tokens")
-    p.add_argument("--smooth", type=int, default=10, help="running mean window for train loss")
+    p.add_argument("--out", default="runs/loss.png", help="the PNG to write (default runs/loss.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--x", choices=list(X_LABELS), default="tokens", help="x axis (default tokens)")
+    p.add_argument("--smooth", type=int, default=1, help="running mean over this many train steps (default 1: "
+                   "none); val rows are never smoothed")
+    p.add_argument("--fields", nargs="+", default=["loss"], help="metrics to plot, one curve each (default "
+                   "loss; e.g. loss loss_bw for dual_mask_gpt's backward loss, loss_all with --loss-on answer)")
+    p.add_argument("--linear", action="store_true", help="linear y axis instead of log")
     args = p.parse_args(argv)
     runs = args.runs or sorted(os.path.dirname(m) for m in glob.glob("runs/*/metrics.jsonl"))
     if not runs:
         print("error: no runs given and no runs/*/metrics.jsonl found; train a model first", file=sys.stderr)
         return 2
+    if args.smooth < 1:
+        print(f"error: --smooth {args.smooth}: give a window of 1 (no smoothing) or more steps", file=sys.stderr)
+        return 2
+    if os.path.exists(args.out) and not args.overwrite:
+        print(f"error: {args.out} already exists; add --overwrite to replace it or choose another --out",
+              file=sys.stderr)
+        return 2
     try:
-        plot_runs(runs, args.out, "tokens" if args.x == "tokens" else "step", max(1, args.smooth))
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        plot_runs(runs, args.out, args.x, args.smooth, args.fields, not args.linear)
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

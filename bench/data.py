@@ -31,7 +31,7 @@ GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 import dataloader  # noqa: E402
 from base_data_preparer import prepare  # noqa: E402
-from data_file_utils import read_manifest, shard_name, write_manifest  # noqa: E402
+from data_file_utils import DataError, read_manifest, shard_name, write_manifest  # noqa: E402
 from dataloader import TokenDataLoader  # noqa: E402
 
 
@@ -200,9 +200,17 @@ def main():
     n_batches = 50 if args.tiny else 200 if args.smoke else 2000
     print(f"lmsmall data benchmark{' (smoke)' if args.smoke else ''}: {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f} at start")
+    if not GSM8K.is_file():
+        print(f"error: bench/data.py reads GSM8K train from {GSM8K}, which is missing; see README.md, 'What the "
+              f"tests need offline'", file=sys.stderr)
+        sys.exit(2)
     with tempfile.TemporaryDirectory(prefix="lmsmall-bench-") as tmp:
         work = Path(tmp)
-        dirs = bench_prepare(work, synthetic_tokens, ("bytes",) if args.tiny else ("bytes", "gpt2"))
+        try:
+            dirs = bench_prepare(work, synthetic_tokens, ("bytes",) if args.tiny else ("bytes", "gpt2"))
+        except DataError as e:  # e.g. no GPT-2 BPE files and no network
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         bench_loader(dirs[("synthetic-math", "bytes")], n_batches, 3 if args.smoke else 5)
         bench_memory(work, big_tokens)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f} (other processes on the machine slow the wall-clock "

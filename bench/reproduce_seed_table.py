@@ -209,7 +209,7 @@ def main(argv=None):
           if len({r[11] for r in rows}) == 1 else "\nwarning: the runs saw different numbers of tokens")
     print_table(rows, SEED_ROWS)
     print("(seed rows: its README, RTX 3080, ~12 h per model; its conv_attention loss came from a future-token "
-          "leak, see DESIGN.md)")
+          "leak, see README.md, 'Convolution-attention model')")
     return 0
 
 

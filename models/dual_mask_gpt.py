@@ -30,6 +30,9 @@ key_mask (B, T) marks filler tokens of idx; the task token is always attendable.
 The seed's backward mask, tril(ones).flip(0), is not anti-causal (its first row sees every position); here it
 is components.attention_mask("anticausal") == triu, and tests/test_dual_mask_gpt.py proves it.
 
+Logged: each train row's "loss" is the fw loss (also on steps that train bw; an exclusive bw step computes
+it without gradients), "loss_bw" is there on the steps that ran bw, "bw_ran" says which (plot_loss.py
+--fields loss loss_bw). Val rows: "loss" = "loss_fw", and "loss_bw".
 Training (training_loss): every step the fw loss; with probability p_bw
     bw_mode="additional" (the seed's): the same tokens also get the bw loss, summed before one backward pass;
     bw_mode="exclusive" (the seed's untried variant): the step does the bw task instead of the fw one.
@@ -53,6 +56,7 @@ from components import Block, KVCache, OutputHead, PositionEmbedding, init_gpt2_
 EXTRA_TOKENS = 2          # FW = vocab_size - 2, BW = vocab_size - 1
 BW_MODES = ("additional", "exclusive")
 DIRECTIONS = ("fw", "bw")
+CHOICES = {"bw_mode": BW_MODES}   # --help lists them (the shared options' are in models/__init__.py)
 
 
 @dataclass
@@ -231,7 +235,12 @@ class Model(AutoRegressiveModel):
             metrics[f"acc_{d}"] = masked_accuracy(logits.detach(), tgt, mask).item()
             self._sums[f"{d}_sum"] += metrics[f"loss_{d}"]
             self._sums[f"{d}_n"] += 1
+        if "loss_fw" not in metrics:  # an exclusive bw step: the fw loss, for the log only
+            with torch.no_grad():
+                metrics["loss_fw"] = masked_cross_entropy(self(x)[0], y, loss_mask).item()
         metrics["bw_ran"] = float("loss_bw" in metrics)
+        # The logged "loss" is the fw loss on every row (the trained sum would jump on bw steps); bw: "loss_bw".
+        metrics["loss"] = metrics["loss_fw"]
         return sum(losses), metrics
 
     @torch.no_grad()
