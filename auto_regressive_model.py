@@ -113,7 +113,8 @@ class AutoRegressiveModel(nn.Module):
         counted per row by the cache (cache.positions), so a padded row is computed as if unpadded."""
         raise NotImplementedError
 
-    def new_cache(self, batch_size, device, dtype):
+    def new_cache(self, batch_size, device, dtype, extra_columns=0):
+        """A KVCache for batch_size rows with room for the model's context plus extra_columns (left padding)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -141,8 +142,9 @@ class AutoRegressiveModel(nn.Module):
         With the KV cache (use_cache and a model that has one): the contexts are left-padded to a common
         length and fed once, padding hidden by a key mask and positions counted per row (so a padded row
         computes exactly what it would alone, learned absolute positions included); then one token per row
-        and step against the same cache until some row's context slides (then the cache is refilled from
-        every row's context). Rows that stop leave the batch (the cache keeps the others' columns).
+        and step against the same cache. A row whose context slides is recomputed alone (one forward of
+        block_size // 2 - 1 tokens) and its cache row replaced, left-padded; the other rows keep theirs. Rows
+        that stop leave the batch (the cache keeps the others' columns).
         Without a cache (conv_attention, use_cache=False): every step recomputes each row's context,
         right-padded to a common length; the model is causal, so right padding changes no logit that is
         read. Both paths give the tokens that each row alone would get (tests/test_generate.py)."""
@@ -157,24 +159,31 @@ class AutoRegressiveModel(nn.Module):
         rows = [idx[b, T - n:].tolist() for b, n in enumerate(lengths)]   # each row's tokens so far
         new = [[] for _ in range(B)]
         active = list(range(B))            # rows still generating, in batch order of the cache
-        use_cache = use_cache and self.supports_kv_cache
+        use_cache = use_cache and self.supports_kv_cache and self.config.block_size >= 4  # (a slide keeps >= 2)
         window, cache, device = self.config.block_size, None, idx.device
         starts = [max(0, n - window) for n in lengths]     # where each row's context starts
+        dtype = next(self.parameters()).dtype
         for _ in range(max_new_tokens):
-            slid = False
-            for b in active:
+            slid = []                                      # batch rows whose context restarts now
+            for i, b in enumerate(active):
                 if len(rows[b]) - starts[b] > window:      # the window slides by half its length
-                    starts[b], slid = len(rows[b]) - max(1, window // 2), True
+                    starts[b] = len(rows[b]) - max(1, window // 2)
+                    slid.append(i)
             contexts = [rows[b][starts[b]:] for b in active]
             if not use_cache:
                 context, last = right_pad(contexts, device)
                 logits = self(context)[0][torch.arange(len(active), device=device), last]
-            elif cache is None or slid or cache.pos == cache.max_len:
-                # (Re)fill the cache: at the start, and when a context slid (positions changed)
+            elif cache is None:                            # feed the prompts (columns to spare for padding)
                 context, key_mask = left_pad(contexts, device)
-                cache = self.new_cache(len(active), device, next(self.parameters()).dtype)
+                cache = self.new_cache(len(active), device, dtype, extra_columns=window)
                 logits = self.forward_cached(context, cache, None if key_mask.all() else key_mask)[:, -1]
             else:
+                if cache.pos == cache.max_len:             # drop the columns that are padding in every row
+                    cache.keep_rows(list(range(len(active))))
+                for i in slid:  # its positions changed: recompute its new context alone, into its cache row
+                    row_cache = self.new_cache(1, device, dtype)
+                    self.forward_cached(torch.tensor([contexts[i][:-1]], device=device), row_cache)
+                    cache.replace_row(i, row_cache)
                 last_tokens = torch.tensor([[rows[b][-1]] for b in active], device=device)
                 logits = self.forward_cached(last_tokens, cache)[:, -1]
             next_tokens = self.sample(logits.float(), temperature, top_k, generator, vocab_limit).tolist()

@@ -162,6 +162,18 @@ class KVCache:
         self.pos += T
         self.lengths = self._new_lengths
 
+    def replace_row(self, i, other):
+        """Row i restarts from the tokens held by `other`, a one-row cache: they fill row i's last
+        other.pos columns (up to self.pos), everything before them becomes padding."""
+        n = other.pos
+        assert n <= self.pos, f"{n} columns do not fit in {self.pos}"
+        self.k[:, i, :, self.pos - n:self.pos] = other.k[:, 0, :, :n]
+        self.v[:, i, :, self.pos - n:self.pos] = other.v[:, 0, :, :n]
+        self.key_mask[i, :self.pos - n] = False
+        self.key_mask[i, self.pos - n:self.pos] = other.key_mask[0, :n]
+        self.lengths[i] = other.lengths[0]
+        self.padded = True
+
     def keep_rows(self, rows):
         """Keep only the batch rows `rows` (a list of indices), e.g. when the others have finished, and drop
         the leading columns that are padding in every kept row. Positions are unchanged."""

@@ -76,13 +76,13 @@ class Model(AutoRegressiveModel):
         With a KV cache, idx comes after the cache's columns and key_mask marks its left padding (prompt only);
         each row's positions come from the cache (components.KVCache)."""
         B, T = idx.size()
-        start = cache.pos if cache is not None else 0
-        assert start + T <= self.wpe.max_positions, f"length {start + T} > block_size {self.config.block_size}"
         if cache is not None:
             pos = cache.add_tokens(T, key_mask)                    # (B, T): per-row positions
             key_mask = None                                        # the attention reads it from the cache
         else:
             pos = torch.arange(T, device=idx.device)
+        last = int(pos.max()) if cache is not None else T - 1
+        assert last < self.wpe.max_positions, f"length {last + 1} > block_size {self.config.block_size}"
         x = self.head.embed(self.wte, idx) + self.wpe(pos)
         for i, block in enumerate(self.blocks):
             x = block(x, self.config.attention, cache, slot=i, key_mask=key_mask)
@@ -98,6 +98,7 @@ class Model(AutoRegressiveModel):
     def forward_cached(self, idx, cache, key_mask=None):
         return self(idx, cache=cache, key_mask=key_mask)[0]
 
-    def new_cache(self, batch_size, device, dtype):
+    def new_cache(self, batch_size, device, dtype, extra_columns=0):
         c = self.config
-        return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, device, dtype)
+        return KVCache(c.n_layer, batch_size, c.n_head, c.block_size + extra_columns, c.n_embd // c.n_head,
+                       device, dtype)

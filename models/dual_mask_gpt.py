@@ -155,7 +155,7 @@ class Model(AutoRegressiveModel):
                 task = torch.ones_like(key_mask[:, :1], dtype=torch.bool)
                 parts = [task, key_mask.bool()] if direction == "fw" else [key_mask.bool(), task]
                 key_mask = torch.cat(parts, dim=1)
-        last = (start + idx.size(1) - 1) if cache is not None else T
+        last = int(pos.max()) if cache is not None else T
         assert last < self.wpe.max_positions, f"text length {last} > block_size {self.config.block_size}"
         x = self.head.embed(self.wte, idx) + self.wpe(pos)
         mask = "causal" if direction == "fw" else "anticausal"
@@ -196,10 +196,10 @@ class Model(AutoRegressiveModel):
     def forward_cached(self, idx, cache, key_mask=None):
         return self(idx, cache=cache, key_mask=key_mask)[0]
 
-    def new_cache(self, batch_size, device, dtype):
+    def new_cache(self, batch_size, device, dtype, extra_columns=0):
         c = self.config
-        return KVCache(len(self.blocks), batch_size, c.n_head, c.block_size + 1, c.n_embd // c.n_head,
-                       device, dtype)
+        return KVCache(len(self.blocks), batch_size, c.n_head, c.block_size + 1 + extra_columns,
+                       c.n_embd // c.n_head, device, dtype)
 
     def keep_first_blocks(self, k):
         """Layer cut: keep blocks 0..k-1 (ln_f and the head stay), in place; returns self."""
