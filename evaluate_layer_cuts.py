@@ -25,6 +25,7 @@ import sys
 import torch
 
 from auto_regressive_model import AutoRegressiveModel, CheckpointError
+from data_file_utils import DataError, check_run_data
 
 CUTS_FILE = "layer_cuts.json"
 
@@ -41,7 +42,8 @@ def validation_batches(run_config, split="val", n_batches=8, batch_size=None, da
     # the same arguments as base_trainer.setup_data, so the run's own prepared shards are found
     dataset_dir = base_data_preparer.ensure_prepared(run_config["data"], run_config["tokenizer"],
                                                      data_dir=data_dir, max_tokens=run_config.get("max_tokens"),
-                                                     seed=run_config.get("seed", 1337), quiet=True)
+                                                     seed=run_config.get("data_seed", 1337), quiet=True)
+    check_run_data(dataset_dir, run_config)  # the data must not have changed since training
     seq_len = int(run_config.get("seq_len") or run_config.get("block_size"))
     batch_size = batch_size or int(run_config.get("micro_batch_size", 8))
     loader = TokenDataLoader(dataset_dir, split, batch_size, seq_len,
@@ -127,7 +129,7 @@ def main(argv=None):
         try:
             result = evaluate_checkpoint(path, args.split, args.batches, args.batch_size, args.data_dir,
                                          args.device)
-        except (CheckpointError, FileNotFoundError, ValueError) as e:
+        except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
