@@ -489,14 +489,25 @@ def _existing_dataset(out: Path, request: dict, replace_command: str):
     return manifest
 
 
+def _holds(out: Path, run_data_hash: str) -> bool:
+    """Whether `out` holds a complete, undamaged dataset with this data hash."""
+    try:
+        manifest = read_manifest(out)
+    except DataError:
+        return False
+    return data_hash(manifest) == run_data_hash and _damage(out, manifest) is None
+
+
 def prepare(data_spec: str, tokenizer_name: str, data_dir="data", max_tokens=None, seed: int = DEFAULT_SEED,
             num_workers=None, quiet: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-            replace: bool = False) -> Path:
+            replace: bool = False, run_data_hash: str | None = None) -> Path:
     """Prepare `data_spec` with `tokenizer_name` under data_dir; returns the dataset folder.
     max_tokens: budget over all splits (None: the source's default; json/text: the whole file).
     seed: generator seed of synthetic-math (other sources do not use it).
     Each request (source, seed, budget, tokenizer) has its own folder. A complete one is returned as it is;
-    one that no longer matches its request (the source file changed) is refused unless replace=True."""
+    one that no longer matches its request (the source file changed) is refused unless replace=True.
+    run_data_hash: the data hash a run recorded (resume, evaluate): a complete dataset with that hash is the
+    run's data and is returned even if its source has changed since."""
     enc = get_tokenizer(tokenizer_name)
     if max_tokens is not None and (int(max_tokens) != max_tokens or max_tokens < 1):
         raise DataError(f"--max-tokens must be a positive whole number, got {max_tokens}")
@@ -514,6 +525,8 @@ def prepare(data_spec: str, tokenizer_name: str, data_dir="data", max_tokens=Non
     replace_command = (f"python base_data_preparer.py --data {data_spec} --tokenizer {tokenizer_name} --data-dir "
                        f"{data_dir}" + (f" --max-tokens {budget}" if max_tokens is not None else "")
                        + (f" --seed {seed}" if uses_seed and seed != DEFAULT_SEED else "") + " --replace")
+    if run_data_hash and not replace and _holds(out, run_data_hash):
+        return out
     if not replace and _existing_dataset(out, request, replace_command) is not None:  # fast path, no lock
         return out
     try:

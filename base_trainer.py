@@ -285,7 +285,8 @@ class BaseTrainer:
     # -- data --
     def setup_data(self):
         cfg = self.cfg
-        args = dict(data_dir=cfg["data_dir"], max_tokens=cfg["max_tokens"], seed=cfg["data_seed"])
+        args = dict(data_dir=cfg["data_dir"], max_tokens=cfg["max_tokens"], seed=cfg["data_seed"],
+                    run_data_hash=cfg.get("data_hash"))
         if self.master:  # one process prepares, the others wait and then find it ready
             self.dataset_dir = ensure_prepared(cfg["data"], cfg["tokenizer"], **args)
         if self.ddp:

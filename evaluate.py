@@ -225,7 +225,8 @@ def main(argv=None):
             same = data == cfg["data"]
             directory = ensure_prepared(data, cfg["tokenizer"], data_dir=args.data_dir or cfg["data_dir"],
                                         max_tokens=cfg.get("max_tokens") if same else None,
-                                        seed=cfg.get("data_seed", 1337), quiet=True)
+                                        seed=cfg.get("data_seed", 1337), quiet=True,
+                                        run_data_hash=cfg.get("data_hash") if same else None)
             if same:  # the run's own data: it must not have changed since training
                 check_run_data(directory, cfg)
             split = "test" if args.split == "all" else args.split

@@ -42,7 +42,8 @@ def validation_batches(run_config, split="val", n_batches=8, batch_size=None, da
     # the same arguments as base_trainer.setup_data, so the run's own prepared shards are found
     dataset_dir = base_data_preparer.ensure_prepared(run_config["data"], run_config["tokenizer"],
                                                      data_dir=data_dir, max_tokens=run_config.get("max_tokens"),
-                                                     seed=run_config.get("data_seed", 1337), quiet=True)
+                                                     seed=run_config.get("data_seed", 1337), quiet=True,
+                                                     run_data_hash=run_config.get("data_hash"))
     check_run_data(dataset_dir, run_config)  # the data must not have changed since training
     seq_len = int(run_config.get("seq_len") or run_config.get("block_size"))
     batch_size = batch_size or int(run_config.get("micro_batch_size", 8))
