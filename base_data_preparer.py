@@ -37,6 +37,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shlex
 import signal
 import sys
 import time
@@ -172,16 +173,21 @@ def _process_task(task):
 # Our own small pool instead of multiprocessing.Pool, because a Pool cannot be stopped reliably: on Ctrl-C its
 # workers died with tracebacks (SIGINT reaches the whole process group), and terminate() then hung on locks
 # and pipes the dead workers held. Here each worker has one pipe of its own and no shared lock:
-#   - the workers never see Ctrl-C. SIGINT is blocked while the forkserver is started (as CPython's own
-#     resource_tracker does); the workers are forked from it and inherit the blocked mask, from birth on.
+#   - the workers never see Ctrl-C (nor SIGTERM/SIGHUP sent to the whole process group): these are blocked
+#     while the forkserver is started (as CPython's own resource_tracker does); the workers are forked from it
+#     and inherit the blocked mask, from birth on. The parent decides; a worker also ends when its pipe closes.
 #   - Ctrl-C raises KeyboardInterrupt in the parent only; stopping then means SIGKILL to every worker and a
 #     join: nothing to wait for, nothing to deadlock on. Their unfinished results are thrown away.
 #   - the parent sends a worker its next task only after it has read that worker's previous result, so
 #     neither side can block on a full pipe while the other waits for it.
 
+GROUP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+
 def _worker_main(conn, tokenizer_name):
     """A tokenizer process: receives tasks, sends (ok, result) or (error, ...) back, until None or EOF."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business (blocked already, normally)
+    for sig in GROUP_SIGNALS:  # the parent's business (blocked already, normally)
+        signal.signal(sig, signal.SIG_IGN)
     _init_worker(tokenizer_name)
     while True:
         try:
@@ -196,17 +202,20 @@ def _worker_main(conn, tokenizer_name):
             reply = ("data_error", str(e))
         except Exception:
             reply = ("error", traceback.format_exc())
-        conn.send(reply)
+        try:
+            conn.send(reply)
+        except OSError:  # the parent is gone (killed): so are we, quietly
+            return
 
 
 @contextlib.contextmanager
-def _sigint_blocked():
-    """Block SIGINT in this thread; a process started meanwhile inherits the blocked mask. A Ctrl-C that
-    arrives meanwhile is delivered (KeyboardInterrupt) as soon as the block ends."""
+def _group_signals_blocked():
+    """Block SIGINT, SIGTERM, SIGHUP in this thread; a process started meanwhile inherits the blocked mask.
+    A signal that arrives meanwhile is delivered (e.g. KeyboardInterrupt) as soon as the block ends."""
     if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
     try:
         yield
     finally:
@@ -221,13 +230,13 @@ def _start_workers(workers: list, n: int, tokenizer_name):
     forkserver = ctx.get_start_method() == "forkserver"
     if forkserver:
         from multiprocessing import forkserver as server, resource_tracker
-        resource_tracker.ensure_running()  # first: starting it UNblocks SIGINT in this thread afterwards
-        with _sigint_blocked():  # only while the server is forked: its imports (e.g. torch) do not delay Ctrl-C
+        resource_tracker.ensure_running()  # first: starting it UNblocks SIGINT/SIGTERM in this thread afterwards
+        with _group_signals_blocked():  # only while the server is forked: its imports (torch) do not delay Ctrl-C
             server.ensure_running()
     for _ in range(n):
         ours, theirs = ctx.Pipe()
         process = ctx.Process(target=_worker_main, args=(theirs, tokenizer_name), daemon=True)
-        with contextlib.nullcontext() if forkserver else _sigint_blocked():
+        with contextlib.nullcontext() if forkserver else _group_signals_blocked():
             process.start()
         theirs.close()
         workers.append((process, ours))
@@ -252,8 +261,9 @@ def _receive(worker):
         status, value = conn.recv()
     except EOFError:
         process.join(timeout=5)
-        raise DataError(f"a tokenizer worker died (exit code {process.exitcode}; killed for memory?); run again, "
-                        f"perhaps with fewer --num-workers") from None
+        code = process.exitcode
+        how = f"killed by signal {-code}, out of memory?" if code is not None and code < 0 else f"exit code {code}"
+        raise DataError(f"a tokenizer worker died ({how}); run again, perhaps with fewer --num-workers") from None
     if status == "data_error":
         raise DataError(value)
     if status == "error":
@@ -522,8 +532,8 @@ def prepare(data_spec: str, tokenizer_name: str, data_dir="data", max_tokens=Non
     request = {"format_version": FORMAT_VERSION, "source": source["spec"], "tokenizer": tokenizer_name,
                "vocab_size": enc.n_vocab, "source_fingerprint": _jsonable(source["fingerprint"]),
                "seed": seed if uses_seed else None, "max_tokens": budget}
-    replace_command = (f"python base_data_preparer.py --data {data_spec} --tokenizer {tokenizer_name} --data-dir "
-                       f"{data_dir}" + (f" --max-tokens {budget}" if max_tokens is not None else "")
+    replace_command = (f"python base_data_preparer.py --data {shlex.quote(data_spec)} --tokenizer {tokenizer_name} "
+                       f"--data-dir {shlex.quote(str(data_dir))}" + (f" --max-tokens {budget}" if max_tokens else "")
                        + (f" --seed {seed}" if uses_seed and seed != DEFAULT_SEED else "") + " --replace")
     if run_data_hash and not replace and _holds(out, run_data_hash):
         return out
