@@ -1,7 +1,7 @@
 """
 Batches of token ids from the shards that base_data_preparer.py wrote.
 
-    loader = TokenDataLoader("data/synthetic-math__bytes", "train", batch_size=16, seq_len=128)
+    loader = TokenDataLoader("data/synthetic-math-10M__bytes", "train", batch_size=16, seq_len=128)
     x, y = loader.next_batch()          # int64 (B, T); y is x shifted by target_offset (default 1)
 
 The split's shards are one logical token stream, read through memory maps: nothing is loaded into RAM up

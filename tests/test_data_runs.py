@@ -22,15 +22,17 @@ def snapshot(folder: Path):
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
 
 
-def train(data_dir, out_dir, budget, *extra, env=None):
-    return run_script("train_baseline_gpt2.py", "--preset", "tiny", "--data-dir", data_dir, "--max-tokens", budget,
-                      "--out-dir", out_dir, "--max-steps", 20, "--eval-interval", 10, "--checkpoint-interval", 10,
-                      *SMALL, *extra, env=env)
+def train_args(data_dir, out_dir, budget, *extra):
+    return [str(a) for a in ("--preset", "tiny", "--data-dir", data_dir, "--max-tokens", budget, "--out-dir", out_dir,
+                             "--max-steps", 20, "--eval-interval", 10, "--checkpoint-interval", 10, *SMALL, *extra)]
 
 
-def test_another_budget_gets_another_folder_and_the_first_run_resumes_exactly(tmp_path):
+def test_another_budget_gets_another_folder_and_the_first_run_resumes_exactly(tmp_path, capsys):
+    import base_data_preparer as bdp
+    from base_trainer import BaseTrainer, resolve_config
     data, run = tmp_path / "data", tmp_path / "run"
-    killed = train(data, run, 100_000, env={"LMSMALL_FAULT": "kill_after_step:15"})
+    killed = run_script("train_baseline_gpt2.py", *train_args(data, run, 100_000),
+                        env={"LMSMALL_FAULT": "kill_after_step:15"})
     assert killed.returncode == -signal.SIGKILL  # after step 15; its checkpoint is from step 10
     config = json.loads((run / "config.json").read_text())
     assert config["max_tokens"] == 100_000 and len(config["data_hash"]) == 16  # the budget used, and the data
@@ -38,14 +40,12 @@ def test_another_budget_gets_another_folder_and_the_first_run_resumes_exactly(tm
     logged = losses(metrics(run), "train")  # steps 0..15, as an uninterrupted run logs them
     before = snapshot(first)
     # what several README commands do: the same source with another budget, into the same --data-dir
-    other = subprocess.run([*PREPARER, "--data", "synthetic-math", "--tokenizer", "bytes", "--data-dir", data,
-                            "--max-tokens", "120k", "--quiet"], capture_output=True, text=True, timeout=120)
-    assert other.returncode == 0, other.stderr
-    assert other.stdout.strip() == str(data / "synthetic-math-120k__bytes")
+    other = bdp.prepare("synthetic-math", "bytes", data, max_tokens=120_000, num_workers=2, quiet=True)
+    assert other == data / "synthetic-math-120k__bytes"
     assert snapshot(first) == before  # the first dataset untouched
-    resumed = train(data, run, 100_000, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming at step 10" in resumed.stdout
+    cfg, typed = resolve_config("baseline_gpt2", train_args(data, run, 100_000, "--resume"))
+    assert BaseTrainer("baseline_gpt2", cfg, typed).train() == 0  # as train_baseline_gpt2.py --resume does
+    assert "resuming at step 10" in capsys.readouterr().out
     again = losses(metrics(run), "train")
     assert [s for s, _ in again] == list(range(20))
     assert again[10:len(logged)] == logged[10:] and len(logged) > 11  # steps 10.. once more, bit for bit
