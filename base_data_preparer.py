@@ -20,19 +20,28 @@ What it guarantees:
   - split by DOCUMENT: a hash of the document text (of the problem_key, for synthetic-math) puts it in
     train/val/test (~98/1/1); a document is never in two splits; each split gets at least one document.
   - deterministic: the same source, tokenizer, seed and budget give the same bytes, whatever --num-workers.
+  - one folder per request: the budget and seed are part of the folder name (data/synthetic-math-10M__bytes),
+    so preparations with other settings never touch each other.
+  - immutable: a complete dataset (its manifest.json exists) is never changed or removed by a later command;
+    asked for again, prepare() returns it at once.
+    If its source changed since, preparing it again is refused in one line; --replace rebuilds it explicitly.
+    The manifest records data_hash (see data_file_utils.data_hash); every run records it and checks it.
   - crash safe: shards are written under a temporary name and renamed when complete; manifest.json is
     written last (atomically). A folder without a manifest is not a dataset; a rerun starts it over.
-  - idempotent: if a complete dataset for the same request exists, prepare() returns at once.
+  - Ctrl-C stops it at once (one line, exit 130): the worker processes never see SIGINT; the parent kills them.
   - concurrent callers (e.g. every DDP rank) are serialised by a lock file; one prepares, the others reuse.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
+import shlex
 import signal
 import sys
 import time
+import traceback
 from collections import deque
 from pathlib import Path
 
@@ -40,8 +49,9 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from data_file_utils import (FORMAT_VERSION, MASK_DTYPE, OWNED_FILE, SPLITS, TOKEN_DTYPE, DataError, Split,
-                             dataset_dir, mask_shard_name, read_manifest, shard_name, split_of_text, write_manifest)
+from data_file_utils import (FORMAT_VERSION, MANIFEST_NAME, MASK_DTYPE, OWNED_FILE, SPLITS, TOKEN_DTYPE, DataError,
+                             Split, data_hash, dataset_dir, mask_shard_name, read_manifest, shard_name, split_of_text,
+                             write_manifest)
 from data_sources import DATA_SPECS, DEFAULT_SEED, _json_docs, _synthetic_docs, open_source
 
 EOT = "<|endoftext|>"
@@ -151,41 +161,155 @@ def _process_task(task):
         docs = _json_docs(*args, with_mask)
     else:  # "docs": already documents
         docs = args
-    result = tokenize_documents(_worker_encoding, docs, with_mask) if docs else None
-    return result
+    try:
+        return tokenize_documents(_worker_encoding, docs, with_mask) if docs else None
+    except UnicodeEncodeError:  # json:PATH names the line itself; this catches what other sources hand over
+        raise DataError("a document of the source holds a lone surrogate (e.g. from a \\ud800 escape), which is not "
+                        "text; clean the source") from None
+
+
+# ----------------------------------------------------------------------------- the worker processes
+#
+# Our own small pool instead of multiprocessing.Pool, because a Pool cannot be stopped reliably: on Ctrl-C its
+# workers died with tracebacks (SIGINT reaches the whole process group), and terminate() then hung on locks
+# and pipes the dead workers held. Here each worker has one pipe of its own and no shared lock:
+#   - the workers never see Ctrl-C (nor SIGTERM/SIGHUP sent to the whole process group): these are blocked
+#     while the forkserver is started (as CPython's own resource_tracker does); the workers are forked from it
+#     and inherit the blocked mask, from birth on. The parent decides; a worker also ends when its pipe closes.
+#   - Ctrl-C raises KeyboardInterrupt in the parent only; stopping then means SIGKILL to every worker and a
+#     join: nothing to wait for, nothing to deadlock on. Their unfinished results are thrown away.
+#   - the parent sends a worker its next task only after it has read that worker's previous result, so
+#     neither side can block on a full pipe while the other waits for it.
+
+GROUP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+
+def _worker_main(conn, tokenizer_name):
+    """A tokenizer process: receives tasks, sends (ok, result) or (error, ...) back, until None or EOF."""
+    for sig in GROUP_SIGNALS:  # the parent's business (blocked already, normally)
+        signal.signal(sig, signal.SIG_IGN)
+    _init_worker(tokenizer_name)
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if task is None:
+            return
+        try:
+            reply = ("ok", _process_task(task))
+        except DataError as e:  # bad input: the parent reports it in one line
+            reply = ("data_error", str(e))
+        except Exception:
+            reply = ("error", traceback.format_exc())
+        try:
+            conn.send(reply)
+        except OSError:  # the parent is gone (killed): so are we, quietly
+            return
+
+
+@contextlib.contextmanager
+def _group_signals_blocked():
+    """Block SIGINT, SIGTERM, SIGHUP in this thread; a process started meanwhile inherits the blocked mask.
+    A signal that arrives meanwhile is delivered (e.g. KeyboardInterrupt) as soon as the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _start_workers(workers: list, n: int, tokenizer_name):
+    """Start n worker processes, appending (process, pipe) to `workers` as they start."""
+    # forkserver on Linux: a plain fork of a process that already ran torch's OpenMP threads can deadlock
+    # (seen in the test suite); elsewhere the platform's safe default.
+    ctx = multiprocessing.get_context("forkserver" if sys.platform == "linux" else None)
+    forkserver = ctx.get_start_method() == "forkserver"
+    if forkserver:
+        from multiprocessing import forkserver as server, resource_tracker
+        resource_tracker.ensure_running()  # first: starting it UNblocks SIGINT/SIGTERM in this thread afterwards
+        with _group_signals_blocked():  # only while the server is forked: its imports (torch) do not delay Ctrl-C
+            server.ensure_running()
+    for _ in range(n):
+        ours, theirs = ctx.Pipe()
+        process = ctx.Process(target=_worker_main, args=(theirs, tokenizer_name), daemon=True)
+        with contextlib.nullcontext() if forkserver else _group_signals_blocked():
+            process.start()
+        theirs.close()
+        workers.append((process, ours))
+
+
+def _stop_forkserver():
+    """After Ctrl-C the process is about to end. The forkserver (deaf to SIGINT) would outlive it by as long
+    as it still needs to import the main script (seconds for torch, more on a busy machine), so it is killed
+    too. CPython notices a dead forkserver and starts a new one when one is needed again."""
+    from multiprocessing import forkserver
+    pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)  # CPython's, no public API
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _receive(worker):
+    process, conn = worker
+    try:
+        status, value = conn.recv()
+    except EOFError:
+        process.join(timeout=5)
+        code = process.exitcode
+        how = f"killed by signal {-code}, out of memory?" if code is not None and code < 0 else f"exit code {code}"
+        raise DataError(f"a tokenizer worker died ({how}); run again, perhaps with fewer --num-workers") from None
+    if status == "data_error":
+        raise DataError(value)
+    if status == "error":
+        raise RuntimeError(f"a tokenizer worker failed:\n{value}")
+    return value
+
+
+def _stop_workers(workers):
+    """Stop every worker now (SIGKILL: it holds no lock and nothing of it is kept) and reap it."""
+    for process, conn in workers:
+        if process.exitcode is None:
+            process.kill()
+    for process, conn in workers:
+        process.join(timeout=10)
+        conn.close()
 
 
 def _run_tasks(tasks, tokenizer_name, num_workers):
-    """Results of the tasks, in task order (so the output never depends on num_workers). At most
-    2 x num_workers tasks are in flight: memory stays bounded even for an endless task stream."""
+    """Results of the tasks, in task order (so the output never depends on num_workers). Task i goes to
+    worker i % num_workers; at most one task per worker is in flight, so memory stays bounded even for an
+    endless task stream. The caller may stop early (the token budget is reached): closing this generator,
+    an error or Ctrl-C all stop the workers at once."""
     if num_workers <= 1:
         _init_worker(tokenizer_name)
         for task in tasks:
             yield _process_task(task)
         return
-    # forkserver on Linux: a plain fork of a process that already ran torch's OpenMP threads can deadlock
-    # (seen in the test suite); elsewhere the platform's safe default.
-    ctx = multiprocessing.get_context("forkserver" if sys.platform == "linux" else None)
-    pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer_name,))
-    pending = deque()
+    workers = []
+    in_flight = deque()  # the worker of every task sent and not yet received, oldest first
     try:
-        for task in tasks:
-            pending.append(pool.apply_async(_process_task, (task,)))
-            if len(pending) >= 2 * num_workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        _start_workers(workers, num_workers, tokenizer_name)
+        for i, task in enumerate(tasks):
+            w = i % num_workers
+            if len(in_flight) == num_workers:  # every worker is busy: the oldest task is worker w's
+                yield _receive(workers[in_flight.popleft()])
+            workers[w][1].send(task)
+            in_flight.append(w)
+        while in_flight:
+            yield _receive(workers[in_flight.popleft()])
+    except KeyboardInterrupt:
+        _stop_workers(workers)
+        if sys.platform == "linux":
+            _stop_forkserver()
+        raise
     finally:
-        # The caller usually stops early (the token budget is reached) with tasks still in flight. Pool's
-        # terminate() (what `with Pool()` does) can deadlock while workers are sending results, so let them
-        # finish and shut the pool down in order.
-        for result in pending:
-            result.wait(timeout=120)
-        if all(result.ready() for result in pending):
-            pool.close()
-            pool.join()
-        else:
-            pool.terminate()
+        _stop_workers(workers)
 
 
 # ----------------------------------------------------------------------------- writing shards
@@ -201,7 +325,8 @@ class ShardWriter:
         self.directory, self.split, self.shard_tokens, self.with_mask = directory, split, shard_tokens, with_mask
         self.shards, self.mask_shards, self.shard_sizes = [], [], []
         self.documents = self.tokens = self.bytes = 0
-        self.hash = hashlib.blake2b(digest_size=16)
+        self.hash = hashlib.blake2b(digest_size=16)  # of the token ids, in order
+        self.mask_hash = hashlib.blake2b(digest_size=16)  # of the loss-mask bytes
         self._files = None  # (token file, mask file or None, their temp paths) of the shard being written
         self._in_shard = 0
 
@@ -211,6 +336,8 @@ class ShardWriter:
         self.bytes += nbytes
         self.tokens += len(tokens)
         self.hash.update(tokens.tobytes())
+        if self.with_mask:
+            self.mask_hash.update(mask.tobytes())
         start = 0
         while start < len(tokens):
             if self._files is None:
@@ -333,43 +460,84 @@ def _jsonable(x):
     return json.loads(json.dumps(x, default=str))
 
 
-def _complete_manifest(directory: Path, request: dict):
-    """The manifest of a finished preparation matching `request`, or None (absent, partial, other request)."""
-    try:
-        manifest = read_manifest(directory)
-    except DataError:
-        return None
-    for key, value in request.items():
-        if value is not None and manifest.get(key) != value:
-            return None
+# What a differing request key means, for the refusal message.
+DIFFERENCE = {"source_fingerprint": "the source as it was before (it changed since)",
+              "format_version": "another version of this program", "vocab_size": "another vocabulary",
+              "source": "another source", "tokenizer": "another tokenizer", "seed": "another seed",
+              "max_tokens": "another budget"}
+
+
+def _damage(directory: Path, manifest: dict):
+    """What is wrong with the shard files of a manifest (missing, wrong size), or None."""
     for info in manifest["splits"].values():
-        names = info.get("shards", []) + info.get("mask_shards", [])
-        sizes = info.get("shard_tokens", []) * (2 if info.get("mask_shards") else 1)
-        item_size = [2] * len(info.get("shards", [])) + [1] * len(info.get("mask_shards", []))
-        for name, n, itemsize in zip(names, sizes, item_size):
-            path = directory / name
-            if not path.is_file() or path.stat().st_size != n * itemsize:
-                return None
+        for names, itemsize in ((info["shards"], 2), (info.get("mask_shards", []), 1)):
+            for name, n in zip(names, info["shard_tokens"]):
+                path = directory / name
+                if not path.is_file():
+                    return f"{name} is missing"
+                if path.stat().st_size != n * itemsize:
+                    return f"{name} has {path.stat().st_size:,} bytes, the manifest says {n * itemsize:,}"
+    return None
+
+
+def _existing_dataset(out: Path, request: dict, replace_command: str):
+    """The manifest of the complete dataset in `out` if it is the one requested; None if `out` holds none
+    (absent, or a preparation that was interrupted: that one is started over). A complete dataset that
+    differs from the request, or is damaged, is refused in one line and left as it is: runs may depend on it."""
+    if not (out / MANIFEST_NAME).exists():
+        return None
+    manifest = read_manifest(out)  # an unreadable manifest: DataError, the folder untouched
+    way_out = f"delete that folder, use another --data-dir, or replace it with: {replace_command}"
+    differs = [k for k, v in request.items() if manifest.get(k) != v and not (k == "seed" and v is None)]
+    if differs:
+        what = "; ".join(DIFFERENCE.get(k, k) for k in differs)
+        raise DataError(f"{out} holds a complete dataset prepared from {what}; a prepared dataset is never changed "
+                        f"(runs may depend on it): {way_out}")
+    damage = _damage(out, manifest)
+    if damage:
+        raise DataError(f"{out} is damaged ({damage}); it is left as it is: {way_out}")
     return manifest
 
 
+def _holds(out: Path, run_data_hash: str) -> bool:
+    """Whether `out` holds a complete, undamaged dataset with this data hash."""
+    try:
+        manifest = read_manifest(out)
+    except DataError:
+        return False
+    return data_hash(manifest) == run_data_hash and _damage(out, manifest) is None
+
+
 def prepare(data_spec: str, tokenizer_name: str, data_dir="data", max_tokens=None, seed: int = DEFAULT_SEED,
-            num_workers=None, quiet: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS) -> Path:
+            num_workers=None, quiet: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+            replace: bool = False, run_data_hash: str | None = None) -> Path:
     """Prepare `data_spec` with `tokenizer_name` under data_dir; returns the dataset folder.
-    max_tokens: budget over all splits (None: an existing dataset of any budget, or the source's default).
-    seed: generator seed of synthetic-math (other sources do not use it)."""
+    max_tokens: budget over all splits (None: the source's default; json/text: the whole file).
+    seed: generator seed of synthetic-math (other sources do not use it).
+    Each request (source, seed, budget, tokenizer) has its own folder. A complete one is returned as it is;
+    one that no longer matches its request (the source file changed) is refused unless replace=True.
+    run_data_hash: the data hash a run recorded (resume, evaluate): a complete dataset with that hash is the
+    run's data and is returned even if its source has changed since."""
     enc = get_tokenizer(tokenizer_name)
     if max_tokens is not None and (int(max_tokens) != max_tokens or max_tokens < 1):
         raise DataError(f"--max-tokens must be a positive whole number, got {max_tokens}")
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens must be positive, got {shard_tokens}")
+    if num_workers is not None and num_workers < 1:
+        raise DataError(f"--num-workers must be positive, got {num_workers}")
     source = open_source(data_spec, seed)  # checks the input before anything on disk changes
     uses_seed = source["kind"] == "synthetic-math"
-    out = dataset_dir(data_dir, data_spec, tokenizer_name, seed=seed if uses_seed else None)
+    budget = int(max_tokens) if max_tokens is not None else DEFAULT_MAX_TOKENS.get(source["kind"])
+    out = dataset_dir(data_dir, data_spec, tokenizer_name, seed=seed if uses_seed else None, max_tokens=budget)
     request = {"format_version": FORMAT_VERSION, "source": source["spec"], "tokenizer": tokenizer_name,
                "vocab_size": enc.n_vocab, "source_fingerprint": _jsonable(source["fingerprint"]),
-               "seed": seed if uses_seed else None, "max_tokens": None if max_tokens is None else int(max_tokens)}
-    if _complete_manifest(out, request) is not None:  # fast path, no lock needed
+               "seed": seed if uses_seed else None, "max_tokens": budget}
+    replace_command = (f"python base_data_preparer.py --data {shlex.quote(data_spec)} --tokenizer {tokenizer_name} "
+                       f"--data-dir {shlex.quote(str(data_dir))}" + (f" --max-tokens {budget}" if max_tokens else "")
+                       + (f" --seed {seed}" if uses_seed and seed != DEFAULT_SEED else "") + " --replace")
+    if run_data_hash and not replace and _holds(out, run_data_hash):
+        return out
+    if not replace and _existing_dataset(out, request, replace_command) is not None:  # fast path, no lock
         return out
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -377,10 +545,9 @@ def prepare(data_spec: str, tokenizer_name: str, data_dir="data", max_tokens=Non
     except OSError as e:
         raise DataError(f"cannot write to {out} ({e.strerror or e}); choose another --data-dir") from None
     with lock:
-        if _complete_manifest(out, request) is not None:  # another process finished it while we waited
-            return out
-        budget = max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS.get(source["kind"])
-        _build(out, source, enc, tokenizer_name, budget, seed, num_workers or os.cpu_count() or 1, quiet,
+        if not replace and _existing_dataset(out, request, replace_command) is not None:
+            return out  # another process finished it while we waited
+        _build(out, source, enc, tokenizer_name, budget, num_workers or os.cpu_count() or 1, quiet,
                shard_tokens, request)
     return out
 
@@ -404,10 +571,10 @@ def _route(router: SplitRouter, result: dict, n_docs: int) -> int:
     return n_tok
 
 
-def _build(out: Path, source: dict, enc, tokenizer_name, budget, seed, num_workers, quiet, shard_tokens, request):
+def _build(out: Path, source: dict, enc, tokenizer_name, budget, num_workers, quiet, shard_tokens, request):
     parts = source["parts"]()  # may fail (Hub unreachable): still nothing changed on disk
-    # Start over: the manifest goes first (the folder stops being a dataset), then our old shards and any
-    # temporary files a killed run left behind. Files we did not write are left alone.
+    # Start over: the manifest goes first (--replace: the folder stops being a dataset), then our old shards
+    # and any temporary files an interrupted preparation left behind. Files we did not write are left alone.
     (out / "manifest.json").unlink(missing_ok=True)
     for p in out.iterdir():
         if OWNED_FILE.match(p.name):
@@ -449,17 +616,19 @@ def _build(out: Path, source: dict, enc, tokenizer_name, budget, seed, num_worke
         raise
     bar.close()
     seconds = time.time() - t0
-    content = hashlib.blake2b(digest_size=16)
+    content, masks = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
     for s in SPLITS:
         content.update(writers[s].hash.digest())
+        masks.update(writers[s].mask_hash.digest())
     manifest = dict(request)
     manifest.update({
-        "source_kind": source["kind"], "seed": seed, "max_tokens": None if budget is None else int(budget),
-        "eot_token": enc.eot_token, "dtype": TOKEN_DTYPE, "mask_dtype": MASK_DTYPE,
+        "source_kind": source["kind"], "eot_token": enc.eot_token, "dtype": TOKEN_DTYPE, "mask_dtype": MASK_DTYPE,
         "has_loss_mask": source["with_mask"], "shard_size": shard_tokens, "content_hash": content.hexdigest(),
+        "mask_hash": masks.hexdigest() if source["with_mask"] else None,
         "created_unix": int(time.time()), "prepare_seconds": round(seconds, 3),
         "splits": {s.value: writers[s].summary() for s in SPLITS},
     })
+    manifest["data_hash"] = data_hash(manifest)  # what runs record; recomputed from the fields when checked
     write_manifest(out, manifest)  # last: from now on the folder is a complete dataset
     if not quiet:
         n = {s.value: writers[s].tokens for s in SPLITS}
@@ -495,15 +664,19 @@ def main(argv=None):
     parser.add_argument("--num-workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     parser.add_argument("--shard-tokens", type=parse_count, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--replace", action="store_true",
+                        help="delete the complete dataset of this request and prepare it again (runs trained on "
+                             "it then refuse to resume or be evaluated if the data came out different)")
     args = parser.parse_args(argv)
     try:
         out = prepare(args.data, args.tokenizer, args.data_dir, args.max_tokens, args.seed, args.num_workers,
-                      args.quiet, args.shard_tokens)
+                      args.quiet, args.shard_tokens, replace=args.replace)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was completed, run the same command again to start over", file=sys.stderr)
+        print("error: interrupted; the dataset was not completed, run the same command again to start over",
+              file=sys.stderr)
         sys.exit(130)
     print(out)
 

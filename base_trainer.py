@@ -49,7 +49,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from auto_regressive_model import CHECKPOINT_FORMAT, AutoRegressiveModel, CheckpointError, masked_cross_entropy
 from base_data_preparer import ensure_prepared, get_tokenizer, parse_count
-from data_file_utils import DataError
+from data_file_utils import DataError, check_run_data
 from dataloader import TokenDataLoader
 from models import ModelConfigError, model_config, model_module
 import trainer_console
@@ -299,13 +299,15 @@ class BaseTrainer:
     # -- data --
     def setup_data(self):
         cfg = self.cfg
-        args = dict(data_dir=cfg["data_dir"], max_tokens=cfg["max_tokens"], seed=cfg["data_seed"])
+        args = dict(data_dir=cfg["data_dir"], max_tokens=cfg["max_tokens"], seed=cfg["data_seed"],
+                    run_data_hash=cfg.get("data_hash"))
         if self.master:  # one process prepares, the others wait and then find it ready
             self.dataset_dir = ensure_prepared(cfg["data"], cfg["tokenizer"], **args)
         if self.ddp:
             dist.barrier()
         if not self.master:
             self.dataset_dir = ensure_prepared(cfg["data"], cfg["tokenizer"], quiet=True, **args)
+        cfg.update(check_run_data(self.dataset_dir, cfg))  # --resume: same data hash; records budget + hash
         B, T = cfg["micro_batch_size"], cfg["seq_len"]
         if min(B, T, cfg["total_batch_size"], cfg["max_steps"]) < 1:
             raise TrainError("--micro-batch-size, --seq-len, --total-batch-size and --max-steps must be positive")

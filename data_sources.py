@@ -68,7 +68,19 @@ def _json_docs(path, lines, with_mask):
             text = "\n".join(v for v in record.values() if isinstance(v, str))
             if text.strip():
                 docs.append(("", text, None))
+        if docs and not _is_unicode(docs[-1][0] + docs[-1][1]):
+            raise DataError(f"{path}: line {lineno} holds a lone surrogate escape (such as \"\\ud800\"), which is not "
+                            f"text; fix or remove that record")
     return docs
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string with lone surrogates (JSON allows the escape "\\ud800"; UTF-8 cannot hold it)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 

@@ -1,7 +1,7 @@
 """
 Batches of token ids from the shards that base_data_preparer.py wrote.
 
-    loader = TokenDataLoader("data/synthetic-math__bytes", "train", batch_size=16, seq_len=128)
+    loader = TokenDataLoader("data/synthetic-math-10M__bytes", "train", batch_size=16, seq_len=128)
     x, y = loader.next_batch()          # int64 (B, T); y is x shifted by target_offset (default 1)
 
 The split's shards are one logical token stream, read through memory maps: nothing is loaded into RAM up
@@ -53,6 +53,25 @@ class _Shard:
         self.released = end
 
 
+CHECK_CHUNK = 1 << 24  # values per piece when a shard's ids are checked (32 MB of uint16)
+_checked = set()  # (path, size, mtime_ns, limit) of the shards this process has checked already
+
+
+def _check_values(shard: "_Shard", path: Path, limit: int, what: str, dataset_dir: Path):
+    """Every value of the shard must be < limit (token ids: the vocabulary size; mask bytes: 2). Vectorised, in
+    pieces, once per process and file version; the pages read are given back afterwards."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, limit)
+    if key in _checked or len(shard.array) == 0:
+        return
+    largest = max(int(shard.array[i:i + CHECK_CHUNK].max()) for i in range(0, len(shard.array), CHECK_CHUNK))
+    shard.release_before(len(shard.array) * shard.array.itemsize, now=True)
+    if largest >= limit:
+        raise DataError(f"shard {path} holds {what} {largest}, outside 0..{limit - 1}; the dataset is damaged: delete "
+                        f"{dataset_dir} and prepare the data again")
+    _checked.add(key)
+
+
 class TokenDataLoader:
     def __init__(self, dataset_dir, split, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
                  target_offset: int = 1, with_loss_mask: bool = False, device="cpu",
@@ -87,6 +106,11 @@ class TokenDataLoader:
         self._shards = [self._open(name, np.uint16, n) for name, n in zip(info["shards"], sizes)]
         self._masks = [self._open(name, np.uint8, n) for name, n in zip(info["mask_shards"], sizes)] \
             if with_loss_mask else []
+        # ids outside the vocabulary would index past the embedding (a CUDA assert) or train unused rows
+        for name, shard in zip(info["shards"], self._shards):
+            _check_values(shard, self.dataset_dir / name, self.vocab_size, "token id", self.dataset_dir)
+        for name, shard in zip(info["mask_shards"] if with_loss_mask else [], self._masks):
+            _check_values(shard, self.dataset_dir / name, 2, "loss-mask value", self.dataset_dir)
         self._starts = np.cumsum([0] + sizes)[:-1].tolist()  # first stream position of each shard
 
         self.chunk_tokens = self.B * self.T

@@ -42,7 +42,7 @@ from tqdm import tqdm
 import synthetic_math
 from auto_regressive_model import AutoRegressiveModel, CheckpointError, left_pad, masked_cross_entropy
 from base_data_preparer import ensure_prepared, get_tokenizer
-from data_file_utils import DataError, read_manifest, split_of_text
+from data_file_utils import DataError, check_run_data, read_manifest, split_of_text
 from dataloader import TokenDataLoader
 from models import ModelConfigError
 
@@ -365,7 +365,10 @@ def run_loss(args, model, cfg):
     same = data == cfg["data"]
     directory = ensure_prepared(data, cfg["tokenizer"], data_dir=args.data_dir or cfg["data_dir"],
                                 max_tokens=cfg.get("max_tokens") if same else None,
-                                seed=cfg.get("data_seed", 1337), quiet=True)
+                                seed=cfg.get("data_seed", 1337), quiet=True,
+                                run_data_hash=cfg.get("data_hash") if same else None)
+    if same:  # the run's own data: it must not have changed since training
+        check_run_data(directory, cfg)
     split = "test" if args.split == "all" else args.split
     offset = getattr(model.config, "target_offset", 1)
     masked = bool(read_manifest(directory).get("has_loss_mask"))

@@ -27,6 +27,7 @@ import sys
 import torch
 
 from auto_regressive_model import AutoRegressiveModel, CheckpointError
+from data_file_utils import DataError, check_run_data
 
 CUTS_FILE = "layer_cuts.json"
 
@@ -45,7 +46,9 @@ def validation_batches(run_config, split="val", n_batches=None, batch_size=None,
     # seed (--data-seed), not --seed (the initial weights)
     dataset_dir = base_data_preparer.ensure_prepared(run_config["data"], run_config["tokenizer"],
                                                      data_dir=data_dir, max_tokens=run_config.get("max_tokens"),
-                                                     seed=run_config.get("data_seed", 1337), quiet=True)
+                                                     seed=run_config.get("data_seed", 1337), quiet=True,
+                                                     run_data_hash=run_config.get("data_hash"))
+    check_run_data(dataset_dir, run_config)  # the data must not have changed since training
     seq_len = int(run_config.get("seq_len") or run_config.get("block_size"))
     batch_size = batch_size or int(run_config.get("micro_batch_size", 8))
     n_batches = n_batches or int(run_config.get("eval_batches", 8))
@@ -141,7 +144,7 @@ def main(argv=None):
         try:
             result = evaluate_checkpoint(path, args.split, args.batches, args.batch_size, args.data_dir,
                                          args.device)
-        except (CheckpointError, FileNotFoundError, ValueError) as e:
+        except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue

@@ -71,8 +71,8 @@ def evaluate(run_dir, seq_len, max_windows):
     model, _ = AutoRegressiveModel.from_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
     cfg = json.load(open(os.path.join(run_dir, "config.json")))
     span = max(FACTORS) * seq_len
-    loader = TokenDataLoader(dataset_dir(cfg["data_dir"], cfg["data"], cfg["tokenizer"], cfg.get("data_seed")),
-                             "val", 1, span)
+    loader = TokenDataLoader(dataset_dir(cfg["data_dir"], cfg["data"], cfg["tokenizer"], cfg.get("data_seed"),
+                                         cfg.get("max_tokens")), "val", 1, span)
     windows = min(max_windows, loader.tokens // span - 1)
     sums = {f: 0.0 for f in FACTORS}
     for _ in range(windows):

@@ -193,6 +193,37 @@ def test_missing_or_corrupt_manifest(ds, tmp_path):
     assert len(list(d.glob("train_*.bin"))) == 2 * len(m["splits"]["train"]["shards"])  # tokens + masks, all kept
 
 
+def test_token_ids_outside_the_vocabulary_are_refused(ds, tmp_path):
+    """A shard with an id >= vocab_size (bytes: 257) would index past the embedding: refused when opened."""
+    d = _copy(ds, tmp_path)
+    m = read_manifest(d)
+    shard = d / m["splits"]["train"]["shards"][3]
+    ids = np.fromfile(shard, dtype=np.uint16)
+    ids[len(ids) // 2] = 300
+    ids.tofile(shard)  # same size: only the values tell
+    with pytest.raises(DataError, match=rf"{shard.name} holds token id 300, outside 0..256"):
+        TokenDataLoader(d, "train", 2, 16)
+    TokenDataLoader(d, "val", 2, 16)  # the other splits are fine
+    mask = d / m["splits"]["val"]["mask_shards"][0]
+    values = np.fromfile(mask, dtype=np.uint8)
+    values[0] = 7
+    values.tofile(mask)
+    with pytest.raises(DataError, match=rf"{mask.name} holds loss-mask value 7, outside 0..1"):
+        TokenDataLoader(d, "val", 2, 16, with_loss_mask=True)
+
+
+@pytest.mark.parametrize("name", ["../train_000000.bin", "/etc/passwd", "sub/train_000000.bin", "..", "",
+                                  ".hidden.bin", 7])
+def test_shard_names_must_be_plain_names_in_the_folder(ds, tmp_path, name):
+    d = _copy(ds, tmp_path)
+    m = read_manifest(d)
+    (tmp_path / "train_000000.bin").write_bytes((d / m["splits"]["train"]["shards"][0]).read_bytes())  # a decoy
+    m["splits"]["train"]["shards"][0] = name
+    write_manifest(d, m)
+    with pytest.raises(DataError, match="not a plain file name inside the dataset folder"):
+        TokenDataLoader(d, "val", 2, 16)  # refused whichever split is asked for: the manifest is bad
+
+
 def test_cheap_to_construct(ds):
     import time
     t = time.perf_counter()

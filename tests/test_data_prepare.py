@@ -107,7 +107,7 @@ def test_gpt2_unavailable_is_one_line_hint(tmp_path):
 
 def test_synthetic_manifest(synth):
     m = read_manifest(synth)
-    assert synth.name == "synthetic-math__bytes"
+    assert synth.name == "synthetic-math-300k__bytes"
     for key in ("source", "tokenizer", "vocab_size", "eot_token", "seed", "max_tokens", "has_loss_mask", "content_hash"):
         assert key in m
     assert (m["source"], m["tokenizer"], m["vocab_size"], m["eot_token"]) == ("synthetic-math", "bytes", 257, 256)
@@ -148,15 +148,15 @@ def test_prepare_is_idempotent_and_worker_count_independent(synth, tmp_path):
     manifest = synth / "manifest.json"
     before = manifest.stat().st_mtime_ns
     assert bdp.prepare("synthetic-math", "bytes", synth.parent, max_tokens=300_000, quiet=True) == synth
-    assert bdp.ensure_prepared("synthetic-math", "bytes", synth.parent, quiet=True) == synth  # None: any budget
     assert manifest.stat().st_mtime_ns == before
     other = bdp.prepare("synthetic-math", "bytes", tmp_path, max_tokens=300_000, num_workers=1, quiet=True)
     assert read_manifest(other)["content_hash"] == read_manifest(synth)["content_hash"]
     seeded = bdp.prepare("synthetic-math", "bytes", tmp_path, max_tokens=300_000, seed=7, num_workers=1, quiet=True)
-    assert seeded.name == "synthetic-math-seed7__bytes"
+    assert seeded.name == "synthetic-math-seed7-300k__bytes"
     assert read_manifest(seeded)["content_hash"] != read_manifest(synth)["content_hash"]
     smaller = bdp.prepare("synthetic-math", "bytes", tmp_path, max_tokens=100_000, num_workers=1, quiet=True)
-    assert smaller == other and read_manifest(other)["max_tokens"] == 100_000  # another budget: prepared again
+    assert smaller.name == "synthetic-math-100k__bytes" and read_manifest(smaller)["max_tokens"] == 100_000
+    assert read_manifest(other)["max_tokens"] == 300_000  # another budget: another folder, the first one kept
 
 
 # ----------------------------------------------------------------------------- json (GSM8K), text
@@ -231,7 +231,7 @@ def test_math_reasoning_through_datasets_on_local_files(tmp_path, monkeypatch):
         (("json",), {"data_files": str(web), "split": "train"}, ("text",), 0.5)])
     d = bdp.prepare("math-reasoning", "bytes", tmp_path / "data", max_tokens=40_000, num_workers=1, quiet=True)
     m = read_manifest(d)
-    assert d.name == "math-reasoning__bytes" and m["has_loss_mask"] is False
+    assert d.name == "math-reasoning-40k__bytes" and m["has_loss_mask"] is False
     texts = [t for s in SPLITS for t, _ in documents_of(d, s.value, bdp.get_tokenizer("bytes"))]
     college_docs = [t for t in texts if t.startswith("Prove claim")]
     web_docs = [t for t in texts if t.startswith("Web page")]
@@ -244,7 +244,7 @@ def test_math_reasoning_through_datasets_on_local_files(tmp_path, monkeypatch):
     def no_network(*args):
         raise AssertionError("a prepared dataset must not open its sources again")
     monkeypatch.setattr(data_sources, "_hf_open", no_network)
-    assert bdp.ensure_prepared("math-reasoning", "bytes", tmp_path / "data", quiet=True) == d
+    assert bdp.ensure_prepared("math-reasoning", "bytes", tmp_path / "data", max_tokens=40_000, quiet=True) == d
 
 
 def test_math_reasoning_hub_unreachable_in_process(tmp_path, monkeypatch):
@@ -274,7 +274,7 @@ def test_killed_preparation_recovers(tmp_path, writes):
             "--num-workers", "1", "--quiet"]
     proc = run_cli(*args, "--data-dir", str(tmp_path / "a"), env={"LMSMALL_DATA_KILL_AFTER_WRITES": str(writes)})
     assert proc.returncode == -9, proc.stderr
-    d = tmp_path / "a" / "synthetic-math__bytes"
+    d = tmp_path / "a" / "synthetic-math-200k__bytes"
     leftovers = sorted(p.name for p in d.iterdir())
     assert "manifest.json" not in leftovers
     assert any(".tmp-" in n for n in leftovers)  # the half-written shard, under its temporary name
@@ -349,6 +349,19 @@ def test_non_utf8_names_line_and_offset(tmp_path, kind):
     assert src.read_bytes() == raw
 
 
+@pytest.mark.parametrize("record", [{"text": "x \ud800 y"}, {"question": "q \udfff", "answer": "a\n#### 1"}])
+def test_lone_surrogate_in_json_is_one_line(tmp_path, record):
+    """JSON may escape a lone surrogate ("\\ud800"); it is no text (UTF-8 cannot hold it): one line, exit 2."""
+    src = tmp_path / "s.jsonl"
+    lines = [json.dumps({"text": f"fine {i}"}) for i in range(20)] + [json.dumps(record)]  # ASCII escapes
+    src.write_text("\n".join(lines) + "\n", encoding="ascii")
+    assert "\\ud" in src.read_text()
+    proc = run_cli("--data", f"json:{src}", "--tokenizer", "bytes", "--data-dir", str(tmp_path / "d"),
+                   "--num-workers", "2")  # the bad line is found in a worker process
+    assert_one_line_error(proc, "line 21", "surrogate")
+    assert not list((tmp_path / "d").rglob("*.bin"))
+
+
 def test_bad_input_leaves_existing_dataset_alone(synth):
     before = {p.name: p.stat().st_mtime_ns for p in synth.iterdir()}
     with pytest.raises(DataError):
@@ -366,8 +379,8 @@ def test_cli(tmp_path):
     proc = run_cli("--data", "synthetic-math", "--tokenizer", "bytes", "--data-dir", str(tmp_path),
                    "--max-tokens", "50k", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(tmp_path / "synthetic-math__bytes")
-    assert read_manifest(tmp_path / "synthetic-math__bytes")["max_tokens"] == 50_000
+    assert proc.stdout.strip() == str(tmp_path / "synthetic-math-50k__bytes")
+    assert read_manifest(tmp_path / "synthetic-math-50k__bytes")["max_tokens"] == 50_000
 
 
 
