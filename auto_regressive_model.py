@@ -166,6 +166,9 @@ def masked_mean(values, targets, loss_mask=None):
 class AutoRegressiveModel(nn.Module):
     name = None            # registry name, set by each model
     supports_kv_cache = False
+    # The head's loss functions; the trainer replaces them by compiled ones on the instance (speed.py).
+    cross_entropy = staticmethod(chunked_cross_entropy)
+    token_cross_entropy = staticmethod(chunked_token_losses)
 
     # ---- training hooks -------------------------------------------------------------------
     def training_loss(self, x, y, loss_mask=None, step=0, key_mask=None):
@@ -195,7 +198,7 @@ class AutoRegressiveModel(nn.Module):
             if not with_accuracy:
                 return loss
             return loss, masked_mean((logits.argmax(-1) == targets).float(), targets, loss_mask)
-        return chunked_cross_entropy(*operands, targets, loss_mask, with_accuracy=with_accuracy)
+        return self.cross_entropy(*operands, targets, loss_mask, with_accuracy=with_accuracy)
 
     @torch.no_grad()
     def lm_token_losses(self, idx, targets, key_mask=None, **features_kwargs):
@@ -209,7 +212,7 @@ class AutoRegressiveModel(nn.Module):
             flat = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=-1, reduction="none")
             return flat.view(targets.shape), (logits.argmax(-1) == targets) & (targets != -1)
-        return chunked_token_losses(*operands, targets)
+        return self.token_cross_entropy(*operands, targets)
 
     def has_features(self):
         return type(self).features is not AutoRegressiveModel.features

@@ -70,9 +70,9 @@ def count_flops_per_token(step_module, x, y, autocast):
     """FLOPs of one training step (forward + backward) per token, counted by FlopCounterMode on the batch
     x, y (eagerly: the counter cannot see inside a compiled graph). Leaves no gradients behind."""
     counter = FlopCounterMode(display=False)
-    with counter, autocast:
-        loss, _ = step_module(x, y, None, 0)
     with counter:
+        with autocast:
+            loss, _ = step_module(x, y, None, 0)
         loss.backward()
     for p in step_module.parameters():
         p.grad = None
@@ -200,6 +200,21 @@ def preset_micro_batch_size(model_name, preset):
     return model_presets.get("micro_batch_size", TRAIN_PRESETS.get(preset, TRAIN_PRESETS["tiny"])["micro_batch_size"])
 
 
+def device_measures_memory(trainer):
+    return trainer.device_type == "cuda"
+
+
+def measure_function(trainer, probe, step_module, adam_bytes):
+    """peak_bytes(b) for choose_micro_batch: a real training step of b rows on the GPU, side-effect free."""
+    T = trainer.cfg["seq_len"]
+
+    def peak_bytes(b):
+        with no_side_effects(probe, trainer.device):
+            return cuda_peak_bytes(lambda: probe_step(step_module, trainer.autocast, b, T, trainer.device,
+                                                      trainer.step), trainer.device, adam_bytes)
+    return peak_bytes
+
+
 def choose_for_device(trainer):
     """After the model is on its device: with micro_batch_auto on CUDA, probe and pick the micro batch
     (every DDP rank takes the smallest any rank picked); the loader is rebuilt when it changes."""
@@ -208,25 +223,20 @@ def choose_for_device(trainer):
         return
     T, W = cfg["seq_len"], trainer.world_size
     rows = cfg["total_batch_size"] // (T * W)
-    if trainer.device_type != "cuda":
+    if not device_measures_memory(trainer):
         trainer.log(f"micro batch {cfg['micro_batch_size']} (auto measures GPU memory; on {trainer.device_type} "
                     f"it keeps the preset's)")
         return
-    cap = cfg.get("memory_budget") or PRESET_MEMORY_GIB.get(cfg.get("preset"))
-    budget = memory_budget(trainer.device, cap)
+    preset_cap = PRESET_MEMORY_GIB.get(cfg.get("preset"))
+    budget = memory_budget(trainer.device, cfg.get("memory_budget") or preset_cap)
     probe = trainer.model.memory_probe_model()
     step_module = trainer.make_step_module()
     step_module.model = probe  # TrainingStep (or a subclass's step module) around the probe model
     adam_bytes = 2 * sum(p.numel() * 4 for p in probe.parameters() if p.requires_grad)  # not allocated yet
-
-    def measure(b):
-        with no_side_effects(probe, trainer.device):
-            return cuda_peak_bytes(lambda: probe_step(step_module, trainer.autocast, b, T, trainer.device,
-                                                      trainer.step), trainer.device, adam_bytes)
-
-    chosen, measured = choose_micro_batch(rows, PROBE_FRACTION * budget, measure)
-    if probe is not trainer.model:
-        del probe, step_module
+    chosen, measured = choose_micro_batch(rows, PROBE_FRACTION * budget,
+                                          measure_function(trainer, probe, step_module, adam_bytes))
+    del probe, step_module
+    if trainer.device_type == "cuda":
         torch.cuda.empty_cache()
     if trainer.ddp:
         import torch.distributed as dist
@@ -235,12 +245,13 @@ def choose_for_device(trainer):
         chosen = int(t.item())
     sizes = ", ".join(f"{b}: {'OOM' if v is None else f'{v / GiB:.2f}'}" for b, v in sorted(measured.items()))
     fits = measured.get(chosen) is not None and measured[chosen] <= PROBE_FRACTION * budget
-    trainer.log(f"micro batch {chosen} (auto: largest power of two whose step fits {PROBE_FRACTION:.0%} of "
-                f"{budget / GiB:.1f} GiB{' (capped for the ' + cfg['preset'] + ' preset)' if cap and not cfg.get('memory_budget') else ''}; "
-                f"measured GiB {sizes})" + ("" if fits else " -- even 1 row does not fit; expect out-of-memory"))
-    trainer.speed_info["micro_batch_probe_gib"] = {b: None if v is None else round(v / GiB, 3)
-                                                   for b, v in measured.items()}
-    trainer.speed_info["memory_budget_gib"] = round(budget / GiB, 3)
+    capped = f" (the {cfg['preset']} preset's cap)" if preset_cap and not cfg.get("memory_budget") else ""
+    trainer.log(f"micro batch {chosen} (auto: the largest power of two whose training step fits "
+                f"{PROBE_FRACTION:.0%} of {budget / GiB:.1f} GiB{capped}; measured GiB by rows: {sizes})"
+                + ("" if fits else "; even this does not fit: expect out-of-memory, lower --seq-len"))
+    trainer.speed_info["micro_batch_probe_gib"] = {b: None if v is None else round(v / GiB, 6)
+                                                   for b, v in sorted(measured.items())}
+    trainer.speed_info["memory_budget_gib"] = round(budget / GiB, 6)
     if chosen != cfg["micro_batch_size"]:
         cfg["micro_batch_size"] = chosen
         trainer.grad_accum = cfg["total_batch_size"] // (chosen * T * W)
@@ -293,20 +304,43 @@ def setup_compile(trainer):
     trainer.speed_info.update(compiled=True, compile_mode=mode)
 
 
-COMPILED_METHODS = ("lm_loss", "lm_token_losses")
-
-
 def compile_model(model, mode="default"):
-    """torch.compile in place what the trainer runs: model(...) and the chunked-loss methods."""
+    """torch.compile in place, by region: every transformer Block (the 12 blocks of a model share one
+    compiled graph, so compiling takes seconds, not minutes, and a progressive_diverging stage switch adds
+    one graph, not a whole model) and the chunked cross-entropy of the head (model.cross_entropy /
+    model.token_cross_entropy). What runs between them (embeddings, conv_attention's reshapes) stays eager."""
+    from auto_regressive_model import chunked_cross_entropy, chunked_token_losses
+    from components import Block
     mode = None if mode == "default" else mode
-    model.compile(mode=mode)
-    for name in COMPILED_METHODS:
-        setattr(model, name, torch.compile(getattr(model, name), mode=mode))
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # widths x modes
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile(mode=mode, dynamic=False)
+    model.cross_entropy = torch.compile(chunked_cross_entropy, mode=mode, dynamic=False)
+    model.token_cross_entropy = torch.compile(chunked_token_losses, mode=mode, dynamic=False)
+    model.compile_mode = mode or "default"  # blocks a stage switch creates are compiled by ensure_compiled
+
+
+def ensure_compiled(model):
+    """After a stage switch: compile every Block again. The new blocks are deep copies, and a copy's
+    compiled call would still be its source's (a function is copied by reference); dynamo's cache keeps
+    the graphs, so this costs a compile only where the structure is new (the first LoRA blocks)."""
+    mode = getattr(model, "compile_mode", None)
+    if mode is None:
+        return
+    from components import Block
+    for module in model.modules():
+        if isinstance(module, Block):
+            module._compiled_call_impl = None
+            module.compile(mode=None if mode == "default" else mode, dynamic=False)
 
 
 def uncompile_model(model):
-    model._compiled_call_impl = None
-    for name in COMPILED_METHODS:
+    from components import Block
+    for module in model.modules():
+        if isinstance(module, Block):
+            module._compiled_call_impl = None
+    for name in ("cross_entropy", "token_cross_entropy", "compile_mode"):
         model.__dict__.pop(name, None)
 
 
