@@ -548,7 +548,6 @@ class BaseTrainer:
     def train_step(self):
         cfg = self.cfg
         if self.model.on_train_step(self.step, cfg["max_steps"]):
-            speed.ensure_compiled(self.model)  # new blocks: compiled like the others
             self.build_optimizer()
             self.log(f"step {self.step:5d} | trainable parameters changed: "
                      f"{self.model.num_params(trainable_only=True):,} now train; optimizer rebuilt")

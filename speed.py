@@ -236,8 +236,9 @@ def choose_for_device(trainer):
     chosen, measured = choose_micro_batch(rows, PROBE_FRACTION * budget,
                                           measure_function(trainer, probe, step_module, adam_bytes))
     del probe, step_module
-    if trainer.device_type == "cuda":
+    if trainer.device_type == "cuda":  # the probe's larger sizes are not what the run holds
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(trainer.device)
     if trainer.ddp:
         import torch.distributed as dist
         t = torch.tensor([chosen], device=trainer.device)
@@ -304,35 +305,23 @@ def setup_compile(trainer):
     trainer.speed_info.update(compiled=True, compile_mode=mode)
 
 
-def compile_model(model, mode="default"):
+def compile_model(model, mode="default", backend="inductor", fullgraph=False):
     """torch.compile in place, by region: every transformer Block (the 12 blocks of a model share one
     compiled graph, so compiling takes seconds, not minutes, and a progressive_diverging stage switch adds
-    one graph, not a whole model) and the chunked cross-entropy of the head (model.cross_entropy /
+    one graph, not a whole model: its new blocks are deep copies, which carry their own compiled call) and
+    the chunked cross-entropy of the head (model.cross_entropy /
     model.token_cross_entropy). What runs between them (embeddings, conv_attention's reshapes) stays eager."""
     from auto_regressive_model import chunked_cross_entropy, chunked_token_losses
     from components import Block
-    mode = None if mode == "default" else mode
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # widths x modes
+    options = dict(backend=backend, dynamic=False, fullgraph=fullgraph)  # fullgraph: the tests forbid breaks
+    if backend == "inductor":  # (the tests trace with backend="eager": seconds instead of minutes on a CPU)
+        options["mode"] = None if mode == "default" else mode
     for module in model.modules():
         if isinstance(module, Block):
-            module.compile(mode=mode, dynamic=False)
-    model.cross_entropy = torch.compile(chunked_cross_entropy, mode=mode, dynamic=False)
-    model.token_cross_entropy = torch.compile(chunked_token_losses, mode=mode, dynamic=False)
-    model.compile_mode = mode or "default"  # blocks a stage switch creates are compiled by ensure_compiled
-
-
-def ensure_compiled(model):
-    """After a stage switch: compile every Block again. The new blocks are deep copies, and a copy's
-    compiled call would still be its source's (a function is copied by reference); dynamo's cache keeps
-    the graphs, so this costs a compile only where the structure is new (the first LoRA blocks)."""
-    mode = getattr(model, "compile_mode", None)
-    if mode is None:
-        return
-    from components import Block
-    for module in model.modules():
-        if isinstance(module, Block):
-            module._compiled_call_impl = None
-            module.compile(mode=None if mode == "default" else mode, dynamic=False)
+            module.compile(**options)
+    model.cross_entropy = torch.compile(chunked_cross_entropy, **options)
+    model.token_cross_entropy = torch.compile(chunked_token_losses, **options)
 
 
 def uncompile_model(model):
@@ -340,7 +329,7 @@ def uncompile_model(model):
     for module in model.modules():
         if isinstance(module, Block):
             module._compiled_call_impl = None
-    for name in ("cross_entropy", "token_cross_entropy", "compile_mode"):
+    for name in ("cross_entropy", "token_cross_entropy"):
         model.__dict__.pop(name, None)
 
 
@@ -361,9 +350,15 @@ def to_floats(values):
 
 
 def train_row_speed(trainer, tokens_per_s):
-    """The MFU field of a train row ({} where the device's peak is unknown)."""
+    """A train row's speed fields: mfu (where the device's peak is known) and, on CUDA, the most memory
+    the run has held so far (what a smaller card would need)."""
+    row = {}
     value = mfu(trainer.flops_per_token, tokens_per_s, trainer.peak_flops)
-    return {} if value is None else {"mfu": value}
+    if value is not None:
+        row["mfu"] = value
+    if trainer.device_type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_reserved(trainer.device) / GiB
+    return row
 
 
 # ---- prefetch -----------------------------------------------------------------------------------
