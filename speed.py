@@ -17,6 +17,7 @@ hardware. Each piece is a small function the trainer calls once; none changes wh
 """
 
 import contextlib
+import math
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -262,11 +263,14 @@ def choose_for_device(trainer):
 def eval_batches(cfg, world_size):
     """(rows per batch, batches per process) of one evaluation: eval_batches x base_micro_batch_size rows in
     all, whatever the micro batch, so that every micro batch (and --resume with another) evaluates the
-    same tokens; read in batches of the micro batch where it divides them."""
+    same tokens; read in batches as large as the micro batch where they divide the rows."""
     base = cfg.get("base_micro_batch_size", cfg["micro_batch_size"])
     total_rows = cfg["eval_batches"] * base
-    rows = cfg["micro_batch_size"] if total_rows % (cfg["micro_batch_size"] * world_size) == 0 else base
-    return rows, max(1, total_rows // (rows * world_size))
+    if total_rows % world_size:
+        return base, max(1, cfg["eval_batches"] // world_size)
+    per_process = total_rows // world_size
+    rows = math.gcd(cfg["micro_batch_size"], per_process)
+    return rows, per_process // rows
 
 
 def setup_compile(trainer):

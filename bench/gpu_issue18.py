@@ -54,8 +54,8 @@ def measure(model, setting, args):
     argv = ["--preset", args.preset, "--data", "synthetic-math", "--tokenizer", args.tokenizer,
             "--data-dir", args.data_dir, "--max-tokens", str(args.max_tokens), "--out-dir", "/tmp/lmsmall_cmp_run",
             "--total-batch-size", str(args.total_batch_size), "--device", args.device, *SETTINGS[setting]]
-    if args.dry_run:  # a CPU: small models, and the "auto" of a 10 GB card is measured nowhere
-        argv += ["--seq-len", "64", "--n-layer", "2"]
+    if args.dry_run:  # a CPU: narrow models, short context (options every model has)
+        argv += ["--seq-len", "64", "--n-embd", "64", "--n-head", "2"]
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -95,7 +95,7 @@ def compare(args):
             stamp(f"{model} {setting} ...")
             try:
                 r = measure(model, setting, args)
-            except Exception as e:  # noqa: BLE001 - one failing setting (e.g. out of memory) must not end the rest
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - one failing setting (e.g. out of memory) must not end the rest
                 first = (str(e).strip().splitlines() or [""])[0][:200]
                 r = dict(model=model, setting=setting, error=f"{type(e).__name__}: {first}")
                 gc.collect()
