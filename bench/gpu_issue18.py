@@ -24,6 +24,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def measure(model, setting, args):
     """One model with one setting: the trainer's own train_step(), timed."""
     from base_trainer import BaseTrainer, resolve_config
     argv = ["--preset", args.preset, "--data", "synthetic-math", "--tokenizer", args.tokenizer,
-            "--data-dir", args.data_dir, "--max-tokens", str(args.max_tokens), "--out-dir", "/tmp/lmsmall_cmp_run",
+            "--data-dir", args.data_dir, "--max-tokens", str(args.max_tokens), "--out-dir", tempfile.mkdtemp(),
             "--total-batch-size", str(args.total_batch_size), "--device", args.device, *SETTINGS[setting]]
     if args.dry_run:  # a CPU: narrow models, short context (options every model has)
         argv += ["--seq-len", "64", "--n-embd", "64", "--n-head", "2"]
