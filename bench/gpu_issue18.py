@@ -187,7 +187,7 @@ def print_table(runs, models):
         timed = [r for r in train if r["step"] > 0] or train  # step 0: warm-up
         tok_s = statistics.median(r["tok_per_s"] for r in timed)
         mfus = [r["mfu"] for r in timed if "mfu" in r]
-        mem = max((r.get("peak_mem_gib", 0) for r in train), default=0)
+        mems = [r["peak_mem_gib"] for r in train if "peak_mem_gib" in r]  # CUDA only
         last = test[-1] if test else (val[-1] if val else None)
         steps = f"{len(train)}/{cfg['max_steps']}"
         print(f"{model:<22} {cfg['micro_batch_size']:>5} {steps:>9} {train[-1]['tokens']:>12,} "
@@ -195,7 +195,7 @@ def print_table(runs, models):
               f"{(val[-1]['loss'] if val else float('nan')):>8.3f} "
               f"{(test[-1]['loss'] if test else float('nan')):>9.3f} "
               f"{(last['bpb'] if last else float('nan')):>6.3f} {tok_s:>11,.0f} "
-              f"{(f'{statistics.median(mfus):.1%}' if mfus else '-'):>6} {mem:>8.2f} "
+              f"{(f'{statistics.median(mfus):.1%}' if mfus else '-'):>6} {(f'{max(mems):.2f}' if mems else '-'):>8} "
               f"{sum(r['dt_ms'] for r in train) / 60000:>9.2f} {(wall or 0) / 60:>8.2f}"
               + ("" if test else "  (partial: stopped before the end)"))
 
