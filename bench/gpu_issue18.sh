@@ -42,7 +42,9 @@ part() {  # part NAME LIMIT_S command...: run with a time limit (SIGINT, then KI
 DATA=/tmp/lmsmall_data; CMP_DATA=/tmp/lmsmall_cmp_data; RUNS=/tmp/lmsmall_issue18
 TABLE_TOKENS=170000000; CMP_TOKENS=2000000; WORKERS=12
 COMPARE_LIMIT=170; SUMMARY_RESERVE=40
-CMP_ARGS=(--memory-limit-gib 10); TABLE_ARGS=(); CMP_SETTINGS=(old auto-eager new reduce-overhead)
+# SETTINGS="old auto-eager" and TABLE_TRAIN_ARGS="--no-compile" shorten a rerun (the second H100 run used both).
+CMP_ARGS=(--memory-limit-gib 10); CMP_SETTINGS=(${SETTINGS:-old auto-eager new reduce-overhead})
+TABLE_ARGS=(); [ -n "${TABLE_TRAIN_ARGS:-}" ] && TABLE_ARGS=(--train-args $TABLE_TRAIN_ARGS)
 CMP_SKIP=(conv_attention:new conv_attention:reduce-overhead progressive_diverging:new
           progressive_diverging:reduce-overhead dual_mask_gpt:new dual_mask_gpt:reduce-overhead)
 if [ $DRY = 1 ]; then  # a CPU: small data, models and steps; compile only where asked (slow on a CPU)
@@ -54,6 +56,7 @@ if [ $DRY = 1 ]; then  # a CPU: small data, models and steps; compile only where
                 --n-head 2 --eval-batches 2)
     rm -rf "$RUNS"
 fi
+rm -f /tmp/cmp_*.json
 
 stamp "issue 18 GPU script (dry run: $DRY), total ${TOTAL_S}s"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 || echo "no nvidia-smi"
@@ -69,9 +72,20 @@ $PY base_data_preparer.py --data synthetic-math --tokenizer gpt2 --max-tokens $T
 PREP=$!
 part compare_data 120 $PY base_data_preparer.py --data synthetic-math --tokenizer gpt2 --max-tokens $CMP_TOKENS \
     --data-dir $CMP_DATA --num-workers 4
-part compare $((COMPARE_LIMIT + 30)) $PY bench/gpu_issue18.py compare --data-dir $CMP_DATA --max-tokens $CMP_TOKENS \
-    --settings "${CMP_SETTINGS[@]}" --skip "${CMP_SKIP[@]}" --deadline $COMPARE_LIMIT --out "$OUT/compare.json" \
-    "${CMP_ARGS[@]}"
+# One process per model and setting: a process that compiled, or ran out of memory under the 10 GiB cap,
+# keeps memory that the next setting would then lack (seen in the first H100 run).
+CMP_T0=$SECONDS
+for m in baseline_gpt2 conv_attention progressive_diverging dual_mask_gpt; do
+    for s in "${CMP_SETTINGS[@]}"; do
+        case " ${CMP_SKIP[*]} " in *" $m:$s "*) continue;; esac
+        rest=$((COMPARE_LIMIT - (SECONDS - CMP_T0)))
+        [ $rest -lt 10 ] && { stamp "compare $m $s: skipped, past the deadline"; continue; }
+        part "compare_${m}_$s" $((rest + 30)) $PY bench/gpu_issue18.py compare --models $m --settings $s \
+            --data-dir $CMP_DATA --max-tokens $CMP_TOKENS --deadline $rest --out "/tmp/cmp_${m}_$s.json" "${CMP_ARGS[@]}"
+    done
+done
+$PY -c "import json, glob, sys; rows = [r for f in sorted(glob.glob('/tmp/cmp_*.json')) for r in json.load(open(f))]; json.dump(rows, open(sys.argv[1], 'w'), indent=1)" "$OUT/compare.json"
+$PY bench/gpu_issue18.py summary --compare "$OUT/compare.json"
 
 stamp "waiting for the table's data"
 WAIT_T0=$SECONDS
