@@ -11,6 +11,13 @@ The forward contract
     hidden = model.features(idx, key_mask=None): the final hidden states (B, T, C) after the final
     LayerNorm, before the head, one row per idx position (for embeddings; forward is head(features)).
 
+The language-model loss without all logits at once
+    loss = model.lm_loss(idx, targets, loss_mask=None, key_mask=None)       (training; differentiable)
+    losses, hits = model.lm_token_losses(idx, targets, key_mask=None)       (evaluation; per token, no grad)
+    features() -> the head's operands -> chunked_cross_entropy: the (N, V) logits exist one chunk of rows at a
+    time (with GPT-2's 50304 tokens the fp32 logits of a 64 x 256 micro-batch alone would be 3.3 GB). Same
+    value and gradient as masked_cross_entropy(model(idx)[0], targets, loss_mask), up to float rounding.
+
 Hooks the trainer calls (a model overrides what it needs; the defaults are plain next-token training)
     training_loss(x, y, loss_mask, step) -> (loss, {metric: float})   one micro-batch of training; a "loss"
                                              metric replaces the logged loss (dual_mask_gpt: the fw loss)
@@ -21,6 +28,7 @@ Hooks the trainer calls (a model overrides what it needs; the defaults are plain
     log_fields()                          -> {field: value} added to every metrics row (e.g. the stage)
     extra_state() / load_extra_state(d)   what a checkpoint must hold besides the weights (e.g. the stage)
     prepare_for_inference()               e.g. merge LoRA weights before generation
+    memory_probe_model()                  the model as its most memory-hungry training step sees it
 """
 
 import dataclasses
@@ -69,22 +77,166 @@ def right_pad(prompts, device="cpu", pad=0):
     for b, p in enumerate(prompts):
         idx[b, :len(p)] = torch.tensor(p)
     return idx.to(device), torch.tensor([len(p) - 1 for p in prompts], device=device)
+# Rows of logits computed at once: chunk_rows x V fp32 values ~ 256 MB (GPT-2's vocabulary: 1334 rows).
+CHUNK_ELEMENTS = 1 << 26
+
+
+def _compute_dtype(h):
+    """The matmul dtype: autocast's (bf16 on CUDA) when it is on, else h's; the Functions cast by themselves."""
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.get_autocast_dtype(h.device.type)
+    return h.dtype
+
+
+def _chunk_rows(n_rows, vocab, chunk_rows=None):
+    return max(1, min(n_rows, chunk_rows or CHUNK_ELEMENTS // vocab))
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """sum_i weights_i * CE(h_i @ w^T, targets_i) for h (N, C), w (V, C), one chunk of rows at a time.
+    The loss is the last operation before .backward(), so the gradients are computed right here, chunk by
+    chunk, while the chunk's logits exist (as Liger's fused linear cross-entropy does): no chunk is
+    computed twice and no logits are kept for backward, which only scales the saved gradients.
+        d loss / d logits_i = weights_i * (softmax(logits_i) - onehot(targets_i))
+    Optionally also the weighted accuracy of the argmax (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, weights, chunk_rows, with_accuracy):
+        dtype = _compute_dtype(h)
+        with torch.autocast(h.device.type, enabled=False):
+            wd = w.to(dtype)
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            hits = torch.zeros((), dtype=torch.float32, device=h.device)
+            grad_h = torch.empty_like(h)
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            for start in range(0, h.size(0), chunk_rows):
+                hc = h[start:start + chunk_rows].to(dtype)
+                t = targets[start:start + chunk_rows, None]
+                wt = weights[start:start + chunk_rows, None]
+                logits = (hc @ wd.t()).float()                                     # (n, V) fp32
+                if with_accuracy:
+                    hits = hits + ((logits.argmax(1, keepdim=True) == t).float() * wt).sum()
+                lse = torch.logsumexp(logits, dim=1, keepdim=True)
+                loss = loss + ((lse - logits.gather(1, t)) * wt).sum()
+                g = logits.sub_(lse).exp_()                                        # softmax, in place
+                g.scatter_add_(1, t, torch.full_like(wt, -1.0))                    # - onehot(target)
+                g = g.mul_(wt).to(dtype)
+                grad_h[start:start + chunk_rows] = (g @ wd).to(h.dtype)
+                grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w.to(w.dtype))
+        ctx.mark_non_differentiable(hits)
+        return loss, hits
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_hits):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None
+
+
+def _scored_weights(targets, loss_mask):
+    """(N,) float weights: 1 (or the loss mask) where the target counts, 0 where it is -1 (ignored)."""
+    weights = (targets != -1).float()
+    if loss_mask is not None:
+        weights = weights * loss_mask.reshape(-1).float()
+    return weights
+
+
+def chunked_cross_entropy(h, w, targets, loss_mask=None, chunk_rows=None, with_accuracy=False):
+    """masked_cross_entropy(h @ w^T, targets, loss_mask) for h (..., C), w (V, C), without all the logits at
+    once; with_accuracy: returns (loss, accuracy of the argmax over the same weights) instead."""
+    h2 = h.reshape(-1, h.size(-1))
+    flat_targets = targets.reshape(-1)
+    weights = _scored_weights(flat_targets, loss_mask)
+    total = weights.sum().clamp(min=1.0)
+    rows = _chunk_rows(h2.size(0), w.size(0), chunk_rows)
+    if torch.is_grad_enabled() and (h2.requires_grad or w.requires_grad):
+        loss, hits = _ChunkedCrossEntropy.apply(h2, w, flat_targets.clamp(min=0),
+                                                weights / total, rows, with_accuracy)
+        return (loss, hits) if with_accuracy else loss
+    losses, hit = chunked_token_losses(h2, w, flat_targets, rows)
+    loss = (losses * weights).sum() / total
+    return (loss, (hit.float() * weights).sum() / total) if with_accuracy else loss
+
+
+def chunked_token_losses(h, w, targets, chunk_rows=None):
+    """Per-position cross-entropy (fp32) and argmax hits of h @ w^T against targets, without gradient and
+    one chunk of rows at a time. h (..., C), targets (...); both outputs have targets' shape (0 where -1)."""
+    h2 = h.reshape(-1, h.size(-1))
+    flat = targets.reshape(-1)
+    rows = _chunk_rows(h2.size(0), w.size(0), chunk_rows)
+    dtype = _compute_dtype(h2)
+    losses, hits = [], []
+    with torch.no_grad(), torch.autocast(h2.device.type, enabled=False):
+        wd = w.to(dtype)
+        for start in range(0, h2.size(0), rows):
+            logits = (h2[start:start + rows].to(dtype) @ wd.t()).float()
+            t = flat[start:start + rows, None]
+            tc = t.clamp(min=0)
+            scored = t != -1
+            losses.append(((torch.logsumexp(logits, 1, keepdim=True) - logits.gather(1, tc)) * scored).squeeze(1))
+            hits.append(((logits.argmax(1, keepdim=True) == t) & scored).squeeze(1))
+    return torch.cat(losses).view(targets.shape), torch.cat(hits).view(targets.shape)
+
+
+def masked_mean(values, targets, loss_mask=None):
+    """Mean of per-position values over the positions that count (target != -1, loss_mask 1)."""
+    weights = _scored_weights(targets.reshape(-1), loss_mask)
+    return (values.reshape(-1).float() * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 class AutoRegressiveModel(nn.Module):
     name = None            # registry name, set by each model
     supports_kv_cache = False
+    # The head's loss functions; the trainer replaces them by compiled ones on the instance (speed.py).
+    cross_entropy = staticmethod(chunked_cross_entropy)
+    token_cross_entropy = staticmethod(chunked_token_losses)
 
     # ---- training hooks -------------------------------------------------------------------
     def training_loss(self, x, y, loss_mask=None, step=0, key_mask=None):
-        if loss_mask is None and key_mask is None:  # the loss inside forward: compiled with the head
-            return self(x, y)[1], {}
-        logits, _ = self(x, key_mask=key_mask)
-        return masked_cross_entropy(logits, y, loss_mask), {}
+        return self.lm_loss(x, y, loss_mask, key_mask), {}
 
     def evaluation_losses(self, x, y, loss_mask=None):
-        logits, _ = self(x)
-        return {"loss": masked_cross_entropy(logits, y, loss_mask)}
+        losses, _ = self.lm_token_losses(x, y)
+        return {"loss": masked_mean(losses, y, loss_mask)}
+
+    # ---- the loss without all logits (the trainer compiles these two) ----------------------
+    def head_operands(self, h):
+        """(a, b) with logits = a @ b^T, for the model's head (tied or CLAP); None if it has no such head."""
+        if isinstance(getattr(self, "head", None), nn.Module) and hasattr(self.head, "operands") \
+                and isinstance(getattr(self, "wte", None), nn.Embedding):
+            return self.head.operands(h, self.wte.weight)
+        return None
+
+    def lm_loss(self, idx, targets, loss_mask=None, key_mask=None, with_accuracy=False, **features_kwargs):
+        """masked_cross_entropy(self(idx)[0], targets, loss_mask), chunked (see chunked_cross_entropy).
+        features_kwargs go to features() (dual_mask_gpt: direction). with_accuracy: (loss, accuracy)."""
+        if key_mask is not None:
+            features_kwargs["key_mask"] = key_mask
+        operands = self.head_operands(self.features(idx, **features_kwargs)) if self.has_features() else None
+        if operands is None:  # a model without features()/head operands: the plain way
+            logits, _ = self(idx, **features_kwargs)
+            loss = masked_cross_entropy(logits, targets, loss_mask)
+            if not with_accuracy:
+                return loss
+            return loss, masked_mean((logits.argmax(-1) == targets).float(), targets, loss_mask)
+        return self.cross_entropy(*operands, targets, loss_mask, with_accuracy=with_accuracy)
+
+    @torch.no_grad()
+    def lm_token_losses(self, idx, targets, key_mask=None, **features_kwargs):
+        """(losses, hits), both shaped like targets: each position's cross-entropy and whether the argmax
+        is the target; chunked, for evaluation."""
+        if key_mask is not None:
+            features_kwargs["key_mask"] = key_mask
+        operands = self.head_operands(self.features(idx, **features_kwargs)) if self.has_features() else None
+        if operands is None:
+            logits, _ = self(idx, **features_kwargs)
+            flat = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-1, reduction="none")
+            return flat.view(targets.shape), (logits.argmax(-1) == targets) & (targets != -1)
+        return self.token_cross_entropy(*operands, targets)
+
+    def has_features(self):
+        return type(self).features is not AutoRegressiveModel.features
 
     def on_train_step(self, step, max_steps):
         return False
@@ -100,6 +252,11 @@ class AutoRegressiveModel(nn.Module):
 
     def prepare_for_inference(self):
         pass
+
+    def memory_probe_model(self):
+        """The model in the state whose training step needs the most memory (a copy where that differs,
+        e.g. the last stage), for the trainer's --micro-batch-size auto probe."""
+        return self
 
     # ---- the network ----------------------------------------------------------------------
     def features(self, idx, key_mask=None):

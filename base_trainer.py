@@ -47,7 +47,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from auto_regressive_model import CHECKPOINT_FORMAT, AutoRegressiveModel, CheckpointError, masked_cross_entropy
+import speed
+from auto_regressive_model import CHECKPOINT_FORMAT, AutoRegressiveModel, CheckpointError, masked_mean
 from base_data_preparer import ensure_prepared, get_tokenizer, parse_count
 from data_file_utils import DataError, check_run_data
 from dataloader import TokenDataLoader
@@ -67,11 +68,12 @@ TRAIN_PRESETS = {
                  weight_decay=0.1, grad_clip=1.0, eval_interval=50, eval_batches=8,
                  checkpoint_interval=50, max_tokens=None),
 }
-COMMON_DEFAULTS = dict(data_dir="data", seed=1337, data_seed=1337, device="auto", compile=False, resume=False,
+COMMON_DEFAULTS = dict(data_dir="data", seed=1337, data_seed=1337, device="auto", compile=None, resume=False,
                        overwrite=False, loss_on="all", filler_token=None, threads=None)
 # What --resume may change; everything else comes from the checkpoint so the run continues exactly.
 RESUME_MAY_CHANGE = {"max_steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "compile",
-                     "resume", "overwrite", "out_dir", "data_dir", "threads"}
+                     "resume", "overwrite", "out_dir", "data_dir", "threads",
+                     "micro_batch_size", "compile_mode", "memory_budget"}  # speed only (speed.py)
 # vocab_size and block_size are set from the data and --seq-len; attention="bidirectional" would let a
 # next-token model see its targets (only train_mntp.py switches it, for an encoder).
 NOT_FLAGS = {"vocab_size", "block_size", "attention"}
@@ -127,7 +129,8 @@ def add_trainer_arguments(p, model_name="<model>"):
     p.add_argument("--data-seed", type=int, help="which synthetic-math problems (kept apart from --seed so that "
                    "runs with different seeds see the same data)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--micro-batch-size", type=int)
+    p.add_argument("--micro-batch-size", type=speed.micro_batch_arg, help="rows per micro-step, or auto: the "
+                   "largest power of two that fits the GPU's memory (default on CUDA; elsewhere the preset's)")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--total-batch-size", type=int, help="tokens per optimizer step")
     p.add_argument("--lr", type=float)
@@ -135,7 +138,12 @@ def add_trainer_arguments(p, model_name="<model>"):
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--grad-clip", type=float)
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on CUDA only)")
+    p.add_argument("--compile-mode", choices=speed.COMPILE_MODES, help="torch.compile mode (default: default; "
+                   "reduce-overhead and max-autotune add CUDA graphs)")
+    p.add_argument("--memory-budget", type=float, help="GiB that --micro-batch-size auto may use (default: the "
+                   "GPU's free memory, at most 10 for the rtx3080 presets)")
     p.add_argument("--loss-on", choices=LOSS_ON, help="all tokens (default) or only the answers of question/answer "
                    "data (the loader's loss mask)")
     p.add_argument("--filler-token", help="a string that is one token of the tokenizer (e.g. ' blah' with gpt2): "
@@ -213,6 +221,7 @@ class BaseTrainer:
         self.cfg = cfg
         self.typed = typed or {}
         self.stop_requested = False
+        self.speed_info = {}
         self.setup_distributed()
         self.ckpt_path = os.path.join(cfg["out_dir"], "checkpoint.pt")
         self.metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
@@ -221,13 +230,16 @@ class BaseTrainer:
             self.adopt_saved_config(resume_ckpt)
         self.log(trainer_console.set_cpu_threads(self.cfg, self.device_type, self.world_size))
         self.log(trainer_console.gpu_preset_note(self.cfg, self.device_type))  # before data and model take time
+        speed.plan_micro_batch(self)
         self.setup_data()
         self.seed_everything(self.cfg["seed"])  # before the model: --seed decides the initial weights
         self.setup_model()
         self.step = 0
         self.tokens_seen = 0
+        speed.choose_for_device(self)  # --micro-batch-size auto: a probe step (RNG and model untouched)
         if resume_ckpt is not None:
             self.restore(resume_ckpt)
+        speed.setup_compile(self)      # FLOPs per token for MFU, then torch.compile with a warm-up step
 
     # -- processes and devices --
     def setup_distributed(self):
@@ -324,20 +336,20 @@ class BaseTrainer:
         self.with_loss_mask = cfg["loss_on"] == "answer"
         self.filler_id = filler_token_id(cfg["tokenizer"], cfg["filler_token"]) if cfg["filler_token"] else None
         self.target_offset = self.planned_target_offset()
-        self.train_loader = self.make_loader("train")
+        self.train_loader = speed.Prefetcher(self.make_loader("train"))  # reads one batch ahead
 
     def planned_target_offset(self):
         """How far ahead the targets are: the model's config decides (conv_attention can predict 64 ahead)."""
         planned = model_config(self.model_name, self.cfg["preset"], **self.cfg["model_overrides"])
         return getattr(planned, "target_offset", 1)
 
-    def make_loader(self, split):
-        return TokenDataLoader(self.dataset_dir, split, self.cfg["micro_batch_size"], self.cfg["seq_len"],
-                               self.rank, self.world_size, self.target_offset, with_loss_mask=self.with_loss_mask,
-                               device=self.device, score_answer_end=True)
+    def make_loader(self, split, batch_size=None):
+        return TokenDataLoader(self.dataset_dir, split, batch_size or self.cfg["micro_batch_size"],
+                               self.cfg["seq_len"], self.rank, self.world_size, self.target_offset,
+                               with_loss_mask=self.with_loss_mask, device=self.device, score_answer_end=True)
 
-    def eval_loader(self, split):
-        return self.make_loader(split)
+    def eval_loader(self, split, batch_size=None):
+        return self.make_loader(split, batch_size)
 
     def next_batch(self, loader):
         """(x, y, loss_mask or None, key_mask or None): the answer mask with --loss-on answer; with
@@ -359,8 +371,6 @@ class BaseTrainer:
         self.model_cfg = model_config(self.model_name, cfg["preset"], **overrides)
         self.model = module.Model(self.model_cfg).to(self.device)
         self.check_filler_support()
-        if cfg["compile"]:
-            self.model.compile()
         self.optimizer = None
         self.build_optimizer()
 
@@ -501,7 +511,7 @@ class BaseTrainer:
         os.makedirs(self.cfg["out_dir"], exist_ok=True)
         resolved = dict(self.cfg, model_config=dataclasses.asdict(self.model_cfg), world_size=self.world_size,
                         grad_accum=self.grad_accum, dataset_dir=str(self.dataset_dir),
-                        n_params=self.model.num_params(), device_used=self.device)
+                        n_params=self.model.num_params(), device_used=self.device, **self.speed_info)
         tmp = os.path.join(self.cfg["out_dir"], "config.json.tmp")
         with open(tmp, "w") as f:
             json.dump(resolved, f, indent=2)
@@ -527,27 +537,28 @@ class BaseTrainer:
             if loss_mask is not None:
                 out["loss_all"] = self.model.evaluation_losses(x, y, None)["loss"]
             return out
-        logits, _ = self.model(x, key_mask=key_mask)  # one forward for both losses
-        out = {"loss": masked_cross_entropy(logits, y, loss_mask)}
+        losses, _ = self.model.lm_token_losses(x, y, key_mask=key_mask)  # one forward for both losses, chunked
+        out = {"loss": masked_mean(losses, y, loss_mask)}
         if self.with_loss_mask:
             scored = None if self.filler_id is None else (y != self.filler_id).float()
-            out["loss_all"] = masked_cross_entropy(logits, y, scored)
+            out["loss_all"] = masked_mean(losses, y, scored)
         return out
 
     @torch.no_grad()
     def evaluate(self, split):
         self.model.eval()
-        loader = self.eval_loader(split)
-        batches = max(1, self.cfg["eval_batches"] // self.world_size)
+        rows, batches = speed.eval_batches(self.cfg, self.world_size)  # the same tokens at any micro batch
+        loader = self.eval_loader(split, rows)
         sums = {}
         for _ in range(batches):
             x, y, loss_mask, key_mask = self.next_batch(loader)
+            speed.begin_micro_step(self)
             with self.autocast:
                 losses = self.evaluation_losses(x, y, loss_mask, key_mask)
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / batches
+            for k, v in losses.items():  # summed on the device: one sync per evaluation
+                sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / batches
         self.model.train()
-        result = self.all_reduce_mean(sums)
+        result = self.all_reduce_mean(speed.to_floats(sums))
         # Bits per byte: tokenizer-independent, so byte-level and BPE runs compare.
         if self.reports_bpb:
             result["bpb"] = result.get("loss_all", result["loss"]) / math.log(2) * loader.tokens / max(1, loader.bytes)
@@ -574,25 +585,30 @@ class BaseTrainer:
             last = micro_step == self.grad_accum - 1
             # Gradients are summed across ranks only on the last micro-step: one all-reduce per step.
             sync = self.step_module.no_sync() if (self.ddp and not last) else contextlib.nullcontext()
+            speed.begin_micro_step(self)
             with sync:
                 with self.autocast:
                     loss, metrics = self.step_module(x, y, loss_mask, self.step, key_mask)
                 (loss / self.grad_accum).backward()
-            loss_sum = loss_sum + loss.detach()  # no .item() here: a GPU sync per micro-step stalls the queue
+            # No .item() here: a GPU sync per micro-step stalls the queue; metrics stay on the device too.
+            loss_sum = loss_sum + loss.detach()
             for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / self.grad_accum
-        totals = {"loss": float(loss_sum) / self.grad_accum, **totals}
+                totals[k] = totals.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / self.grad_accum
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])  # clip first, then step
         self.optimizer.step()
+        # The step's one sync: every number of the row in one copy to the host.
+        totals = speed.to_floats({"loss": loss_sum / self.grad_accum, **totals, "grad_norm": grad_norm})
+        grad_norm = totals.pop("grad_norm")
         if self.device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
         totals = self.all_reduce_mean(totals)
         tokens = cfg["total_batch_size"]
         self.tokens_seen += tokens
-        row = {"step": self.step, "split": "train", **totals, "lr": lr, "grad_norm": float(grad_norm),
-               "tokens": self.tokens_seen, "dt_ms": dt * 1000, "tok_per_s": tokens / dt}
+        row = {"step": self.step, "split": "train", **totals, "lr": lr, "grad_norm": grad_norm,
+               "tokens": self.tokens_seen, "dt_ms": dt * 1000, "tok_per_s": tokens / dt,
+               **speed.train_row_speed(self, tokens / dt)}
         self.write_metrics(row)
         self.step += 1
         return row
@@ -621,6 +637,7 @@ class BaseTrainer:
         self.log(f"{self.model_name}: {self.model.num_params():,} parameters | {self.world_size} process(es) on "
                  f"{self.device} | {cfg['total_batch_size']:,} tokens/step = {cfg['micro_batch_size']} x "
                  f"{cfg['seq_len']} x {self.grad_accum} accum x {self.world_size} | data {self.dataset_dir}")
+        self.log(speed.describe_speed(self))
         if cfg["resume"]:
             self.log(f"resuming at step {self.step} from {self.ckpt_path}")
         signal.signal(signal.SIGINT, self.request_stop)
@@ -634,6 +651,7 @@ class BaseTrainer:
             eta = trainer_console.eta_seconds(dts, cfg["max_steps"] - self.step)
             self.log(f"step {row['step']:5d} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | norm "
                      f"{row['grad_norm']:.2f} | {row['dt_ms']:.0f} ms | {row['tok_per_s']:,.0f} tok/s | "
+                     f"{'MFU {:.1%} | '.format(row['mfu']) if 'mfu' in row else ''}"
                      f"eta {eta // 60:.0f}m{eta % 60:02.0f}s")
             if len(dts) == 1:
                 self.log(trainer_console.gpu_preset_estimate(cfg, self.device_type, dts[0], eta))

@@ -301,11 +301,16 @@ class OutputHead(nn.Module):
 
     def forward(self, h, weight):
         """h (B, T, C) final hidden states, weight (V, C) the token embedding -> logits (B, T, V)."""
+        a, b = self.operands(h, weight)
+        return a @ b.t()
+
+    def operands(self, h, weight):
+        """(a, b) with logits = a @ b^T: what a chunked loss needs to compute the logits a few rows at a time."""
         if self.kind == "tied":
-            return h @ weight.t()
+            return h, weight
         if self.kind == "clap":
-            return self.beta * (h @ F.normalize(weight, dim=-1).t())
-        return self.log_beta.exp() * (F.normalize(h, dim=-1) @ F.normalize(weight, dim=-1).t())
+            return self.beta * h, F.normalize(weight, dim=-1)
+        return self.log_beta.exp() * F.normalize(h, dim=-1), F.normalize(weight, dim=-1)
 
 
 class MLP(nn.Module):

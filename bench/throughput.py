@@ -24,9 +24,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import speed  # noqa: E402
 from models import MODELS, create_model  # noqa: E402
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "RTX 3080": 59.5e12, "RTX 4090": 165e12}
 
 
 def parse_value(text):
@@ -52,7 +51,7 @@ def load_nanogpt(path, overrides, vocab_size, seq_len):
 class Runner:
     """One model with its optimizer and a fixed random batch."""
 
-    def __init__(self, label, model, batch, seq_len, vocab, device, compile_model, dtype):
+    def __init__(self, label, model, batch, seq_len, vocab, device, compile_model, dtype, compile_mode="default"):
         self.label, self.model, self.device = label, model.to(device), device
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), fused=device.startswith("cuda"))
@@ -63,9 +62,12 @@ class Runner:
         self.tokens = batch * seq_len
         self.autocast = torch.autocast("cuda", dtype=dtype) if device.startswith("cuda") else None
         self.flops = self.flops_per_token()  # counted eagerly: the counter cannot see inside a compiled graph
-        if compile_model:
-            model.compile()  # in place: model(...) now runs the compiled graph
+        if compile_model and hasattr(model, "lm_loss"):
+            speed.compile_model(model, compile_mode)  # in place, as the trainer does: blocks and chunked head
+        elif compile_model:
+            model.compile(mode=None if compile_mode == "default" else compile_mode)  # nanoGPT
         self.times = []
+        self.cudagraphs = compile_model and compile_mode in ("reduce-overhead", "max-autotune")
 
     def loss(self):
         if hasattr(self.model, "training_loss"):  # lmsmall models: their own training objective
@@ -73,6 +75,7 @@ class Runner:
         return self.model(self.x, self.y)[1]      # nanoGPT
 
     def step(self):
+        speed.begin_micro_step(self)
         if self.autocast:
             with self.autocast:
                 loss = self.loss()
@@ -118,6 +121,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", choices=speed.COMPILE_MODES, default="default")
     p.add_argument("--nanogpt", help="path to nanoGPT's model.py, timed beside baseline_gpt2")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -133,12 +137,12 @@ def main(argv=None):
         model = create_model(name, preset=args.preset, **cfg)
         seq_len = args.seq_len or model.config.block_size
         runners.append(Runner(name, model, args.batch, seq_len, args.vocab_size, args.device, args.compile,
-                              torch.bfloat16))
+                              torch.bfloat16, args.compile_mode))
     if args.nanogpt:
         seq_len = runners[0].x.size(1)
         model = load_nanogpt(args.nanogpt, overrides, args.vocab_size, seq_len)
         runners.append(Runner("nanoGPT model.py", model, args.batch, seq_len, args.vocab_size, args.device,
-                              args.compile, torch.bfloat16))
+                              args.compile, torch.bfloat16, args.compile_mode))
     flops = {r.label: r.flops for r in runners}
     for r in runners:  # warm-up: allocator, kernels, compilation
         r.timed_steps(2)
@@ -152,9 +156,9 @@ def main(argv=None):
             if args.device.startswith("cuda"):  # this model's own peak, as if it were alone on the GPU
                 r.peak_mem = (torch.cuda.max_memory_allocated() - others) / 2**30
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if gpu and k in gpu), None)
+    peak = speed.peak_flops(gpu)
     print(f"device: {gpu or 'cpu'} ({torch.get_num_threads()} threads) | preset {args.preset} | batch {args.batch} "
-          f"| overrides {overrides or '-'} | compile {args.compile} | median of {args.rounds} rounds x {args.steps} steps")
+          f"| overrides {overrides or '-'} | compile {args.compile and args.compile_mode} | median of {args.rounds} rounds x {args.steps} steps")
     print(f"{'model':<24} {'params':>10} {'seq':>5} {'ms/step':>9} {'tok/s':>10} {'GFLOP/tok':>10} "
           f"{'MFU':>6} {'peak GiB':>9} {'vs first':>9}")
     base = None

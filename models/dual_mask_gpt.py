@@ -43,6 +43,7 @@ averaged over micro-batches and, under DDP, over ranks; p_bw is then only the st
 For the bw task on a window z[0..T] the loader's x = z[:-1], y = z[1:] swap roles: input y, targets x.
 """
 
+import copy
 import math
 import random
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy
+from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy, masked_mean
 from components import Block, KVCache, OutputHead, PositionEmbedding, init_gpt2_weights
 
 EXTRA_TOKENS = 2          # FW = vocab_size - 2, BW = vocab_size - 1
@@ -97,12 +98,6 @@ def check_config(config):
 def bw_coin(bw_seed, step):
     """The uniform number in [0, 1) that decides step `step`'s direction(s); identical on every rank."""
     return random.Random(bw_seed * 1_000_003 + step).random()
-
-
-def masked_accuracy(logits, targets, loss_mask=None):
-    hit = (logits.argmax(dim=-1) == targets).float()
-    weights = (targets != -1).float() if loss_mask is None else loss_mask.float() * (targets != -1).float()
-    return (hit * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 class Model(AutoRegressiveModel):
@@ -225,14 +220,14 @@ class Model(AutoRegressiveModel):
         return ("fw", "bw") if run_bw else ("fw",)
 
     def training_loss(self, x, y, loss_mask=None, step=0):
+        """Metrics stay tensors on the device (no GPU sync per micro-step); the trainer reads them once."""
         losses, metrics = [], {}
         for d in self.directions_for_step(step):
             inp, tgt, mask = (x, y, loss_mask) if d == "fw" else self.bw_batch(x, y, loss_mask)
-            logits, _ = self(inp, direction=d)
-            loss = masked_cross_entropy(logits, tgt, mask)
+            loss, acc = self.lm_loss(inp, tgt, mask, with_accuracy=True, direction=d)  # chunked head
             losses.append(loss)
-            metrics[f"loss_{d}"] = loss.item()
-            metrics[f"acc_{d}"] = masked_accuracy(logits.detach(), tgt, mask).item()
+            metrics[f"loss_{d}"] = loss.detach()
+            metrics[f"acc_{d}"] = acc
             self._sums[f"{d}_sum"] += metrics[f"loss_{d}"]
             self._sums[f"{d}_n"] += 1
         if "loss_fw" not in metrics:  # an exclusive bw step: the fw loss, for the log only
@@ -248,9 +243,9 @@ class Model(AutoRegressiveModel):
         out = {}
         for d in DIRECTIONS:
             inp, tgt, mask = (x, y, loss_mask) if d == "fw" else self.bw_batch(x, y, loss_mask)
-            logits, _ = self(inp, direction=d)
-            out[f"loss_{d}"] = masked_cross_entropy(logits, tgt, mask)
-            out[f"acc_{d}"] = masked_accuracy(logits, tgt, mask)
+            losses, hits = self.lm_token_losses(inp, tgt, direction=d)
+            out[f"loss_{d}"] = masked_mean(losses, tgt, mask)
+            out[f"acc_{d}"] = masked_mean(hits, tgt, mask)
         out["loss"] = out["loss_fw"]
         return out
 
@@ -264,7 +259,7 @@ class Model(AutoRegressiveModel):
             self._reset_dynamic_sums()
             return False
         s = self._sums
-        vals = [s["fw_sum"], s["fw_n"], s["bw_sum"], s["bw_n"]]
+        vals = [float(s["fw_sum"]), s["fw_n"], float(s["bw_sum"]), s["bw_n"]]  # one sync, once per step
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             t = torch.tensor(vals, dtype=torch.float64, device=self.wte.weight.device)
             torch.distributed.all_reduce(t)          # every rank ends with the same p_bw
@@ -279,12 +274,18 @@ class Model(AutoRegressiveModel):
         return False
 
     def extra_state(self):
-        return {"p_bw_now": self.p_bw_now, "last_fw_loss": self._last_fw_loss, "sums": dict(self._sums)}
+        return {"p_bw_now": self.p_bw_now, "last_fw_loss": self._last_fw_loss, "sums": {k: float(v) for k, v in self._sums.items()}}
 
     def load_extra_state(self, state):
         self.p_bw_now = float(state.get("p_bw_now", self.config.p_bw))
         self._last_fw_loss = state.get("last_fw_loss")
         self._sums = dict(state.get("sums", self._sums))
+
+    def memory_probe_model(self):
+        """A copy whose every step runs bw too (bw_mode additional: fw and bw in one backward pass)."""
+        probe = copy.deepcopy(self)
+        probe.p_bw_now = 1.0
+        return probe
 
     def log_fields(self):
         return {"p_bw": self.p_bw_now} if self.config.dynamic_p_bw else {}

@@ -212,6 +212,12 @@ class Model(AutoRegressiveModel):
     def log_fields(self):
         return {"stage": self.stage}
 
+    def memory_probe_model(self):
+        """A copy in the last stage (12 blocks, LoRA): the micro batch must fit every stage."""
+        probe = copy.deepcopy(self)
+        probe.set_stage(3)
+        return probe
+
     def extra_state(self):
         return {"stage": self.stage, "merged": True} if self.merged else {"stage": self.stage}
 

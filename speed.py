@@ -1,0 +1,408 @@
+"""
+Speed on a GPU (issue 18): what BaseTrainer does so that small models do not run at a few percent of the
+hardware. Each piece is a small function the trainer calls once; none changes what is computed.
+
+    micro batch   --micro-batch-size auto (the default on CUDA): the largest power of two, dividing the rows
+                  of one optimizer step, whose measured training step fits the memory budget
+                  (min(free memory, --memory-budget), 10 GiB for the rtx3080 presets: they promise a 10 GB
+                  card). The total batch, and so the maths, stay; only the split into micro-steps changes.
+    compile       torch.compile (--compile, off by default; --compile-mode) of what training and
+                  evaluation run: model(...), model.lm_loss and model.lm_token_losses; a warm-up step at
+                  start, and if compiling fails the run says so in one line and goes on eager.
+    MFU           model FLOPs utilisation of each train row: FLOPs per token counted once at start (as
+                  bench/throughput.py does) x tokens/s / the device's dense bf16 peak. Unknown devices, and
+                  CPUs, get no MFU: never a guessed peak.
+    prefetch      the next training batch is read and copied to the GPU (pinned memory, non_blocking) while
+                  the GPU still works on the current one.
+"""
+
+import contextlib
+import math
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+GiB = 2**30
+# Dense bf16 peak FLOP/s by device name (NVIDIA datasheets; RTX 3080 by llm.c's count). Checked in order,
+# the more specific names first; None = a device we do not know the peak of (no MFU then).
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+    ("RTX 3080 Ti", None), ("RTX 3080", 59.5e12), ("RTX 4090 D", None), ("RTX 4090", 165e12),
+]
+# Memory the micro batch may use, by training preset: the rtx3080 presets promise a 10 GB card.
+PRESET_MEMORY_GIB = {"rtx3080": 10.0}
+# Of the budget, what the eager probe step may use: the rest is for the compiled graph, the allocator's
+# fragmentation and the evaluation batches.
+PROBE_FRACTION = 0.85
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def micro_batch_arg(text):
+    """argparse type of --micro-batch-size: a positive integer or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        import argparse
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
+# ---- MFU ------------------------------------------------------------------------------------
+
+def peak_flops(device_name):
+    """Dense bf16 peak FLOP/s of a device by name, or None when unknown (CPU included)."""
+    for key, peak in PEAK_BF16_FLOPS:
+        if device_name and key in device_name:
+            return peak
+    return None
+
+
+def device_peak_flops(device):
+    if not str(device).startswith("cuda"):
+        return None
+    return peak_flops(torch.cuda.get_device_name(device))
+
+
+def count_flops_per_token(step_module, x, y, autocast):
+    """FLOPs of one training step (forward + backward) per token, counted by FlopCounterMode on the batch
+    x, y (eagerly: the counter cannot see inside a compiled graph). Leaves no gradients behind."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with autocast:
+            loss, _ = step_module(x, y, None, 0)
+        loss.backward()
+    for p in step_module.parameters():
+        p.grad = None
+    return counter.get_total_flops() / x.numel()
+
+
+def mfu(flops_per_token, tokens_per_s, peak):
+    return flops_per_token * tokens_per_s / peak if peak and flops_per_token else None
+
+
+# ---- the micro batch --------------------------------------------------------------------------
+
+def micro_batch_candidates(rows):
+    """Powers of two that divide `rows` (the rows of one optimizer step per process), smallest first."""
+    out, b = [], 1
+    while b <= rows and rows % b == 0:
+        out.append(b)
+        b *= 2
+    return out
+
+
+def choose_micro_batch(rows, budget, peak_bytes):
+    """(largest power of two b dividing rows whose peak_bytes(b) <= budget, {b: measured bytes or None}).
+    peak_bytes(b) measures a training step of b rows (None: out of memory). Measures the two smallest,
+    extrapolates linearly, then walks up (or down) from that guess one power of two at a time, so that few
+    sizes are measured. When not even the smallest fits it returns the smallest; the caller says so."""
+    candidates = micro_batch_candidates(rows)
+    measured = {}
+
+    def fits(b):
+        if b not in measured:
+            measured[b] = peak_bytes(b)
+        return measured[b] is not None and measured[b] <= budget
+
+    if not fits(candidates[0]) or len(candidates) == 1:
+        return candidates[0], measured
+    i = 0
+    if fits(candidates[1]):
+        b0, b1 = candidates[0], candidates[1]
+        slope = max(measured[b1] - measured[b0], 1) / (b1 - b0)
+        guess = [b for b in candidates if measured[b0] + slope * (b - b0) <= budget]
+        i = candidates.index(guess[-1]) if guess else 1
+    if fits(candidates[i]):
+        while i + 1 < len(candidates) and fits(candidates[i + 1]):
+            i += 1
+    else:
+        while i > 0 and not fits(candidates[i]):
+            i -= 1
+    return candidates[i], measured
+
+
+def memory_budget(device, cap_gib):
+    """Bytes a run may use on a CUDA device: what is free plus what this process already holds, capped."""
+    free, _ = torch.cuda.mem_get_info(device)
+    usable = free + torch.cuda.memory_reserved(device)
+    return min(usable, cap_gib * GiB) if cap_gib else usable
+
+
+def cuda_peak_bytes(step, device, extra_bytes=0):
+    """Peak bytes allocated while step() runs (plus extra_bytes), or None when it runs out of memory."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) + extra_bytes
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def no_side_effects(model, device):
+    """Run a probe step without changing what the run does next: RNG streams, the model's extra state
+    (e.g. dual_mask_gpt's running sums) and gradients are as before afterwards."""
+    devices = [device] if str(device).startswith("cuda") else []
+    state = model.extra_state()
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            model.load_extra_state(state)
+            for p in model.parameters():
+                p.grad = None
+
+
+def probe_step(step_module, autocast, rows, seq_len, device, step=0):
+    """One forward + backward of step_module on a dummy batch of `rows` x seq_len tokens."""
+    x = torch.zeros(rows, seq_len, dtype=torch.long, device=device)
+    with autocast:
+        loss, _ = step_module(x, x, None, step)
+    loss.backward()
+
+
+# ---- the trainer's hooks ------------------------------------------------------------------------
+
+def plan_micro_batch(trainer):
+    """Before the data: record what the user asked for; cfg["micro_batch_size"] is the base size until
+    choose_for_device() decides. cfg["micro_batch_auto"] says whether the size is chosen per device (kept
+    on --resume unless --micro-batch-size is given again); cfg["base_micro_batch_size"] is the preset's or
+    the user's number: evaluation counts its batches in it, and auto off CUDA uses it."""
+    cfg, typed = trainer.cfg, trainer.typed
+    asked = typed.get("micro_batch_size")
+    if asked is not None:
+        auto = asked == "auto"
+    elif "micro_batch_auto" in cfg:  # resumed: as the run was started
+        auto = cfg["micro_batch_auto"]
+    else:
+        auto = trainer.device_type == "cuda"
+    cfg.setdefault("base_micro_batch_size", cfg["micro_batch_size"] if cfg["micro_batch_size"] != "auto"
+                   else preset_micro_batch_size(trainer.model_name, cfg.get("preset")))
+    if isinstance(asked, int):
+        cfg["micro_batch_size"] = asked
+    elif auto or cfg["micro_batch_size"] == "auto":
+        cfg["micro_batch_size"] = cfg["base_micro_batch_size"]
+    cfg["micro_batch_auto"] = auto
+
+
+def preset_micro_batch_size(model_name, preset):
+    from base_trainer import TRAIN_PRESETS
+    from models import model_module
+    model_presets = getattr(model_module(model_name), "TRAIN_PRESETS", {}).get(preset, {})
+    return model_presets.get("micro_batch_size", TRAIN_PRESETS.get(preset, TRAIN_PRESETS["tiny"])["micro_batch_size"])
+
+
+def device_measures_memory(trainer):
+    return trainer.device_type == "cuda"
+
+
+def measure_function(trainer, probe, step_module, adam_bytes):
+    """peak_bytes(b) for choose_micro_batch: a real training step of b rows on the GPU, side-effect free."""
+    T = trainer.cfg["seq_len"]
+
+    def peak_bytes(b):
+        with no_side_effects(probe, trainer.device):
+            return cuda_peak_bytes(lambda: probe_step(step_module, trainer.autocast, b, T, trainer.device,
+                                                      trainer.step), trainer.device, adam_bytes)
+    return peak_bytes
+
+
+def choose_for_device(trainer):
+    """After the model is on its device: with micro_batch_auto on CUDA, probe and pick the micro batch
+    (every DDP rank takes the smallest any rank picked); the loader is rebuilt when it changes."""
+    cfg = trainer.cfg
+    if not cfg["micro_batch_auto"]:
+        return
+    T, W = cfg["seq_len"], trainer.world_size
+    rows = cfg["total_batch_size"] // (T * W)
+    if not device_measures_memory(trainer):
+        trainer.log(f"micro batch {cfg['micro_batch_size']} (auto measures GPU memory; on {trainer.device_type} "
+                    f"it keeps the preset's)")
+        return
+    preset_cap = PRESET_MEMORY_GIB.get(cfg.get("preset"))
+    budget = memory_budget(trainer.device, cfg.get("memory_budget") or preset_cap)
+    probe = trainer.model.memory_probe_model()
+    step_module = trainer.make_step_module()
+    step_module.model = probe  # TrainingStep (or a subclass's step module) around the probe model
+    adam_bytes = 2 * sum(p.numel() * 4 for p in probe.parameters() if p.requires_grad)  # not allocated yet
+    chosen, measured = choose_micro_batch(rows, PROBE_FRACTION * budget,
+                                          measure_function(trainer, probe, step_module, adam_bytes))
+    del probe, step_module
+    if trainer.device_type == "cuda":  # the probe's larger sizes are not what the run holds
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+    if trainer.ddp:
+        import torch.distributed as dist
+        t = torch.tensor([chosen], device=trainer.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        chosen = int(t.item())
+    sizes = ", ".join(f"{b}: {'OOM' if v is None else f'{v / GiB:.2f}'}" for b, v in sorted(measured.items()))
+    fits = measured.get(chosen) is not None and measured[chosen] <= PROBE_FRACTION * budget
+    capped = f" (the {cfg['preset']} preset's cap)" if preset_cap and not cfg.get("memory_budget") else ""
+    trainer.log(f"micro batch {chosen} (auto: the largest power of two whose training step fits "
+                f"{PROBE_FRACTION:.0%} of {budget / GiB:.1f} GiB{capped}; measured GiB by rows: {sizes})"
+                + ("" if fits else "; even this does not fit: expect out-of-memory, lower --seq-len"))
+    trainer.speed_info["micro_batch_probe_gib"] = {b: None if v is None else round(v / GiB, 6)
+                                                   for b, v in sorted(measured.items())}
+    trainer.speed_info["memory_budget_gib"] = round(budget / GiB, 6)
+    if chosen != cfg["micro_batch_size"]:
+        cfg["micro_batch_size"] = chosen
+        trainer.grad_accum = cfg["total_batch_size"] // (chosen * T * W)
+        trainer.train_loader = Prefetcher(trainer.make_loader("train"))
+
+
+def eval_batches(cfg, world_size):
+    """(rows per batch, batches per process) of one evaluation: eval_batches x base_micro_batch_size rows in
+    all, whatever the micro batch, so that every micro batch (and --resume with another) evaluates the
+    same tokens; read in batches as large as the micro batch where they divide the rows."""
+    base = cfg.get("base_micro_batch_size", cfg["micro_batch_size"])
+    total_rows = cfg["eval_batches"] * base
+    if total_rows % world_size:
+        return base, max(1, cfg["eval_batches"] // world_size)
+    per_process = total_rows // world_size
+    rows = math.gcd(cfg["micro_batch_size"], per_process)
+    return rows, per_process // rows
+
+
+def setup_compile(trainer):
+    """Count the FLOPs per token (for MFU) eagerly, then compile (CUDA default) with a warm-up step."""
+    cfg, model = trainer.cfg, trainer.model
+    # Off unless asked: on an H100 (docs/gpu_h100_2026-11-27) compiling cost ~50 s a run and, at the micro batch
+    # chosen for a 10 GiB card, ran out of memory and fell back to eager; the eager auto micro batch gave 3-6x.
+    compile_on = bool(cfg.get("compile"))
+    mode = cfg.get("compile_mode") or "default"
+    peak = device_peak_flops(trainer.device)
+    trainer.flops_per_token, trainer.peak_flops = None, peak
+    if peak:
+        x = torch.zeros(1, cfg["seq_len"], dtype=torch.long, device=trainer.device)
+        with no_side_effects(model, trainer.device):
+            trainer.flops_per_token = count_flops_per_token(trainer.make_step_module(), x, x, trainer.autocast)
+    trainer.speed_info.update(compiled=False, compile_mode=None, flops_per_token=trainer.flops_per_token,
+                              peak_flops=peak)
+    trainer.cudagraphs = False
+    if not compile_on:
+        return
+    compile_model(model, mode)
+    B, T = cfg["micro_batch_size"], cfg["seq_len"]
+    try:
+        with no_side_effects(model, trainer.device):
+            probe_step(trainer.make_step_module(), trainer.autocast, B, T, trainer.device, trainer.step)
+            with torch.no_grad(), trainer.autocast:
+                x = torch.zeros(B, T, dtype=torch.long, device=trainer.device)
+                trainer.evaluation_losses(x, x, None, None)
+    except Exception as e:  # noqa: BLE001 - any failure of the compiler: say it in one line, go on eager
+        uncompile_model(model)
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        trainer.log(f"torch.compile failed ({type(e).__name__}: {first}); training without it "
+                    f"(--no-compile skips the attempt)")
+        return
+    trainer.cudagraphs = mode in ("reduce-overhead", "max-autotune")
+    trainer.speed_info.update(compiled=True, compile_mode=mode)
+
+
+def compile_model(model, mode="default", backend="inductor", fullgraph=False):
+    """torch.compile in place, by region: every transformer Block (the 12 blocks of a model share one
+    compiled graph, so compiling takes seconds, not minutes, and a progressive_diverging stage switch adds
+    one graph, not a whole model: its new blocks are deep copies, which carry their own compiled call) and
+    the chunked cross-entropy of the head (model.cross_entropy /
+    model.token_cross_entropy). What runs between them (embeddings, conv_attention's reshapes) stays eager."""
+    from auto_regressive_model import chunked_cross_entropy, chunked_token_losses
+    from components import Block
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # widths x modes
+    options = dict(backend=backend, dynamic=False, fullgraph=fullgraph)  # fullgraph: the tests forbid breaks
+    if backend == "inductor":  # (the tests trace with backend="eager": seconds instead of minutes on a CPU)
+        options["mode"] = None if mode == "default" else mode
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile(**options)
+    model.cross_entropy = torch.compile(chunked_cross_entropy, **options)
+    model.token_cross_entropy = torch.compile(chunked_token_losses, **options)
+
+
+def uncompile_model(model):
+    from components import Block
+    for module in model.modules():
+        if isinstance(module, Block):
+            module._compiled_call_impl = None
+    for name in ("cross_entropy", "token_cross_entropy"):
+        model.__dict__.pop(name, None)
+
+
+def begin_micro_step(trainer):
+    """Under CUDA graphs, a new micro-step may overwrite the previous one's outputs: say when one begins."""
+    if getattr(trainer, "cudagraphs", False):
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def to_floats(values):
+    """{name: tensor or number} -> {name: float} with one device-to-host copy (one sync) for all tensors."""
+    tensors = {k: v for k, v in values.items() if torch.is_tensor(v)}
+    out = {k: float(v) for k, v in values.items() if k not in tensors}
+    if tensors:
+        stacked = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()
+        out.update(zip(tensors, stacked))
+    return {k: out[k] for k in values}
+
+
+def train_row_speed(trainer, tokens_per_s):
+    """A train row's speed fields: mfu (where the device's peak is known) and, on CUDA, the most memory
+    the run has held so far (what a smaller card would need)."""
+    row = {}
+    value = mfu(trainer.flops_per_token, tokens_per_s, trainer.peak_flops)
+    if value is not None:
+        row["mfu"] = value
+    if trainer.device_type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_reserved(trainer.device) / GiB
+    return row
+
+
+# ---- prefetch -----------------------------------------------------------------------------------
+
+class Prefetcher:
+    """A TokenDataLoader that reads one batch ahead: next_batch() returns the batch read (and, on CUDA,
+    copied with non_blocking from pinned memory) during the previous call, so the copy overlaps the GPU's
+    work. state_dict() is the position of the batch it will return next, so --resume is exact."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.ahead = None  # (loader state before the batch, the batch)
+
+    def _read(self):
+        state = self.loader.state_dict()
+        return state, self.loader.next_batch()
+
+    def next_batch(self):
+        _, batch = self.ahead if self.ahead is not None else self._read()
+        self.ahead = self._read()
+        return batch
+
+    def state_dict(self):
+        return self.ahead[0] if self.ahead is not None else self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.ahead = None
+        self.loader.load_state_dict(state)
+
+    def __getattr__(self, name):  # vocab_size, tokens, bytes, ...: the loader's
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+def describe_speed(trainer):
+    """The start-of-run line about compile and MFU."""
+    info = trainer.speed_info
+    parts = [f"compile {info['compile_mode']}" if info["compiled"] else "eager"]
+    if info["flops_per_token"]:
+        parts.append(f"{info['flops_per_token'] / 1e9:.3f} GFLOP/token, MFU against "
+                     f"{info['peak_flops'] / 1e12:.0f} TFLOP/s bf16")
+    return " | ".join(parts)
