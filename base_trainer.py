@@ -139,7 +139,7 @@ def add_trainer_arguments(p, model_name="<model>"):
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--grad-clip", type=float)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on CUDA only)")
+                   help="torch.compile the blocks and the loss (default: off; see README, Speed on a GPU)")
     p.add_argument("--compile-mode", choices=speed.COMPILE_MODES, help="torch.compile mode (default: default; "
                    "reduce-overhead and max-autotune add CUDA graphs)")
     p.add_argument("--memory-budget", type=float, help="GiB that --micro-batch-size auto may use (default: the "
