@@ -33,6 +33,8 @@ import sys
 
 import numpy as np
 
+import cli
+
 
 # ---- the two averages (pure) --------------------------------------------------------------------
 
@@ -349,12 +351,12 @@ def parse_window(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("roots", nargs="+", help="folders holding run folders (searched recursively)")
-    p.add_argument("--out", default="docs/dual_mask", help="where the PNGs and summary.md go")
-    p.add_argument("--p-bw", type=float, default=0.05, help="the p_bw compared with p_bw = 0")
-    p.add_argument("--windows", nargs="+", default=["0:1", "0:0.2", "0.5:1"],
+    p.add_argument("--out", type=cli.output_dir, default="docs/dual_mask", help="where the PNGs and summary.md go")
+    p.add_argument("--p-bw", type=cli.probability, default=0.05, help="the p_bw compared with p_bw = 0")
+    p.add_argument("--windows", nargs="+", type=cli.window, default=["0:1", "0:0.2", "0.5:1"],
                    help="violin windows as fractions of training, start:stop (default 0:1 0:0.2 0.5:1)")
     args = p.parse_args(argv)
     runs = with_ppl(find_runs(args.roots))

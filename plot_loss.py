@@ -7,7 +7,6 @@ Loss curves of many runs in one PNG: train (thin line) and val (markers) per run
 Dotted vertical lines mark where a run's "stage" changes (progressive_diverging).
 """
 
-import argparse
 import glob
 import json
 import os
@@ -17,6 +16,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+
+import cli  # noqa: E402
 
 
 class PlotError(Exception):
@@ -73,11 +74,11 @@ def plot_runs(run_dirs, out, x="tokens", smooth=10):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Plot train and val loss of lmsmall runs into one PNG.")
+    p = cli.ArgumentParser(description="Plot train and val loss of lmsmall runs into one PNG.")
     p.add_argument("runs", nargs="*", help="run folders (default: every runs/*/ with a metrics.jsonl)")
-    p.add_argument("--out", default="loss.png")
+    p.add_argument("--out", type=cli.output_file, default="loss.png")
     p.add_argument("--x", choices=["tokens", "steps"], default="tokens")
-    p.add_argument("--smooth", type=int, default=10, help="running mean window for train loss")
+    p.add_argument("--smooth", type=cli.positive_int, default=10, help="running mean window for train loss")
     args = p.parse_args(argv)
     runs = args.runs or sorted(os.path.dirname(m) for m in glob.glob("runs/*/metrics.jsonl"))
     if not runs:
