@@ -638,7 +638,8 @@ class BaseTrainer:
         grad_norm = float(grad_norm)
         totals = {"loss": float(loss_sum) / self.grad_accum, **totals}
         totals = self.all_reduce_mean(dict(totals, grad_norm_finite=float(math.isfinite(grad_norm))))
-        if not (math.isfinite(totals["loss"]) and totals.pop("grad_norm_finite") == 1.0):
+        finite_norm = totals.pop("grad_norm_finite") == 1.0
+        if not (math.isfinite(totals["loss"]) and finite_norm):
             return self.nonfinite_step(totals["loss"], grad_norm)  # the update is not applied
         self.optimizer.step()
         if self.device_type == "cuda":
