@@ -292,6 +292,9 @@ class BaseTrainer:
     def lock_run_folder(self):
         """One writer per run folder: rank 0 holds a kernel-released lock (run_folder.RunFolderLock); every
         rank learns whether it got it, so none waits for a partner that is leaving."""
+        problem = cli.writable_dir_problem(self.cfg["out_dir"])  # also the default and finetune's derived one
+        if problem:
+            raise TrainError(f"--out-dir: {problem}")
         failure = None
         if self.master:
             try:
