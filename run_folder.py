@@ -11,6 +11,7 @@ The run folder (--out-dir) on disk: one writer at a time, writes that fail clean
 
 The lock is fcntl.flock on out_dir/.lock: the kernel drops it when the process ends, however it ends (kill -9
 included), so a crash never leaves a stale lock. The file holds the holder's PID, for the refusal message.
+It keeps other processes out; within one process (e.g. tests that build several trainers) it is shared.
 """
 
 import contextlib
@@ -22,6 +23,7 @@ import shutil
 LOCK_NAME = ".lock"
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.json")  # what --overwrite replaces
 TEMPORARIES = tuple(name + ".tmp" for name in RUN_FILES)
+_HELD = {}  # real path of a folder -> [fd, users]: the locks this process holds
 
 
 class RunFolderBusy(Exception):
@@ -48,6 +50,11 @@ class RunFolderLock:
             if not os.path.isdir(self.folder):
                 os.makedirs(self.folder)
                 self.created_folder = True
+            self.key = os.path.realpath(self.folder)
+            if self.key in _HELD:  # this process holds it already
+                _HELD[self.key][1] += 1
+                self.fd = _HELD[self.key][0]
+                return self
             while True:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
@@ -70,6 +77,7 @@ class RunFolderLock:
         except OSError as e:
             raise WriteError(f"cannot write into {self.folder}: {e.strerror}; choose another --out-dir") from None
         self.fd = fd
+        _HELD[self.key] = [fd, 1]
         return self
 
     def release(self):
@@ -77,6 +85,11 @@ class RunFolderLock:
         a run refused at the start leaves no trace."""
         if self.fd is None:
             return
+        _HELD[self.key][1] -= 1
+        if _HELD[self.key][1] > 0:  # another user in this process still holds it
+            self.fd = None
+            return
+        del _HELD[self.key]
         if self.created_folder:
             with contextlib.suppress(OSError):
                 if os.listdir(self.folder) == [LOCK_NAME]:

@@ -212,15 +212,20 @@ def test_atomic_write_and_append_keep_old_content_on_failure(tmp_path, monkeypat
 
 
 def test_the_lock_is_exclusive_and_released(tmp_path):
-    """In-process: a second lock on the folder is refused with the holder's pid; released, a new one succeeds;
-    a folder the lock created is removed again if nothing else was written."""
+    """Another process is refused with the holder's pid; this process may share it; released, the other process
+    gets it; a folder the lock created is removed again if nothing else was written."""
     import run_folder
-    lock = run_folder.RunFolderLock(str(tmp_path / "new")).acquire()
-    with pytest.raises(run_folder.RunFolderBusy, match=f"pid {os.getpid()}"):
-        run_folder.RunFolderLock(str(tmp_path / "new")).acquire()
+    folder = str(tmp_path / "new")
+    other = [sys.executable, "-c", "import sys, run_folder\ntry:\n    run_folder.RunFolderLock(sys.argv[1]).acquire()"
+             "\nexcept run_folder.RunFolderBusy as e:\n    sys.exit(str(e))", folder]
+    lock = run_folder.RunFolderLock(folder).acquire()
+    shared = run_folder.RunFolderLock(folder).acquire()
+    refused = subprocess.run(other, cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == 1 and f"pid {os.getpid()}" in refused.stderr
+    shared.release()
     lock.release()
     assert not (tmp_path / "new").exists()
-    run_folder.RunFolderLock(str(tmp_path / "new")).acquire().release()
+    assert subprocess.run(other, cwd=REPO, capture_output=True, text=True).returncode == 0
 
 
 def test_two_processes_stop_together_on_a_nonfinite_step(data_dir, tmp_path):
