@@ -33,6 +33,8 @@ import sys
 
 import numpy as np
 
+import cli
+
 
 # ---- the two averages (pure) --------------------------------------------------------------------
 
@@ -349,14 +351,14 @@ def parse_window(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("roots", nargs="+", help="folders holding run folders (searched recursively)")
-    p.add_argument("--out", default="runs/dual_mask_analysis", help="where the PNGs and summary.md go (default "
+    p.add_argument("--out", type=cli.output_dir, default="runs/dual_mask_analysis", help="where the PNGs and summary.md go (default "
                    "runs/dual_mask_analysis; docs/dual_mask holds the committed figures)")
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
-    p.add_argument("--p-bw", type=float, default=0.05, help="the p_bw compared with p_bw = 0")
-    p.add_argument("--windows", nargs="+", default=["0:1", "0:0.2", "0.5:1"],
+    p.add_argument("--p-bw", type=cli.probability, default=0.05, help="the p_bw compared with p_bw = 0")
+    p.add_argument("--windows", nargs="+", type=cli.window, default=["0:1", "0:0.2", "0.5:1"],
                    help="violin windows as fractions of training, start:stop (default 0:1 0:0.2 0.5:1)")
     args = p.parse_args(argv)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:

@@ -653,16 +653,17 @@ def parse_count(text: str) -> int:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Tokenize a data source into shards for training.")
+    import cli  # one-line errors and checked numbers (late: cli is not needed by the importers of this module)
+    parser = cli.ArgumentParser(description="Tokenize a data source into shards for training.")
     parser.add_argument("--data", required=True, help=f"one of: {', '.join(DATA_SPECS)}")
     parser.add_argument("--tokenizer", required=True, choices=TOKENIZERS)
     parser.add_argument("--data-dir", default="data", help="where dataset folders go (default: data)")
-    parser.add_argument("--max-tokens", type=parse_count, default=None,
+    parser.add_argument("--max-tokens", type=cli.count, default=None,
                         help="token budget over all splits, e.g. 100M (default: synthetic-math 10M, "
                              "math-reasoning 100M, json/text the whole file)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="synthetic-math generator seed")
-    parser.add_argument("--num-workers", type=int, default=None, help="tokenizer processes (default: all cores)")
-    parser.add_argument("--shard-tokens", type=parse_count, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
+    parser.add_argument("--seed", type=cli.seed, default=DEFAULT_SEED, help="synthetic-math generator seed")
+    parser.add_argument("--num-workers", type=cli.positive_int, default=None, help="tokenizer processes (default: all cores)")
+    parser.add_argument("--shard-tokens", type=cli.count, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--replace", action="store_true",
                         help="delete the complete dataset of this request and prepare it again (runs trained on "

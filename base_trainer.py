@@ -47,9 +47,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import cli
+import run_folder
 import speed
 from auto_regressive_model import CHECKPOINT_FORMAT, AutoRegressiveModel, CheckpointError, masked_mean
-from base_data_preparer import ensure_prepared, get_tokenizer, parse_count
+from base_data_preparer import ensure_prepared, get_tokenizer
 from data_file_utils import DataError, check_run_data
 from dataloader import TokenDataLoader
 from models import ModelConfigError, model_config, model_module
@@ -69,19 +71,36 @@ TRAIN_PRESETS = {
                  checkpoint_interval=50, max_tokens=None),
 }
 COMMON_DEFAULTS = dict(data_dir="data", seed=1337, data_seed=1337, device="auto", compile=None, resume=False,
-                       overwrite=False, loss_on="all", filler_token=None, threads=None)
+                       overwrite=False, loss_on="all", filler_token=None, threads=None, skip_nonfinite=0)
 # What --resume may change; everything else comes from the checkpoint so the run continues exactly.
 RESUME_MAY_CHANGE = {"max_steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "compile",
-                     "resume", "overwrite", "out_dir", "data_dir", "threads",
+                     "resume", "overwrite", "out_dir", "data_dir", "threads", "skip_nonfinite",
                      "micro_batch_size", "compile_mode", "memory_budget"}  # speed only (speed.py)
 # vocab_size and block_size are set from the data and --seq-len; attention="bidirectional" would let a
 # next-token model see its targets (only train_mntp.py switches it, for an encoder).
 NOT_FLAGS = {"vocab_size", "block_size", "attention"}
 LOSS_ON = ("all", "answer")
+# Model options checked at the command line beyond their type (the model files check sizes themselves).
+MODEL_FLAG_TYPES = {"dropout": cli.probability, "p_bw": cli.probability, "stage2_at": cli.probability,
+                    "stage3_at": cli.probability}
+# Exit codes besides 0: bad input 2, a failed write 1, divergence 3, a signal 128 + its number.
+EXIT_WRITE_FAILED, EXIT_DIVERGED = 1, 3
 
 
 class TrainError(Exception):
     """A problem with the command line or the run folder; the message says what to do."""
+
+
+class Diverged(Exception):
+    """The loss or gradient norm became non-finite (or weights about to be saved are): the run stops."""
+
+
+class PeerFailed(Exception):
+    """Raised on ranks other than 0 when rank 0 reported a failure all ranks share (nothing more to print)."""
+
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
 
 
 # ---- configuration --------------------------------------------------------------------------
@@ -94,8 +113,16 @@ def str2bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def resume_mode(text):
+    """--resume alone: continue, or fail if there is nothing to continue; --resume auto: continue if a checkpoint
+    exists, else start a new run (for schedulers that requeue the same command)."""
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"--resume takes no value or 'auto', not {text!r}")
+    return text
+
+
 def build_parser(model_name):
-    p = argparse.ArgumentParser(description=f"Train {model_name}. Every default comes from --preset.")
+    p = cli.ArgumentParser(description=f"Train {model_name}. Every default comes from --preset.")
     # Every option defaults to None so that we know what the user typed: preset < typed.
     p.add_argument("--preset", choices=list(TRAIN_PRESETS), default="rtx3080",
                    help="default rtx3080: the seed's sizes, for a GPU (hours to days on a CPU); tiny: a laptop "
@@ -106,6 +133,7 @@ def build_parser(model_name):
         if field.name in NOT_FLAGS:
             continue
         kind = str2bool if field.type in (bool, "bool") else type(field.default)
+        kind = MODEL_FLAG_TYPES.get(field.name, cli.finite_float if kind is float else kind)
         group.add_argument("--" + field.name.replace("_", "-"), dest="model." + field.name, type=kind,
                            help=f"(preset default: see models/{model_name}.py)")
     trainer_console.describe_options(p, model_name, list(TRAIN_PRESETS), lambda k: preset_defaults(model_name, k))
@@ -116,34 +144,38 @@ def add_trainer_arguments(p, model_name="<model>"):
     """The options of the training loop, shared by train_<model>.py, finetune.py and train_mntp.py."""
     p.add_argument("--data", help="synthetic-math | math-reasoning | json:PATH | text:PATH")
     p.add_argument("--tokenizer", choices=["gpt2", "bytes"])
-    p.add_argument("--max-tokens", type=parse_count, help="token budget when preparing the data, e.g. 10M")
+    p.add_argument("--max-tokens", type=cli.count, help="token budget when preparing the data, e.g. 10M")
     p.add_argument("--data-dir", help="where prepared token shards live (default data/)")
-    p.add_argument("--out-dir", help=f"run folder (default runs/{model_name})")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--eval-interval", type=int)
-    p.add_argument("--eval-batches", type=int)
-    p.add_argument("--checkpoint-interval", type=int)
-    p.add_argument("--resume", action="store_true", default=None, help="continue from out-dir/checkpoint.pt")
+    p.add_argument("--out-dir", type=cli.output_dir, help=f"run folder (default runs/{model_name})")
+    p.add_argument("--max-steps", type=cli.positive_int)
+    p.add_argument("--eval-interval", type=cli.positive_int)
+    p.add_argument("--eval-batches", type=cli.positive_int)
+    p.add_argument("--checkpoint-interval", type=cli.positive_int)
+    p.add_argument("--resume", nargs="?", const=True, type=resume_mode, default=None,
+                   help="continue from out-dir/checkpoint.pt (fails if there is none); --resume auto: continue "
+                   "if there is one, else start")
     p.add_argument("--overwrite", action="store_true", default=None, help="start over in an existing run folder")
-    p.add_argument("--seed", type=int, help="initial weights and sampling")
-    p.add_argument("--data-seed", type=int, help="which synthetic-math problems (kept apart from --seed so that "
-                   "runs with different seeds see the same data)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--seed", type=cli.seed, help="initial weights and sampling")
+    p.add_argument("--data-seed", type=cli.seed, help="which synthetic-math problems (kept apart from --seed so "
+                   "that runs with different seeds see the same data)")
+    p.add_argument("--device", type=cli.device, help="auto (default), cpu, cuda, cuda:N, mps")
     p.add_argument("--micro-batch-size", type=speed.micro_batch_arg, help="rows per micro-step, or auto: the "
                    "largest power of two that fits the GPU's memory (default on CUDA; elsewhere the preset's)")
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--total-batch-size", type=int, help="tokens per optimizer step")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--min-lr", type=float)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--seq-len", type=cli.positive_int)
+    p.add_argument("--total-batch-size", type=cli.positive_int, help="tokens per optimizer step")
+    p.add_argument("--lr", type=cli.positive_float)
+    p.add_argument("--min-lr", type=cli.nonnegative_float)
+    p.add_argument("--warmup-steps", type=cli.nonnegative_int)
+    p.add_argument("--weight-decay", type=cli.nonnegative_float)
+    p.add_argument("--grad-clip", type=cli.positive_float, help="clip the gradient norm to this before each step")
+    p.add_argument("--skip-nonfinite", type=cli.nonnegative_int, help="skip up to N optimizer steps whose loss or "
+                   "gradient norm is not finite (logged as split 'nonfinite') before stopping (default 0)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the blocks and the loss (default: off; see README, Speed on a GPU)")
     p.add_argument("--compile-mode", choices=speed.COMPILE_MODES, help="torch.compile mode (default: default; "
                    "reduce-overhead and max-autotune add CUDA graphs)")
-    p.add_argument("--memory-budget", type=float, help="GiB that --micro-batch-size auto may use (default: the "
-                   "GPU's free memory, at most 10 for the rtx3080 presets)")
+    p.add_argument("--memory-budget", type=cli.positive_float, help="GiB that --micro-batch-size auto may use "
+                   "(default: the GPU's free memory, at most 10 for the rtx3080 presets)")
     p.add_argument("--loss-on", choices=LOSS_ON, help="all tokens (default) or only the answers of question/answer "
                    "data (the loader's loss mask)")
     p.add_argument("--filler-token", help="a string that is one token of the tokenizer (e.g. ' blah' with gpt2): "
@@ -220,11 +252,23 @@ class BaseTrainer:
         self.model_name = model_name
         self.cfg = cfg
         self.typed = typed or {}
-        self.stop_requested = False
         self.speed_info = {}
+        self.stop_signal = None
+        self.lock = None
+        try:
+            self.start()
+        except BaseException:
+            self.close()  # release the run folder (and the process group) of a run refused at the start
+            raise
+
+    def start(self):
+        """Everything before the first step: devices, the run folder, data, model, optimizer, --resume.
+        Nothing in the run folder is written or deleted here: train() does that, once all this succeeded."""
+        cfg = self.cfg
         self.setup_distributed()
         self.ckpt_path = os.path.join(cfg["out_dir"], "checkpoint.pt")
         self.metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
+        self.lock_run_folder()  # before anything in the folder is read, written or deleted
         self.resume_ckpt = resume_ckpt = self.check_run_folder()
         if resume_ckpt is not None:
             self.adopt_saved_config(resume_ckpt)
@@ -237,6 +281,8 @@ class BaseTrainer:
         self.step = 0
         self.tokens_seen = 0
         speed.choose_for_device(self)  # --micro-batch-size auto: a probe step (RNG and model untouched)
+        self.checkpoint_step = None  # the step of the last checkpoint written or resumed from
+        self.nonfinite_skipped = 0   # optimizer steps skipped for a non-finite loss or gradient (--skip-nonfinite)
         if resume_ckpt is not None:
             self.restore(resume_ckpt)
         speed.setup_compile(self)      # FLOPs per token for MFU, then torch.compile with a warm-up step
@@ -247,16 +293,11 @@ class BaseTrainer:
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        requested = self.cfg["device"]
-        if requested == "auto":
-            requested = "cuda" if torch.cuda.is_available() else (
-                "mps" if torch.backends.mps.is_available() else "cpu")
-        if requested == "cuda" and not torch.cuda.is_available():
-            raise TrainError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
-        if requested == "mps" and not torch.backends.mps.is_available():
-            raise TrainError("--device mps asked for, but this torch has no MPS support; use --device cpu")
-        self.device = f"cuda:{self.local_rank}" if requested == "cuda" else requested
-        self.device_type = requested
+        requested = cli.pick_device(self.cfg["device"])  # UsageError if this machine cannot use it
+        self.device_type = requested.split(":")[0]
+        # Under torchrun each process takes the GPU of its local rank; one process may name cuda:N.
+        self.device = f"cuda:{self.local_rank}" if self.device_type == "cuda" and (
+            self.ddp or requested == "cuda") else requested
         if self.device_type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -270,12 +311,36 @@ class BaseTrainer:
 
     def log(self, *args):
         if self.master and args != (None,):  # None: a helper had nothing to say
-            print(*args, flush=True)
+            with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) must not stop the final save
+                print(*args, flush=True)
 
     # -- run folder --
+    def lock_run_folder(self):
+        """One writer per run folder: rank 0 holds a kernel-released lock (run_folder.RunFolderLock); every
+        rank learns whether it got it, so none waits for a partner that is leaving."""
+        problem = cli.writable_dir_problem(self.cfg["out_dir"])  # also the default and finetune's derived one
+        if problem:
+            raise TrainError(f"--out-dir: {problem}")
+        failure = None
+        if self.master:
+            try:
+                self.lock = run_folder.RunFolderLock(self.cfg["out_dir"]).acquire()
+            except (run_folder.RunFolderBusy, run_folder.WriteError) as e:
+                failure = e
+        if self.ddp and self.all_reduce_mean({"failed": float(failure is not None)})["failed"] > 0:
+            if not self.master:
+                raise PeerFailed(2)
+        if failure is not None:
+            raise failure
+
     def check_run_folder(self):
-        """Refuse to clobber a run; return the checkpoint to resume from, if --resume."""
+        """Refuse to clobber a run; return the checkpoint to resume from, if --resume (or --resume auto and
+        there is one)."""
         has_ckpt = os.path.exists(self.ckpt_path)
+        if self.cfg["resume"] == "auto":
+            self.cfg["resume"] = has_ckpt
+            if not has_ckpt:
+                self.log(f"--resume auto: no checkpoint in {self.cfg['out_dir']}; starting a new run")
         if self.cfg["resume"]:
             if not has_ckpt:
                 raise TrainError(f"nothing to resume: no checkpoint.pt in {self.cfg['out_dir']}; "
@@ -288,6 +353,9 @@ class BaseTrainer:
             if made_by != self.entry_point():
                 raise TrainError(f"{self.ckpt_path} was written by {made_by}; resume it with "
                                  f"python {made_by} --out-dir {self.cfg['out_dir']} --resume")
+            problem = run_folder.metrics_problem(self.metrics_path, ckpt["metrics_offset"])
+            if problem:
+                raise TrainError(problem)
             return ckpt
         if has_ckpt and not self.cfg["overwrite"]:
             raise TrainError(f"{self.cfg['out_dir']} already holds a run (checkpoint.pt); add --resume to "
@@ -449,7 +517,13 @@ class BaseTrainer:
 
     # -- checkpoints --
     def save_checkpoint(self):
-        """Write checkpoint.pt atomically: a temporary file, fsync, then rename over the old one."""
+        """Write checkpoint.pt atomically: a temporary file, fsync, then rename over the old one. Weights that
+        are not finite are never saved (every rank checks its identical copy, so all stop together)."""
+        if not all_finite(self.model.parameters()):
+            if not self.master:
+                raise PeerFailed(EXIT_DIVERGED)
+            raise Diverged(f"step {self.step}: the weights are not finite; not saving them over "
+                           f"{self.last_good_checkpoint()}. {self.what_to_try()}")
         if not self.master:
             return
         ckpt = {
@@ -458,20 +532,26 @@ class BaseTrainer:
             "model_extra_state": self.model.extra_state(), "optimizer_state": self.optimizer.state_dict(),
             "step": self.step, "tokens_seen": self.tokens_seen, "loader_state": self.train_loader.state_dict(),
             "rng": self.rng_state(), "config": self.cfg, "metrics_offset": self.metrics_offset(),
+            "nonfinite_skipped": self.nonfinite_skipped,
         }
         buffer = io.BytesIO()
         torch.save(ckpt, buffer)
         data = buffer.getvalue()
-        tmp = self.ckpt_path + ".tmp"
-        with open(tmp, "wb") as f:
-            if fault("kill_in_checkpoint", self.step):  # test hook: die with half a file written
+        if fault("kill_in_checkpoint", self.step):  # test hook: die with half a file written
+            with open(self.ckpt_path + ".tmp", "wb") as f:
                 f.write(data[: len(data) // 2])
-                f.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.ckpt_path)
+            os.kill(os.getpid(), signal.SIGKILL)
+        run_folder.atomic_write(self.ckpt_path, data)  # WriteError (one line) leaves the old checkpoint
+        self.checkpoint_step = self.step
+
+    def last_good_checkpoint(self):
+        if self.checkpoint_step is None:
+            return "no checkpoint was saved yet"
+        return f"the last good checkpoint (step {self.checkpoint_step}, {self.ckpt_path})"
+
+    def what_to_try(self):
+        return (f"Try a lower --lr (now {self.cfg['lr']:g}) or --grad-clip (now {self.cfg['grad_clip']:g}) in a "
+                f"new run (--overwrite or another --out-dir), or --skip-nonfinite N to skip rare bad batches")
 
     def model_states(self):
         """The weights a checkpoint stores. "model_state" is what from_checkpoint() loads; a subclass that
@@ -490,10 +570,8 @@ class BaseTrainer:
         self.train_loader.load_state_dict(ckpt["loader_state"])
         self.set_rng_state(ckpt["rng"])
         self.step, self.tokens_seen = ckpt["step"], ckpt["tokens_seen"]
-        if self.master and os.path.exists(self.metrics_path):
-            # rows the interrupted process logged after its last checkpoint are dropped
-            with open(self.metrics_path, "r+b") as f:
-                f.truncate(ckpt["metrics_offset"])
+        self.checkpoint_step, self.nonfinite_skipped = ckpt["step"], ckpt.get("nonfinite_skipped", 0)
+        self.metrics_kept = ckpt["metrics_offset"]  # train() drops the rows logged after the checkpoint
 
     # -- metrics --
     def metrics_offset(self):
@@ -502,20 +580,16 @@ class BaseTrainer:
     def write_metrics(self, row):
         if self.master:
             row = {**row, **self.model.log_fields()}
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            run_folder.append_line(self.metrics_path, json.dumps(row) + "\n")
 
     def write_config(self):
         if not self.master:
             return
-        os.makedirs(self.cfg["out_dir"], exist_ok=True)
         resolved = dict(self.cfg, model_config=dataclasses.asdict(self.model_cfg), world_size=self.world_size,
                         grad_accum=self.grad_accum, dataset_dir=str(self.dataset_dir),
                         n_params=self.model.num_params(), device_used=self.device, **self.speed_info)
-        tmp = os.path.join(self.cfg["out_dir"], "config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(resolved, f, indent=2)
-        os.replace(tmp, os.path.join(self.cfg["out_dir"], "config.json"))
+        run_folder.atomic_write(os.path.join(self.cfg["out_dir"], "config.json"),
+                                json.dumps(resolved, indent=2).encode())
 
     def all_reduce_mean(self, values):
         """Average a dict of floats over the ranks (identity with one process)."""
@@ -592,18 +666,24 @@ class BaseTrainer:
                 (loss / self.grad_accum).backward()
             # No .item() here: a GPU sync per micro-step stalls the queue; metrics stay on the device too.
             loss_sum = loss_sum + loss.detach()
+            if fault("nan_loss", self.step) and not self.nonfinite_skipped:  # test hook: one NaN step
+                loss_sum = loss_sum * float("nan")
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / self.grad_accum
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])  # clip first, then step
-        self.optimizer.step()
-        # The step's one sync: every number of the row in one copy to the host.
+        # The step's one host sync, before the update: every number of the row in one copy. The loss is then
+        # averaged over the ranks and the norm is of the all-reduced gradients, so every rank decides alike.
         totals = speed.to_floats({"loss": loss_sum / self.grad_accum, **totals, "grad_norm": grad_norm})
         grad_norm = totals.pop("grad_norm")
+        totals = self.all_reduce_mean(dict(totals, grad_norm_finite=float(math.isfinite(grad_norm))))
+        finite_norm = totals.pop("grad_norm_finite") == 1.0
+        if not (math.isfinite(totals["loss"]) and finite_norm):
+            return self.nonfinite_step(totals["loss"], grad_norm)  # the update is not applied
+        self.optimizer.step()
         if self.device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
-        totals = self.all_reduce_mean(totals)
         tokens = cfg["total_batch_size"]
         self.tokens_seen += tokens
         row = {"step": self.step, "split": "train", **totals, "lr": lr, "grad_norm": grad_norm,
@@ -613,16 +693,42 @@ class BaseTrainer:
         self.step += 1
         return row
 
+    def nonfinite_step(self, loss, grad_norm):
+        """A step whose loss or gradient norm is not finite: skip it (--skip-nonfinite N, at most N times per run;
+        the batch is consumed, the step count stays) or stop with Diverged. The weights were not touched."""
+        bad = f"the loss is {loss:g}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm:g}"
+        skip = self.nonfinite_skipped < self.cfg["skip_nonfinite"]
+        self.write_metrics({"step": self.step, "split": "nonfinite", "loss": None, "problem": bad,
+                            "action": "skipped" if skip else "stopped", "tokens": self.tokens_seen})
+        if not skip:
+            if not self.master:  # rank 0 says why
+                raise PeerFailed(EXIT_DIVERGED)
+            raise Diverged(f"step {self.step}: {bad}; the update was not applied and the run stops here. "
+                           f"Kept: {self.last_good_checkpoint()}. {self.what_to_try()}")
+        self.nonfinite_skipped += 1
+        self.tokens_seen += self.cfg["total_batch_size"]
+        self.log(f"step {self.step:5d} | {bad}: step skipped ({self.nonfinite_skipped} of --skip-nonfinite "
+                 f"{self.cfg['skip_nonfinite']})")
+        return None
+
     def request_stop(self, signum, frame):
-        if self.stop_requested:  # a second Ctrl-C stops at once
+        """SIGINT (Ctrl-C), SIGTERM (kill, schedulers) and SIGHUP (closed terminal or ssh session): save a
+        checkpoint after this step and exit with 128 + the signal's number."""
+        if self.stop_signal is not None:  # a second signal stops at once
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
-        self.stop_requested = True
-        self.log("\nstopping: saving a checkpoint after this step (Ctrl-C again to quit without saving)")
+        self.stop_signal = signum
+        self.log(f"\nstopping ({signal.Signals(signum).name}): saving a checkpoint after this step (Ctrl-C again "
+                 f"to quit without saving)")
 
     def should_stop(self):
-        flag = {"stop": float(self.stop_requested)}
-        return self.all_reduce_mean(flag)["stop"] > 0
+        """0 to go on, else the exit code: 128 + the signal any rank received (the largest, if several)."""
+        code = 128 + self.stop_signal if self.stop_signal is not None else 0
+        if self.ddp:
+            t = torch.tensor([code], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            code = int(t.item())
+        return code
 
     def train(self):
         cfg = self.cfg
@@ -630,9 +736,14 @@ class BaseTrainer:
             self.log(f"run already finished at step {self.step}; raise --max-steps to train further")
             return
         if self.master:
-            os.makedirs(cfg["out_dir"], exist_ok=True)
-            if not cfg["resume"]:
-                open(self.metrics_path, "w").close()  # --overwrite or a new run: fresh metrics
+            # Everything is validated and built: only now may a new run (or --overwrite) clear the folder.
+            run_folder.remove_stale_temporaries(cfg["out_dir"])
+            if cfg["resume"] and os.path.exists(self.metrics_path):
+                # rows the interrupted process logged after its last checkpoint are dropped (check_run_folder
+                # made sure the file is not shorter than the checkpoint says)
+                os.truncate(self.metrics_path, self.metrics_kept)
+            else:
+                run_folder.clear_run_files(cfg["out_dir"])
         self.write_config()
         self.log(f"{self.model_name}: {self.model.num_params():,} parameters | {self.world_size} process(es) on "
                  f"{self.device} | {cfg['total_batch_size']:,} tokens/step = {cfg['micro_batch_size']} x "
@@ -640,39 +751,56 @@ class BaseTrainer:
         self.log(speed.describe_speed(self))
         if cfg["resume"]:
             self.log(f"resuming at step {self.step} from {self.ckpt_path}")
-        signal.signal(signal.SIGINT, self.request_stop)
-        signal.signal(signal.SIGTERM, self.request_stop)
-        dts = []
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self.request_stop)
+        dts, evaluated = [], None
         while self.step < cfg["max_steps"]:
-            if self.step % cfg["eval_interval"] == 0:
+            if self.step % cfg["eval_interval"] == 0 and evaluated != self.step:
                 self.evaluate("val")
+                evaluated = self.step
             row = self.train_step()
-            dts.append(row["dt_ms"])
-            eta = trainer_console.eta_seconds(dts, cfg["max_steps"] - self.step)
-            self.log(f"step {row['step']:5d} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | norm "
-                     f"{row['grad_norm']:.2f} | {row['dt_ms']:.0f} ms | {row['tok_per_s']:,.0f} tok/s | "
-                     f"{'MFU {:.1%} | '.format(row['mfu']) if 'mfu' in row else ''}"
-                     f"eta {eta // 60:.0f}m{eta % 60:02.0f}s")
-            if len(dts) == 1:
-                self.log(trainer_console.gpu_preset_estimate(cfg, self.device_type, dts[0], eta))
-            if self.step % cfg["checkpoint_interval"] == 0 and self.step < cfg["max_steps"]:
-                self.save_checkpoint()
-            if fault("kill_after_step", self.step):  # test hook: die like kill -9
-                os.kill(os.getpid(), signal.SIGKILL)
-            if self.should_stop():
+            if row is not None:  # None: a non-finite step was skipped (--skip-nonfinite), the step count stays
+                dts.append(row["dt_ms"])
+                eta = trainer_console.eta_seconds(dts, cfg["max_steps"] - self.step)
+                self.log(f"step {row['step']:5d} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | norm "
+                         f"{row['grad_norm']:.2f} | {row['dt_ms']:.0f} ms | {row['tok_per_s']:,.0f} tok/s | "
+                         f"{'MFU {:.1%} | '.format(row['mfu']) if 'mfu' in row else ''}"
+                         f"eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+                if len(dts) == 1:
+                    self.log(trainer_console.gpu_preset_estimate(cfg, self.device_type, dts[0], eta))
+                if self.step % cfg["checkpoint_interval"] == 0 and self.step < cfg["max_steps"]:
+                    self.save_checkpoint()
+                if fault("kill_after_step", self.step):  # test hook: die like kill -9
+                    os.kill(os.getpid(), signal.SIGKILL)
+            code = self.should_stop()
+            if code:
                 self.save_checkpoint()
                 self.log(f"interrupted: checkpoint saved at step {self.step} in {self.ckpt_path}; "
                          f"continue with --resume")
-                return 130
+                return code
         self.evaluate("val")
         self.evaluate("test")
         self.save_checkpoint()
         self.log(f"done: {self.step} steps; checkpoint in {self.ckpt_path}")
         return 0
 
-    def close(self):
+    def close(self, finished=False):
+        """Release the run folder and leave the process group. finished: every rank got here the same way (the
+        loop ended or all stopped on a signal), so a barrier is safe; it keeps a rank from leaving while rank 0
+        still writes the last checkpoint. After an error on one rank only, a barrier could wait forever."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
         if self.ddp and dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
+
+
+def all_finite(tensors):
+    """True if every element of every tensor is finite (one host sync)."""
+    flags = [t.detach().isfinite().all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def fault(kind, step):
@@ -683,20 +811,40 @@ def fault(kind, step):
 def run(trainer_class, resolve, argv=None):
     """Build and train; bad input ends with one line on stderr and exit code 2. resolve(argv) returns
     (model_name, cfg, typed). Shared by train_<model>.py, finetune.py and train_mntp.py."""
-    trainer = None
+    trainer, finished = None, False
     try:
         model_name, cfg, typed = resolve(argv)
         trainer = trainer_class(model_name, cfg, typed)
         code = trainer.train() or 0
-    except (TrainError, DataError, CheckpointError, ModelConfigError) as e:
+        finished = True
+    except (TrainError, DataError, CheckpointError, ModelConfigError, cli.UsageError,
+            run_folder.RunFolderBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except run_folder.WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_WRITE_FAILED
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_DIVERGED
+    except PeerFailed as e:  # rank 0 printed the reason
+        code = e.code
     except KeyboardInterrupt:
         print("interrupted; nothing saved since the last checkpoint", file=sys.stderr)
         code = 130
     finally:
         if trainer is not None:
-            trainer.close()
+            trainer.close(finished)
+    if dist.is_available() and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        # Under torchrun, end here. The gloo process group outlives destroy_process_group() (C++ keeps
+        # references; its worker threads keep running), so a normal exit destroys it during interpreter and
+        # static teardown, racing those threads: ~1 in 10 two-process runs aborted there with "terminate called
+        # without an active exception" and torchrun reported FAILED. Every file of the run is already written
+        # and closed (atomic_write, append_line), so only stdout and stderr need flushing.
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
     return code
 
 

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 from auto_regressive_model import AutoRegressiveModel, CheckpointError
 from base_data_preparer import get_tokenizer
 from data_file_utils import DataError
@@ -242,21 +243,21 @@ def read_texts(path, field=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Embed texts with an lmsmall checkpoint (causal, MNTP encoder, dual).")
+    p = cli.ArgumentParser(description="Embed texts with an lmsmall checkpoint (causal, MNTP encoder, dual).")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--input", required=True, help="a text per line, or JSON lines with --field")
     p.add_argument("--field", help="take this string field of each JSON line")
-    p.add_argument("--out", help=".npy (pooled, N x D) or, with --tokens, .npz (default runs/embeddings.npy, "
+    p.add_argument("--out", type=cli.output_file, help=".npy (pooled, N x D) or, with --tokens, .npz (default runs/embeddings.npy, "
                    "with --tokens runs/token_embeddings.npz)")
     p.add_argument("--kind", choices=KINDS, help="check the checkpoint gives this kind (default: its own)")
     p.add_argument("--tokens", action="store_true", help="token embeddings for MaxSim: an .npz with 'tokens' "
                    "(all texts' token vectors stacked) and 'offsets' (text i is tokens[offsets[i]:offsets[i+1]])")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=cli.positive_int, default=32)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, mps")
+    p.add_argument("--device", type=cli.device, default="auto", help="auto (cuda if available, else cpu), cpu, "
+                   "cuda, cuda:N, mps")
     args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = cli.pick_device(args.device)
     suffix = ".npz" if args.tokens else ".npy"
     out = args.out or os.path.join("runs", "token_embeddings.npz" if args.tokens else "embeddings.npy")
     out = out if out.endswith(suffix) else out + suffix   # as np.save / np.savez name their files

@@ -28,7 +28,6 @@ The rules are in the README's table ("How answers are scored"), each with a test
 --limit N evaluates the first N problems.
 """
 
-import argparse
 import json
 import math
 import re
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import cli
 import synthetic_math
 from auto_regressive_model import AutoRegressiveModel, CheckpointError, left_pad, masked_cross_entropy
 from base_data_preparer import ensure_prepared, get_tokenizer
@@ -292,7 +292,7 @@ def eval_batches(text):
 # ---- command line ----------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Test loss, bits per byte and math accuracy of an lmsmall checkpoint.")
+    p = cli.ArgumentParser(description="Test loss, bits per byte and math accuracy of an lmsmall checkpoint.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", help="data for the loss (default: the checkpoint's own)")
     p.add_argument("--data-dir", help="where prepared data live (default: the run's)")
@@ -305,18 +305,18 @@ def main(argv=None):
     p.add_argument("--no-loss", action="store_true", help="skip the loss")
     p.add_argument("--task", help="synthetic-math | json:PATH (GSM8K format): exact-match accuracy (no loss "
                                   "unless --loss)")
-    p.add_argument("--limit", type=int, help="evaluate the first N problems (default: synthetic-math 200, json all)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--limit", type=cli.positive_int, help="evaluate the first N problems (default: synthetic-math 200, json all)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=None,
                    help="problems generated at once (default: 32 on a CPU, 128 on a GPU)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=None,
                    help="longest generated answer (default: twice the longest reference solution, in tokens)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, mps")
-    p.add_argument("--out", help="write every figure (and the generated answers) to this JSON file")
+    p.add_argument("--device", type=cli.device, default="auto", help="auto (cuda if available, else cpu), cpu, "
+                   "cuda, cuda:N, mps")
+    p.add_argument("--out", type=cli.output_file, help="write every figure (and the generated answers) to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = cli.pick_device(args.device)
     batch_size = args.batch_size if args.batch_size is not None else (32 if args.device == "cpu" else 128)
     try:
         if args.limit is not None and args.limit < 1:

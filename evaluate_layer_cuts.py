@@ -26,6 +26,7 @@ import sys
 
 import torch
 
+import cli
 from auto_regressive_model import AutoRegressiveModel, CheckpointError
 from data_file_utils import DataError, check_run_data
 
@@ -114,19 +115,20 @@ def evaluate_checkpoint(path, split="val", n_batches=None, batch_size=None, data
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="run folders (with checkpoint.pt) or checkpoint files")
     p.add_argument("--split", default="val", choices=["val", "test"])
-    p.add_argument("--batches", type=int, default=None,
+    p.add_argument("--batches", type=cli.positive_int, default=None,
                    help="validation batches per cut (default: the run's --eval-batches, the batches of its val rows)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the run's micro batch size")
+    p.add_argument("--batch-size", type=cli.positive_int, default=None, help="default: the run's micro batch size")
     p.add_argument("--data-dir", default=None, help="default: the run's data_dir")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None, help=f"output file (one path only); default <run dir>/{CUTS_FILE}")
+    p.add_argument("--device", type=cli.device, default="cpu", help="cpu (default), auto, cuda, cuda:N, mps")
+    p.add_argument("--out", type=cli.output_file, default=None, help=f"output file (one path only); default <run dir>/{CUTS_FILE}")
     p.add_argument("--skip-existing", action="store_true", help=f"skip runs that already have {CUTS_FILE}")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = p.parse_args(argv)
+    args.device = cli.pick_device(args.device)
     if args.out and len(args.paths) > 1:
         p.error("--out takes a single path")
     outs = [args.out or os.path.join(os.path.dirname(checkpoint_path(path)) or ".", CUTS_FILE) for path in args.paths]

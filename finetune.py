@@ -22,7 +22,6 @@ generate.py, embed.py and further fine-tunes load like any other checkpoint; the
 as "train_model_state" for --resume only.
 """
 
-import argparse
 import os
 import sys
 
@@ -30,6 +29,7 @@ import torch.nn as nn
 
 from auto_regressive_model import AutoRegressiveModel, CheckpointError
 import base_trainer
+import cli
 from base_trainer import COMMON_DEFAULTS, BaseTrainer, TrainError, add_trainer_arguments
 from components import MLP, LoRALinear, SelfAttention
 from convert_hf import absolute_checkpoint
@@ -146,12 +146,12 @@ def build_model(model_name, model_config, extra_state):
 # ---- configuration ---------------------------------------------------------------------------
 
 def build_parser(description=None, kind="finetune", lora_rank=0):
-    p = argparse.ArgumentParser(description=description or "Fine-tune an lmsmall checkpoint (any model).")
+    p = cli.ArgumentParser(description=description or "Fine-tune an lmsmall checkpoint (any model).")
     p.add_argument("--checkpoint", help="the trained checkpoint to start from (not needed with --resume)")
     add_trainer_arguments(p, f"{kind}_<model>")
-    p.add_argument("--lora-rank", type=int, help=f"LoRA on attention and MLP with this rank (default: "
+    p.add_argument("--lora-rank", type=cli.nonnegative_int, help=f"LoRA on attention and MLP with this rank (default: "
                    f"{lora_rank or 'none, every weight trains'})")
-    p.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default 2 x rank)")
+    p.add_argument("--lora-alpha", type=cli.positive_float, help="LoRA scale numerator (default 2 x rank)")
     return p
 
 
@@ -162,6 +162,11 @@ def resolve_config(argv, parser=None, defaults=FINETUNE_DEFAULTS, entry_point="f
     `defaults` < typed; then finish(name, cfg, typed) adds a subclass's own settings."""
     ns = (parser or build_parser()).parse_args(argv)
     typed = {k: v for k, v in vars(ns).items() if v is not None}
+    if typed.get("resume") == "auto":  # continue the run in --out-dir if it has a checkpoint, else start one
+        if typed.get("out_dir") and os.path.exists(os.path.join(typed["out_dir"], "checkpoint.pt")):
+            typed["resume"] = True
+        else:
+            del typed["resume"]
     if typed.get("resume"):
         out_dir = typed.get("out_dir")
         if not out_dir:

@@ -8,11 +8,11 @@ A sample ends at <|endoftext|> (the end of a document in the training data; not 
 ("Question: ...\nAnswer:", as the data preparer writes question/answer documents) get answers.
 """
 
-import argparse
 import sys
 
 import torch
 
+import cli
 from auto_regressive_model import AutoRegressiveModel, CheckpointError
 from base_data_preparer import get_tokenizer
 from data_file_utils import DataError
@@ -20,18 +20,19 @@ from models import ModelConfigError
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample text from a trained lmsmall checkpoint.")
+    p = cli.ArgumentParser(description="Sample text from a trained lmsmall checkpoint.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=cli.nonnegative_int, default=200)
+    p.add_argument("--temperature", type=cli.nonnegative_float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=cli.positive_int, default=None)
+    p.add_argument("--num-samples", type=cli.positive_int, default=1)
+    p.add_argument("--seed", type=cli.seed, default=1337)
+    p.add_argument("--device", type=cli.device, default="cpu", help="cpu (default), auto, cuda, cuda:N, mps")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     p.add_argument("--no-stop", action="store_true", help="go on after <|endoftext|> (default: a sample ends there)")
     args = p.parse_args(argv)
+    args.device = cli.pick_device(args.device)
     try:
         model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
         enc = get_tokenizer(ckpt["config"]["tokenizer"])

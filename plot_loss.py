@@ -12,7 +12,6 @@ where a run's "stage" changes (progressive_diverging). --x time is training time
 summed; evaluation not counted). An existing --out is kept unless --overwrite.
 """
 
-import argparse
 import glob
 import itertools
 import json
@@ -29,6 +28,8 @@ COLORS = [f"C{i}" for i in range(10)]
 LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 X_LABELS = {"tokens": "tokens", "steps": "optimizer steps", "time": "training time (s, evaluation excluded)"}
+
+import cli  # noqa: E402
 
 
 class PlotError(Exception):
@@ -146,12 +147,12 @@ def make_figure(run_dirs, x="tokens", smooth=1, fields=("loss",), log_y=True):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Plot train and val loss of lmsmall runs into one PNG.")
+    p = cli.ArgumentParser(description="Plot train and val loss of lmsmall runs into one PNG.")
     p.add_argument("runs", nargs="*", help="run folders (default: every runs/*/ with a metrics.jsonl)")
-    p.add_argument("--out", default="runs/loss.png", help="the PNG to write (default runs/loss.png)")
+    p.add_argument("--out", type=cli.output_file, default="runs/loss.png", help="the PNG to write (default runs/loss.png)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--x", choices=list(X_LABELS), default="tokens", help="x axis (default tokens)")
-    p.add_argument("--smooth", type=int, default=1, help="running mean over this many train steps (default 1: "
+    p.add_argument("--smooth", type=cli.positive_int, default=1, help="running mean over this many train steps (default 1: "
                    "none); val rows are never smoothed")
     p.add_argument("--fields", nargs="+", default=["loss"], help="metrics to plot, one curve each (default "
                    "loss; e.g. loss loss_bw for dual_mask_gpt's backward loss, loss_all with --loss-on answer)")

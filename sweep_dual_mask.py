@@ -26,6 +26,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+import cli
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DONE_FILE = "sweep_run.json"
 
@@ -96,22 +98,22 @@ def main(argv=None):
     if "--" in argv:
         i = argv.index("--")
         argv, train_args = argv[:i], argv[i + 1:]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", default="runs/dual_mask_sweep")
+    p.add_argument("--out-dir", type=cli.output_dir, default="runs/dual_mask_sweep")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--preset", default="rtx3080", choices=["rtx3080", "tiny"])
-    p.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32])
-    p.add_argument("--widths", type=int, nargs="+", default=[192, 384, 768, 1536])
-    p.add_argument("--p-bw", type=float, nargs="+", default=[0.0, 0.05, 0.1])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--head-size", type=int, default=64, help="n_head = max(1, width // head_size)")
+    p.add_argument("--depths", type=cli.positive_int, nargs="+", default=[4, 8, 16, 32])
+    p.add_argument("--widths", type=cli.positive_int, nargs="+", default=[192, 384, 768, 1536])
+    p.add_argument("--p-bw", type=cli.probability, nargs="+", default=[0.0, 0.05, 0.1])
+    p.add_argument("--seeds", type=cli.seed, nargs="+", default=[0, 1, 2])
+    p.add_argument("--head-size", type=cli.positive_int, default=64, help="n_head = max(1, width // head_size)")
     p.add_argument("--bw-mode", default="additional", choices=["additional", "exclusive"])
     p.add_argument("--dynamic-p-bw", action="store_true")
     p.add_argument("--no-layer-cuts", dest="layer_cuts", action="store_false")
-    p.add_argument("--cut-batches", type=int, default=8, help="validation batches per layer cut")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (default 1)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--cut-batches", type=cli.positive_int, default=8, help="validation batches per layer cut")
+    p.add_argument("--jobs", type=cli.positive_int, default=1, help="runs trained at the same time (default 1)")
+    p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="OMP_NUM_THREADS of each run (small CPU models run fastest with 1)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = p.parse_args(argv)

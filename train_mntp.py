@@ -29,6 +29,8 @@ import sys
 import torch
 import torch.nn as nn
 
+import cli
+
 from auto_regressive_model import masked_cross_entropy
 from base_data_preparer import get_tokenizer
 from base_trainer import TrainError
@@ -103,7 +105,7 @@ def resolve(argv=None):
     """(model_name, cfg, typed) of a train_mntp.py command line: finetune.py's, with MNTP's defaults."""
     parser = build_parser("Bi-MNTP: make a causal lmsmall checkpoint a bidirectional encoder (LLM2Vec step 1).",
                           "mntp", DEFAULT_LORA_RANK)
-    parser.add_argument("--mask-rate", type=float, help="fraction of input tokens replaced by the mask token "
+    parser.add_argument("--mask-rate", type=cli.open_fraction, help="fraction of input tokens replaced by the mask token "
                         "(default 0.2)")
     return resolve_config(argv, parser, MNTP_DEFAULTS, "train_mntp.py", DEFAULT_LORA_RANK, finish_config)
 

@@ -21,6 +21,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -79,18 +82,18 @@ def measure(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--micro-batch-size", type=int, default=8)
-    p.add_argument("--vocab-size", type=int, default=50304, help="50304 = GPT-2 BPE, 320 = the byte tokenizer")
-    p.add_argument("--n-embd", type=int, default=48)
-    p.add_argument("--n-head", type=int, default=6)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seq-len", type=cli.positive_int, default=1024)
+    p.add_argument("--micro-batch-size", type=cli.positive_int, default=8)
+    p.add_argument("--vocab-size", type=cli.positive_int, default=50304, help="50304 = GPT-2 BPE, 320 = the byte tokenizer")
+    p.add_argument("--n-embd", type=cli.positive_int, default=48)
+    p.add_argument("--n-head", type=cli.positive_int, default=6)
+    p.add_argument("--steps", type=cli.positive_int, default=3, help="timed steps per round")
+    p.add_argument("--warmup", type=cli.nonnegative_int, default=1)
+    p.add_argument("--rounds", type=cli.positive_int, default=2)
     p.add_argument("--which", help=argparse.SUPPRESS)
-    p.add_argument("--n-layer", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--n-layer", type=cli.positive_int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device == "auto":
         import torch

@@ -18,7 +18,6 @@ into the per-token figure. The table's "ctx" column shows the block_size used. W
 speed does not depend on them (the cached and uncached paths are checked to give the same greedy tokens).
 """
 
-import argparse
 import os
 import statistics
 import sys
@@ -27,6 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402
 from bench.machine import describe as describe_machine  # noqa: E402
 from models import MODELS, create_model  # noqa: E402
 
@@ -81,22 +81,23 @@ def run(case, prompt, args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--preset", default="tiny", choices=["tiny", "rtx3080"])
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--block-size", type=int, default=None,
+    p.add_argument("--new-tokens", type=cli.positive_int, default=256)
+    p.add_argument("--prompt-len", type=cli.positive_int, default=16)
+    p.add_argument("--batch", type=cli.positive_int, default=1)
+    p.add_argument("--block-size", type=cli.positive_int, default=None,
                    help="context; default: the preset's, raised to prompt + new tokens if smaller")
-    p.add_argument("--vocab-size", type=int, default=320, help="320 = byte tokenizer, 50304 = GPT-2")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--vocab-size", type=cli.positive_int, default=320, help="320 = byte tokenizer, 50304 = GPT-2")
+    p.add_argument("--rounds", type=cli.positive_int, default=3)
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="torch CPU threads (default 1 on CPU: batch-1 decoding of small models is fastest on one "
                         "thread, and more threads thrash on a shared machine)")
     p.add_argument("--smoke", action="store_true", help="tiny settings: 32 new tokens, 1 round")
     args = p.parse_args(argv)
+    args.device = cli.pick_device(args.device)
     if args.smoke:
         args.new_tokens, args.rounds, args.prompt_len = min(args.new_tokens, 32), 1, min(args.prompt_len, 8)
     if args.threads or not args.device.startswith("cuda"):

@@ -19,7 +19,6 @@ bpb (bits per byte) = loss / ln 2 * tokens / bytes of the split (1 byte per toke
 Spread: half the range over seeds (max - min) / 2.
 """
 
-import argparse
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import cli  # noqa: E402
 from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy  # noqa: E402
 from bench.machine import describe as describe_machine  # noqa: E402
 
@@ -98,15 +98,15 @@ def fmt(values, digits=3):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny model, a few steps: checks the script, < 1 minute")
     p.add_argument("--seeds", default="1,2", help="comma-separated --seed values (initial weights)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants (default: all)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seq-len", type=int, default=64, help="the training context L")
-    p.add_argument("--micro-batch-size", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=4_000_000, help="synthetic-math tokens to prepare")
-    p.add_argument("--eval-windows", type=int, default=10_000, help="at most this many val windows of 4L")
+    p.add_argument("--steps", type=cli.positive_int, default=300)
+    p.add_argument("--seq-len", type=cli.positive_int, default=64, help="the training context L")
+    p.add_argument("--micro-batch-size", type=cli.positive_int, default=16)
+    p.add_argument("--max-tokens", type=cli.positive_int, default=4_000_000, help="synthetic-math tokens to prepare")
+    p.add_argument("--eval-windows", type=cli.positive_int, default=10_000, help="at most this many val windows of 4L")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out-dir", default="runs/pos_head")
     args = p.parse_args(argv)

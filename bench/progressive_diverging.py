@@ -14,7 +14,6 @@ also the median CPU time of this process per step, which other programs on a bus
 (use --threads 1 there, so that no thread waits for another).
 """
 
-import argparse
 import contextlib
 import os
 import statistics
@@ -25,21 +24,22 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # noqa: E402
 from components import LoRALinear  # noqa: E402
 from models import create_model, model_config  # noqa: E402
 import models.progressive_diverging as pd  # noqa: E402
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--preset", default="rtx3080", choices=list(pd.PRESETS))
-    p.add_argument("--vocab-size", type=int, default=50304, help="50304 = GPT-2 tokenizer; 320 = bytes")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=None, help="default: the preset's block_size")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per model (after --warmup)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--vocab-size", type=cli.positive_int, default=50304, help="50304 = GPT-2 tokenizer; 320 = bytes")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8)
+    p.add_argument("--seq-len", type=cli.positive_int, default=None, help="default: the preset's block_size")
+    p.add_argument("--steps", type=cli.positive_int, default=20, help="timed steps per model (after --warmup)")
+    p.add_argument("--warmup", type=cli.nonnegative_int, default=3)
+    p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--threads", type=cli.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--plain-lora", action="store_true",
                    help="also time stages 2/3 with components.LoRALinear.forward instead of the custom matmul")
     return p.parse_args()

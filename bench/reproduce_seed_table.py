@@ -40,7 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from base_data_preparer import parse_count  # noqa: E402
+import cli  # noqa: E402
 from bench.machine import describe as describe_machine  # noqa: E402
 
 SEED_MODELS = ["baseline_gpt2", "conv_attention", "progressive_diverging"]
@@ -138,7 +138,7 @@ def print_table(rows, seed_rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--scale", choices=list(SCALES), default=None,
@@ -147,16 +147,16 @@ def main(argv=None):
     p.add_argument("--data", help="dataset spec passed to every train script (default: the scale's)")
     p.add_argument("--tokenizer", choices=["gpt2", "bytes"])
     p.add_argument("--data-dir", help="prepared shards (default: the train scripts' data/)")
-    p.add_argument("--max-tokens", type=parse_count, help="token budget when preparing the data, e.g. 40M")
+    p.add_argument("--max-tokens", type=cli.count, help="token budget when preparing the data, e.g. 40M")
     p.add_argument("--out-dir", help="runs go to OUT_DIR/<model> (default runs/seed_table_<scale>)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps per model (default: the scale's)")
-    p.add_argument("--total-batch-size", type=int, help="tokens per optimizer step (default: the scale's)")
-    p.add_argument("--eval-batches", type=int)
+    p.add_argument("--max-steps", type=cli.positive_int, help="optimizer steps per model (default: the scale's)")
+    p.add_argument("--total-batch-size", type=cli.positive_int, help="tokens per optimizer step (default: the scale's)")
+    p.add_argument("--eval-batches", type=cli.positive_int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--infer-tokens", type=int, help="new tokens timed for inference ms/token")
-    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the train scripts (smoke: 1)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per training run (default: none)")
+    p.add_argument("--seed", type=cli.seed, default=1337)
+    p.add_argument("--infer-tokens", type=cli.positive_int, help="new tokens timed for inference ms/token")
+    p.add_argument("--threads", type=cli.positive_int, help="OMP_NUM_THREADS of the train scripts (smoke: 1)")
+    p.add_argument("--timeout", type=cli.positive_float, default=None, help="seconds per training run (default: none)")
     p.add_argument("--reuse", action="store_true", help="keep a finished run with the same --max-steps")
     p.add_argument("--overwrite", action="store_true", help="start over runs that already exist in OUT_DIR")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],

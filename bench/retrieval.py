@@ -21,7 +21,6 @@ document), i.e. pairs that models trained on json:train.jsonl never saw; 141 of 
 --pairs train: records of the train split (seen in training, as language-model text), the first --limit.
 """
 
-import argparse
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from collections import Counter
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402
 from auto_regressive_model import AutoRegressiveModel, CheckpointError  # noqa: E402
 from base_data_preparer import get_tokenizer  # noqa: E402
 from bench.machine import describe as describe_machine  # noqa: E402
@@ -117,16 +117,16 @@ def evaluate_checkpoint(path, kind, questions, documents, gold, batch_size, with
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="GSM8K question -> answer retrieval with embed.py's embeddings.")
+    p = cli.ArgumentParser(description="GSM8K question -> answer retrieval with embed.py's embeddings.")
     p.add_argument("--causal", help="checkpoint of a causal model (e.g. baseline_gpt2)")
     p.add_argument("--mntp", help="checkpoint written by train_mntp.py")
     p.add_argument("--dual", help="checkpoint of a dual_mask_gpt model")
     p.add_argument("--data", default=DEFAULT_DATA, help="GSM8K-format JSON lines (default: shared GSM8K train)")
     p.add_argument("--pairs", choices=["heldout", "train"], default="heldout")
-    p.add_argument("--limit", type=int, help="at most this many pairs")
-    p.add_argument("--seed", type=int, default=0, help="document shuffle")
+    p.add_argument("--limit", type=cli.positive_int, help="at most this many pairs")
+    p.add_argument("--seed", type=cli.seed, default=0, help="document shuffle")
     p.add_argument("--no-maxsim", action="store_true", help="pooled embeddings only")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=cli.positive_int, default=32)
     p.add_argument("--out", help="write the table as JSON")
     args = p.parse_args(argv)
     try:

@@ -13,7 +13,6 @@ kernel of one forward + backward, so each architecture (shortened sequences, sha
 as it runs. MFU = counted FLOPs per second / the GPU's dense bf16 peak.
 """
 
-import argparse
 import importlib.util
 import os
 import statistics
@@ -25,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import speed  # noqa: E402
+import cli  # noqa: E402
 from models import MODELS, create_model  # noqa: E402
 
 
@@ -110,20 +110,21 @@ class Runner:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=list(MODELS))
     p.add_argument("--preset", default="tiny", choices=["tiny", "rtx3080"])
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="model config overrides")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=None, help="default: the model preset's block_size")
-    p.add_argument("--vocab-size", type=int, default=320, help="320 = byte tokenizer, 50304 = GPT-2")
-    p.add_argument("--steps", type=int, default=5, help="steps per timed round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=cli.positive_int, default=8)
+    p.add_argument("--seq-len", type=cli.positive_int, default=None, help="default: the model preset's block_size")
+    p.add_argument("--vocab-size", type=cli.positive_int, default=320, help="320 = byte tokenizer, 50304 = GPT-2")
+    p.add_argument("--steps", type=cli.positive_int, default=5, help="steps per timed round")
+    p.add_argument("--rounds", type=cli.positive_int, default=3)
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile-mode", choices=speed.COMPILE_MODES, default="default")
     p.add_argument("--nanogpt", help="path to nanoGPT's model.py, timed beside baseline_gpt2")
     args = p.parse_args(argv)
+    args.device = cli.pick_device(args.device)
     torch.manual_seed(0)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True

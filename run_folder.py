@@ -1,0 +1,174 @@
+"""
+The run folder (--out-dir) on disk: one writer at a time, writes that fail cleanly, starting over only on purpose.
+
+    lock = RunFolderLock(out_dir).acquire()   # RunFolderBusy (names the holder's PID) if another process writes
+    atomic_write(path, data)                  # temp file, fsync, rename; WriteError (one line) if it fails,
+                                              #   with the temp file removed and the old file intact
+    append_line(path, text)                   # a metrics row; a failed append leaves the file as it was
+    remove_stale_temporaries(out_dir)         # *.tmp left by a crash
+    clear_run_files(out_dir)                  # --overwrite, once the new run is known to start
+    lock.release()
+
+The lock is fcntl.flock on out_dir/.lock: the kernel drops it when the process ends, however it ends (kill -9
+included), so a crash never leaves a stale lock. The file holds the holder's PID, for the refusal message.
+It keeps other processes out; within one process (e.g. tests that build several trainers) it is shared.
+"""
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+
+LOCK_NAME = ".lock"
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.json")  # what --overwrite replaces
+TEMPORARIES = tuple(name + ".tmp" for name in RUN_FILES)
+_HELD = {}  # real path of a folder -> [fd, users]: the locks this process holds
+
+
+class RunFolderBusy(Exception):
+    """Another live process writes this run folder."""
+
+
+class WriteError(Exception):
+    """A file of the run could not be written (disk full, no permission); the message says which and why."""
+
+
+class RunFolderLock:
+    """An exclusive, kernel-released lock on one run folder."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.path = os.path.join(folder, LOCK_NAME)
+        self.fd = None
+        self.created_folder = False
+
+    def acquire(self):
+        """Take the lock or raise RunFolderBusy. Creates the folder if needed (release() removes it again if
+        nothing else was written into it)."""
+        try:
+            if not os.path.isdir(self.folder):
+                os.makedirs(self.folder)
+                self.created_folder = True
+            self.key = os.path.realpath(self.folder)
+            if self.key in _HELD:  # this process holds it already
+                _HELD[self.key][1] += 1
+                self.fd = _HELD[self.key][0]
+                return self
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
+                    os.close(fd)
+                    raise RunFolderBusy(f"{self.folder} is being written by another process (pid {holder}); wait "
+                                        f"for it to end or stop it, or choose another --out-dir") from None
+                # A holder that cleaned up may have unlinked the file between our open and flock: then we hold
+                # a lock on a file nobody else will see, so start again with the current one.
+                try:
+                    if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                        break
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:
+            raise WriteError(f"cannot write into {self.folder}: {e.strerror}; choose another --out-dir") from None
+        self.fd = fd
+        _HELD[self.key] = [fd, 1]
+        return self
+
+    def release(self):
+        """Drop the lock. A folder that acquire() created and that holds nothing but the lock file is removed:
+        a run refused at the start leaves no trace."""
+        if self.fd is None:
+            return
+        _HELD[self.key][1] -= 1
+        if _HELD[self.key][1] > 0:  # another user in this process still holds it
+            self.fd = None
+            return
+        del _HELD[self.key]
+        if self.created_folder:
+            with contextlib.suppress(OSError):
+                if os.listdir(self.folder) == [LOCK_NAME]:
+                    os.unlink(self.path)
+                    os.rmdir(self.folder)
+        os.close(self.fd)
+        self.fd = None
+
+
+def _write_error(path, error, nbytes=None):
+    """WriteError naming the file, the reason and, when known, the bytes needed and free."""
+    need = ""
+    if nbytes is not None:
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            need = f" ({nbytes:,} bytes needed, {free:,} free)"
+        except OSError:
+            need = f" ({nbytes:,} bytes needed)"
+    hint = "free some disk space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder"
+    return WriteError(f"could not write {path}: {error.strerror or error}{need}; the previous file is intact: "
+                      f"{hint}, then continue with --resume")
+
+
+def atomic_write(path, data):
+    """Replace `path` by `data` (bytes) all at once: a temporary file, fsync, rename. On failure the temporary
+    file is removed, `path` keeps its old content, and WriteError says what happened."""
+    tmp = path + ".tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _write_error(path, e, len(data)) from None
+
+
+def append_line(path, text):
+    """Append text (one line, with its newline) to path; on failure the file is cut back to its old length."""
+    data = text.encode()
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
+        raise _write_error(path, e, len(data)) from None
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files a crash may have left (call while holding the lock)."""
+    for name in TEMPORARIES:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            os.unlink(os.path.join(folder, name))
+
+
+def clear_run_files(folder):
+    """Delete a previous run's checkpoint, metrics and config (--overwrite, after everything was validated)."""
+    for name in RUN_FILES + TEMPORARIES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(folder, name))
+
+
+def metrics_problem(metrics_path, expected_size):
+    """None if metrics_path holds at least the expected_size bytes a checkpoint recorded, else why not."""
+    size = os.path.getsize(metrics_path) if os.path.exists(metrics_path) else 0
+    if size >= expected_size:
+        return None
+    return (f"{metrics_path} holds {size:,} bytes but the checkpoint was saved after {expected_size:,}: the "
+            f"metrics were replaced or cut since; restore them, or start over with --overwrite")

@@ -1,0 +1,138 @@
+"""Bad input to every script ends at the start: exit 2, ONE line on stderr naming the flag, no traceback, nothing
+written (issue 13, item 8). In-process (each main(argv)), so the whole table takes about a second."""
+
+import importlib
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+def train_main(argv):
+    import base_trainer
+    return base_trainer.main("baseline_gpt2", argv)
+
+
+def finetune_main(argv):
+    import finetune
+    return finetune.run(finetune.FinetuneTrainer, argv)
+
+
+def mntp_main(argv):
+    import train_mntp
+    return train_mntp.run(train_mntp.MNTPTrainer, argv, resolve=train_mntp.resolve)
+
+
+def script_main(module):
+    return lambda argv: importlib.import_module(module).main(argv)
+
+
+def bench_main(name):
+    def main(argv):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.main(argv)
+    return main
+
+
+def cases(tmp):
+    """(main, argv, the flag the one line must name). tmp/a_file exists and is a file."""
+    f = str(tmp / "a_file")
+    t = ["--preset", "tiny", "--out-dir", str(tmp / "run")]
+    train = [(["--eval-interval", "0"], "--eval-interval"), (["--checkpoint-interval", "-1"], "--checkpoint-interval"),
+             (["--max-steps", "0"], "--max-steps"), (["--eval-batches", "0"], "--eval-batches"),
+             (["--micro-batch-size", "0"], "--micro-batch-size"), (["--seq-len", "-8"], "--seq-len"),
+             (["--total-batch-size", "0"], "--total-batch-size"), (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"),
+             (["--lr", "0"], "--lr"), (["--min-lr", "inf"], "--min-lr"), (["--weight-decay", "-0.1"], "--weight-decay"),
+             (["--grad-clip", "nan"], "--grad-clip"), (["--grad-clip", "0"], "--grad-clip"),
+             (["--warmup-steps", "-1"], "--warmup-steps"), (["--seed", "-1"], "--seed"),
+             (["--data-seed", str(2 ** 32)], "--data-seed"), (["--device", "tpu"], "--device"),
+             (["--max-tokens", "inf"], "--max-tokens"), (["--max-tokens", "0"], "--max-tokens"),
+             (["--resume", "yes"], "--resume"), (["--skip-nonfinite", "-1"], "--skip-nonfinite"),
+             (["--dropout", "1.5"], "--dropout"), (["--dropout", "nan"], "--dropout"),
+             (["--out-dir", f], "--out-dir"), (["--out-dir", f + "/sub"], "--out-dir")]
+    if NO_CUDA:
+        train.append((["--device", "cuda"], "--device"))
+    out = [(train_main, t + argv, flag) for argv, flag in train]
+    out += [(finetune_main, ["--checkpoint", "x.pt", "--lora-alpha", "nan"], "--lora-alpha"),
+            (finetune_main, ["--checkpoint", "x.pt", "--lora-rank", "-1"], "--lora-rank"),
+            (finetune_main, ["--checkpoint", "x.pt", "--lr", "1e999"], "--lr"),
+            (mntp_main, ["--checkpoint", "x.pt", "--mask-rate", "1"], "--mask-rate"),
+            (mntp_main, ["--checkpoint", "x.pt", "--mask-rate", "nan"], "--mask-rate")]
+    gen = script_main("generate")
+    out += [(gen, ["--checkpoint", "x.pt", *a], a[0]) for a in (["--max-new-tokens", "-1"], ["--top-k", "0"],
+            ["--temperature", "nan"], ["--num-samples", "0"], ["--device", "gpu"], ["--seed", "-5"])]
+    ev = script_main("evaluate")
+    out += [(ev, ["--checkpoint", "x.pt", *a], a[0]) for a in (["--eval-batches", "0"], ["--limit", "0"],
+            ["--max-new-tokens", "0"], ["--max-new-tokens", "-1"], ["--out", str(tmp)], ["--out", f + "/r.json"],
+            ["--device", "cuda:x"])]
+    cuts = script_main("evaluate_layer_cuts")
+    out += [(cuts, ["run", *a], a[0]) for a in (["--batches", "0"], ["--batch-size", "0"], ["--device", "foo"],
+                                                ["--out", str(tmp)])]
+    emb = script_main("embed")
+    base = ["--checkpoint", "x.pt", "--input", "in.txt"]
+    out += [(emb, base + ["--out", str(tmp / "e.npy"), "--batch-size", "0"], "--batch-size"),
+            (emb, base + ["--out", str(tmp)], "--out"), (emb, base + ["--out", f + "/e.npy"], "--out"),
+            (emb, base + ["--out", str(tmp / "e.npy"), "--device", "foo"], "--device")]
+    plot = script_main("plot_loss")
+    out += [(plot, ["run", "--smooth", "0"], "--smooth"), (plot, ["run", "--out", str(tmp)], "--out")]
+    dual = script_main("analyze_dual_mask")
+    out += [(dual, ["runs", "--p-bw", "2"], "--p-bw"), (dual, ["runs", "--windows", "1:0"], "--windows"),
+            (dual, ["runs", "--out", f], "--out")]
+    sweep = script_main("sweep_dual_mask")
+    out += [(sweep, ["--jobs", "0"], "--jobs"), (sweep, ["--depths", "0"], "--depths"),
+            (sweep, ["--p-bw", "-0.1"], "--p-bw"), (sweep, ["--out-dir", f], "--out-dir"),
+            (sweep, ["--cut-batches", "0"], "--cut-batches")]
+    prep = script_main("base_data_preparer")
+    p = ["--data", "synthetic-math", "--tokenizer", "bytes", "--data-dir", str(tmp / "data")]
+    out += [(prep, p + a, a[0]) for a in (["--max-tokens", "0"], ["--max-tokens", "nan"], ["--num-workers", "0"],
+                                          ["--shard-tokens", "inf"], ["--seed", "-1"])]
+    out += [(bench_main("generate"), ["--rounds", "0"], "--rounds"),
+            (bench_main("throughput"), ["--steps", "0"], "--steps"),
+            (bench_main("throughput"), ["--device", "abc"], "--device")]
+    return out
+
+
+def test_every_script_refuses_bad_input_in_one_line(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    failures = []
+    for main, argv, flag in cases(tmp_path):
+        capsys.readouterr()
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        if code != 2 or len(lines) != 1 or not lines[0].startswith("error: ") or flag not in lines[0]:
+            failures.append(f"{argv}: exit {code}, stderr {err!r}")
+    assert not failures, "\n".join(failures)
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]  # nothing created: no run folder, no data, no output
+
+
+@pytest.mark.parametrize("name", ["auto", "cpu"])
+def test_pick_device_gives_a_usable_device(name):
+    import cli
+    device = cli.pick_device(name)
+    torch.zeros(1, device=device)
+    assert device == "cpu" or name == "auto"
+
+
+def test_cli_types():
+    import argparse
+
+    import cli
+    assert cli.count("2.5k") == 2500 and cli.positive_int("3") == 3 and cli.probability("1") == 1.0
+    for fn, text in [(cli.positive_int, "0"), (cli.nonnegative_int, "-1"), (cli.positive_float, "nan"),
+                     (cli.nonnegative_float, "-inf"), (cli.probability, "1.01"), (cli.open_fraction, "0"),
+                     (cli.count, "1e400"), (cli.seed, "-1"), (cli.window, "0.5:0.5"), (cli.device, "cuda:-1")]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            fn(text)
