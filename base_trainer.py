@@ -731,6 +731,13 @@ class BaseTrainer:
         return code
 
     def train(self):
+        """Train to --max-steps (or a signal); returns the exit code. The run folder's lock is held until here."""
+        try:
+            return self.train_loop()
+        finally:
+            self.release_run_folder()
+
+    def train_loop(self):
         cfg = self.cfg
         if self.step >= cfg["max_steps"]:
             self.log(f"run already finished at step {self.step}; raise --max-steps to train further")
@@ -784,13 +791,16 @@ class BaseTrainer:
         self.log(f"done: {self.step} steps; checkpoint in {self.ckpt_path}")
         return 0
 
+    def release_run_folder(self):
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def close(self, finished=False):
         """Release the run folder and leave the process group. finished: every rank got here the same way (the
         loop ended or all stopped on a signal), so a barrier is safe; it keeps a rank from leaving while rank 0
         still writes the last checkpoint. After an error on one rank only, a barrier could wait forever."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+        self.release_run_folder()
         if self.ddp and dist.is_initialized():
             if finished:
                 dist.barrier()
