@@ -268,3 +268,17 @@ def test_muon_two_processes_match_one(data_dir, tmp_path):
         assert [s for s, _ in a] == [s for s, _ in b] and len(a) > 0
         for (_, x), (_, y) in zip(a, b):
             assert abs(x - y) < 1e-3 * max(1.0, abs(x)), f"{split}: {x} vs {y}"
+
+
+def test_bench_smoke(data_dir, tmp_path):
+    from conftest import TINY_TOKENS
+    result = run_script("bench/modern.py", "--smoke", "--seeds", "1", "--data-dir", data_dir,
+                        "--max-tokens", TINY_TOKENS, "--out-dir", tmp_path / "bench", timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| baseline_gpt2 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["gpt2", "modern"], result.stdout
+    assert rows[0].endswith("| 1.00 |") and rows[1].count("±") == 2
+    saved = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert len(saved["results"]["baseline_gpt2|modern"]) == 1                  # one seed
+    cfg = json.loads((tmp_path / "bench" / "baseline_gpt2-modern-seed1" / "config.json").read_text())
+    assert cfg["optimizer"] == "muon" and cfg["model_config"]["pos"] == "rope"

@@ -1,0 +1,122 @@
+"""
+The modern switches (issue 17) against GPT-2's recipe, on a CPU: each switch alone, all of them together with
+AdamW and with Muon ("modern" = --recipe modern), several seeds each, same data, same token budget.
+
+    OMP_NUM_THREADS=1 python bench/modern.py                        # baseline_gpt2 --preset tiny, 10 variants x 3 seeds
+    python bench/modern.py --models conv_attention,progressive_diverging,baseline_gpt2 --variants gpt2,modern
+    python bench/modern.py --smoke                                  # 2 variants, 2 steps: checks the script
+
+Every run is `train_<model>.py --preset tiny <variant flags> --seed S` (in this process, through
+base_trainer.main), so the variants are exactly the train scripts' flags; --seed changes the initial weights
+only (--data-seed is fixed), so every run sees the same batches. Runs go seed by seed, every variant of a seed
+one after the other, so that a change of machine load spreads over all variants.
+
+Columns: val loss and bpb of the final evaluation (--eval-batches batches of the val split; bpb = loss / ln 2 *
+tokens / bytes), mean ± spread over seeds (spread = half the range, (max - min) / 2); step time = the median
+dt_ms of a run's training steps after the first 5, as a ratio to the first variant's of the same model (mean
+over seeds), since absolute times on a shared machine mean little.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from bench.machine import describe as describe_machine  # noqa: E402
+
+VARIANTS = {  # name: train-script flags on top of the GPT-2 recipe
+    "gpt2": [],
+    "+rope": ["--pos", "rope"],
+    "+rms": ["--norm", "rms"],
+    "+relu2": ["--mlp", "relu2"],
+    "+swiglu": ["--mlp", "swiglu"],
+    "+qk_norm": ["--qk-norm", "true"],
+    "+zero_init": ["--zero-init-proj", "true"],
+    "+muon": ["--optimizer", "muon"],
+    "modern-adamw": ["--recipe", "modern", "--optimizer", "adamw"],
+    "modern": ["--recipe", "modern"],          # rope, rms, relu2, qk_norm, zero_init_proj, muon
+}
+
+
+def train(args, model, variant, seed):
+    """One training run through the train script's entry point; returns its metrics rows."""
+    from base_trainer import main
+    out = os.path.join(args.out_dir, f"{model}-{variant.strip('+')}-seed{seed}")
+    argv = ["--preset", "tiny", "--data-dir", args.data_dir, "--out-dir", out, "--overwrite",
+            "--max-tokens", args.max_tokens, "--max-steps", args.steps, "--eval-interval", args.steps,
+            "--checkpoint-interval", args.steps, "--eval-batches", args.eval_batches, "--seed", seed,
+            "--device", "cpu", *VARIANTS[variant], *args.model_args]
+    try:
+        main(model, [str(a) for a in argv])
+    except SystemExit as e:
+        if e.code:
+            raise RuntimeError(f"training {model} {variant} seed {seed} failed (exit {e.code})") from None
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    with open(os.path.join(out, "config.json")) as f:
+        n_params = json.load(f)["n_params"]
+    val = [r for r in rows if r["split"] == "val"][-1]
+    dts = [r["dt_ms"] for r in rows if r["split"] == "train"][5:] or [r["dt_ms"] for r in rows if r["split"] == "train"]
+    return {"loss": val["loss"], "bpb": val["bpb"], "dt_ms": statistics.median(dts), "n_params": n_params}
+
+
+def mean_spread(values):
+    return f"{statistics.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="baseline_gpt2", help="comma-separated model names")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated --seed values (initial weights)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (tiny: 1024 tokens each)")
+    p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--max-tokens", default="2M", help="synthetic-math tokens to prepare")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--out-dir", default="runs/modern")
+    p.add_argument("--smoke", action="store_true", help="a 1-layer model, 2 steps, 2 variants: checks the script")
+    args, model_args = p.parse_known_args(argv)
+    args.model_args = model_args  # anything else goes to every train script, e.g. --n-layer 6 --n-embd 192
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if args.smoke:
+        args.steps, args.eval_batches, variants = 2, 1, ["gpt2", "modern"]
+        args.model_args += ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--micro-batch-size", "2",
+                            "--seq-len", "32", "--total-batch-size", "64"]
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+    models, seeds = args.models.split(","), [int(s) for s in args.seeds.split(",")]
+    start = time.time()
+    results = {}  # (model, variant) -> [per-seed dict]
+    for seed in seeds:
+        for model in models:
+            for variant in variants:
+                results.setdefault((model, variant), []).append(train(args, model, variant, seed))
+
+    print(f"\n{describe_machine('cpu')}; load average at the end {os.getloadavg()[0]:.1f}; "
+          f"{time.time() - start:.0f} s for {sum(len(r) for r in results.values())} runs")
+    print(f"--preset tiny, {args.steps} steps {' '.join(args.model_args)}; seeds {args.seeds}\n")
+    print("| model | variant | params | val loss | val bpb | step time (x first variant) |")
+    print("|---|---|---|---|---|---|")
+    for model in models:
+        first = results[(model, variants[0])]
+        for variant in variants:
+            rs = results[(model, variant)]
+            ratio = statistics.mean(r["dt_ms"] / f["dt_ms"] for r, f in zip(rs, first))
+            print(f"| {model} | {variant} | {rs[0]['n_params']:,} | {mean_spread([r['loss'] for r in rs])} | "
+                  f"{mean_spread([r['bpb'] for r in rs])} | {ratio:.2f} |")
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        json.dump({"argv": argv if argv is not None else sys.argv[1:], "machine": describe_machine("cpu"),
+                   "results": {f"{m}|{v}": r for (m, v), r in results.items()}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
