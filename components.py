@@ -199,8 +199,8 @@ class SelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         q_start = 0 if cache is None else cache.pos
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_norm:  # in fp32 (under autocast q, k are bf16, the gains fp32)
+            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
         if self.rope:  # before the cache: cached keys keep the rotation of their own position
             pos = torch.arange(q_start, q_start + T, device=x.device) if pos is None else pos
             q, k = apply_rotary(q, pos), apply_rotary(k, pos)
