@@ -5,6 +5,7 @@ AdamW and with Muon ("modern" = --recipe modern), several seeds each, same data,
     OMP_NUM_THREADS=1 python bench/modern.py                        # baseline_gpt2 --preset tiny, 10 variants x 3 seeds
     python bench/modern.py --models conv_attention,progressive_diverging,baseline_gpt2 --variants gpt2,modern
     python bench/modern.py --smoke                                  # 2 variants, 2 steps: checks the script
+    python bench/modern.py --table-only                             # the table of the runs finished so far
 
 Every run is `train_<model>.py --preset tiny <variant flags> --seed S` (in this process, through
 base_trainer.main), so the variants are exactly the train scripts' flags; --seed changes the initial weights
@@ -44,19 +45,36 @@ VARIANTS = {  # name: train-script flags on top of the GPT-2 recipe
 }
 
 
+def finished(out, argv):
+    """True if `out` holds a completed run made with exactly these arguments (then it is reused, not redone)."""
+    try:
+        with open(os.path.join(out, "bench_argv.json")) as f:
+            same = json.load(f) == argv
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return same and any(json.loads(line)["split"] == "test" for line in f)
+    except (OSError, ValueError):
+        return False
+
+
 def train(args, model, variant, seed):
-    """One training run through the train script's entry point; returns its metrics rows."""
+    """One training run through the train script's entry point (or a finished one with the same arguments);
+    returns its figures."""
     from base_trainer import main
     out = os.path.join(args.out_dir, f"{model}-{variant.strip('+')}-seed{seed}")
-    argv = ["--preset", "tiny", "--data-dir", args.data_dir, "--out-dir", out, "--overwrite",
-            "--max-tokens", args.max_tokens, "--max-steps", args.steps, "--eval-interval", args.steps,
-            "--checkpoint-interval", args.steps, "--eval-batches", args.eval_batches, "--seed", seed,
-            "--device", "cpu", *VARIANTS[variant], *args.model_args]
-    try:
-        main(model, [str(a) for a in argv])
-    except SystemExit as e:
-        if e.code:
-            raise RuntimeError(f"training {model} {variant} seed {seed} failed (exit {e.code})") from None
+    argv = [str(a) for a in ["--preset", "tiny", "--data-dir", args.data_dir, "--out-dir", out, "--overwrite",
+                             "--max-tokens", args.max_tokens, "--max-steps", args.steps, "--eval-interval", args.steps,
+                             "--checkpoint-interval", args.steps, "--eval-batches", args.eval_batches, "--seed", seed,
+                             "--device", "cpu", *VARIANTS[variant], *args.model_args]]
+    if args.table_only and not finished(out, argv):
+        return None
+    if not (args.reuse and finished(out, argv)):
+        try:
+            main(model, argv)
+        except SystemExit as e:
+            if e.code:
+                raise RuntimeError(f"training {model} {variant} seed {seed} failed (exit {e.code})") from None
+        with open(os.path.join(out, "bench_argv.json"), "w") as f:
+            json.dump(argv, f)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     with open(os.path.join(out, "config.json")) as f:
@@ -80,6 +98,10 @@ def main(argv=None):
     p.add_argument("--max-tokens", default="2M", help="synthetic-math tokens to prepare")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out-dir", default="runs/modern")
+    p.add_argument("--reuse", action="store_true", help="reuse finished runs of --out-dir made with the same "
+                   "arguments (to add seeds or models to a table, or to finish an interrupted benchmark)")
+    p.add_argument("--table-only", action="store_true", help="train nothing: the table of the finished runs "
+                   "(those that --reuse would reuse); the seeds column says how many each row has")
     p.add_argument("--smoke", action="store_true", help="a 1-layer model, 2 steps, 2 variants: checks the script")
     args, model_args = p.parse_known_args(argv)
     args.model_args = model_args  # anything else goes to every train script, e.g. --n-layer 6 --n-embd 192
@@ -98,20 +120,26 @@ def main(argv=None):
     for seed in seeds:
         for model in models:
             for variant in variants:
-                results.setdefault((model, variant), []).append(train(args, model, variant, seed))
+                run = train(args, model, variant, seed)
+                if run is not None:
+                    results.setdefault((model, variant), []).append(dict(run, seed=seed))
 
     print(f"\n{describe_machine('cpu')}; load average at the end {os.getloadavg()[0]:.1f}; "
-          f"{time.time() - start:.0f} s for {sum(len(r) for r in results.values())} runs")
+          f"{time.time() - start:.0f} s for {sum(len(r) for r in results.values())} runs"
+          f"{' (finished earlier: --table-only)' if args.table_only else ''}")
     print(f"--preset tiny, {args.steps} steps {' '.join(args.model_args)}; seeds {args.seeds}\n")
-    print("| model | variant | params | val loss | val bpb | step time (x first variant) |")
-    print("|---|---|---|---|---|---|")
+    print("| model | variant | params | seeds | val loss | val bpb | step time (x first variant) |")
+    print("|---|---|---|---|---|---|---|")
     for model in models:
-        first = results[(model, variants[0])]
+        first = {r["seed"]: r for r in results.get((model, variants[0]), [])}
         for variant in variants:
-            rs = results[(model, variant)]
-            ratio = statistics.mean(r["dt_ms"] / f["dt_ms"] for r, f in zip(rs, first))
-            print(f"| {model} | {variant} | {rs[0]['n_params']:,} | {mean_spread([r['loss'] for r in rs])} | "
-                  f"{mean_spread([r['bpb'] for r in rs])} | {ratio:.2f} |")
+            rs = results.get((model, variant))
+            if not rs:
+                continue
+            ratios = [r["dt_ms"] / first[r["seed"]]["dt_ms"] for r in rs if r["seed"] in first]
+            ratio = statistics.mean(ratios) if ratios else float("nan")
+            print(f"| {model} | {variant} | {rs[0]['n_params']:,} | {len(rs)} | "
+                  f"{mean_spread([r['loss'] for r in rs])} | {mean_spread([r['bpb'] for r in rs])} | {ratio:.2f} |")
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump({"argv": argv if argv is not None else sys.argv[1:], "machine": describe_machine("cpu"),
