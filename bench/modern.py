@@ -13,9 +13,10 @@ only (--data-seed is fixed), so every run sees the same batches. Runs go seed by
 one after the other, so that a change of machine load spreads over all variants.
 
 Columns: val loss and bpb of the final evaluation (--eval-batches batches of the val split; bpb = loss / ln 2 *
-tokens / bytes), mean ± spread over seeds (spread = half the range, (max - min) / 2); step time = the median
-dt_ms of a run's training steps after the first 5, as a ratio to the first variant's of the same model (mean
-over seeds), since absolute times on a shared machine mean little.
+tokens / bytes), mean ± spread over seeds (spread = half the range, (max - min) / 2); step time: measured apart
+from the training runs, side by side (step_times: one step of every variant in turn, --timing-rounds rounds,
+median), as a ratio to the first variant's of the same model, since absolute times on a shared machine mean
+little and the load changes between runs. Each run's own median dt_ms is in results.json.
 """
 
 import argparse
@@ -84,6 +85,36 @@ def train(args, model, variant, seed):
     return {"loss": val["loss"], "bpb": val["bpb"], "dt_ms": statistics.median(dts), "n_params": n_params}
 
 
+def step_times(models, variants, model_args, rounds):
+    """{(model, variant): median seconds of one training step}, measured side by side: every round times one
+    step of every variant in turn (same random batch, tiny preset sizes), so a change of machine load hits every
+    variant alike; the first 2 rounds are warm-up."""
+    import optim
+    from base_trainer import resolve_config
+    from models import create_model
+    runners = {}
+    for model in models:
+        for variant in variants:
+            cfg, _ = resolve_config(model, ["--preset", "tiny", *VARIANTS[variant], *model_args])
+            net = create_model(model, "tiny", **dict(cfg["model_overrides"], vocab_size=320,
+                                                     block_size=cfg["seq_len"] + 1)).train()
+            batch = torch.randint(0, 256, (cfg["micro_batch_size"], cfg["seq_len"] + 1),
+                                  generator=torch.Generator().manual_seed(0))
+            runners[(model, variant)] = (net, optim.build_optimizer(net, cfg), batch, cfg)
+    times = {key: [] for key in runners}
+    for r in range(rounds + 2):
+        for key, (net, opt, batch, cfg) in runners.items():
+            t0 = time.perf_counter()
+            for _ in range(cfg["total_batch_size"] // (batch.size(0) * cfg["seq_len"])):
+                net.training_loss(batch[:, :-1], batch[:, 1:])[0].backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if r >= 2:
+                times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
 def mean_spread(values):
     return f"{statistics.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
 
@@ -100,6 +131,7 @@ def main(argv=None):
     p.add_argument("--out-dir", default="runs/modern")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs of --out-dir made with the same "
                    "arguments (to add seeds or models to a table, or to finish an interrupted benchmark)")
+    p.add_argument("--timing-rounds", type=int, default=20, help="side-by-side step timing: steps per variant")
     p.add_argument("--table-only", action="store_true", help="train nothing: the table of the finished runs "
                    "(those that --reuse would reuse); the seeds column says how many each row has")
     p.add_argument("--smoke", action="store_true", help="a 1-layer model, 2 steps, 2 variants: checks the script")
@@ -110,7 +142,7 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.smoke:
-        args.steps, args.eval_batches, variants = 2, 1, ["gpt2", "modern"]
+        args.steps, args.eval_batches, args.timing_rounds, variants = 2, 1, 1, ["gpt2", "modern"]
         args.model_args += ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--micro-batch-size", "2",
                             "--seq-len", "32", "--total-batch-size", "64"]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
@@ -128,21 +160,21 @@ def main(argv=None):
           f"{time.time() - start:.0f} s for {sum(len(r) for r in results.values())} runs"
           f"{' (finished earlier: --table-only)' if args.table_only else ''}")
     print(f"--preset tiny, {args.steps} steps {' '.join(args.model_args)}; seeds {args.seeds}\n")
+    timing = step_times(models, variants, args.model_args, args.timing_rounds)
     print("| model | variant | params | seeds | val loss | val bpb | step time (x first variant) |")
     print("|---|---|---|---|---|---|---|")
     for model in models:
-        first = {r["seed"]: r for r in results.get((model, variants[0]), [])}
         for variant in variants:
             rs = results.get((model, variant))
             if not rs:
                 continue
-            ratios = [r["dt_ms"] / first[r["seed"]]["dt_ms"] for r in rs if r["seed"] in first]
-            ratio = statistics.mean(ratios) if ratios else float("nan")
+            ratio = timing[(model, variant)] / timing[(model, variants[0])]
             print(f"| {model} | {variant} | {rs[0]['n_params']:,} | {len(rs)} | "
                   f"{mean_spread([r['loss'] for r in rs])} | {mean_spread([r['bpb'] for r in rs])} | {ratio:.2f} |")
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump({"argv": argv if argv is not None else sys.argv[1:], "machine": describe_machine("cpu"),
+                   "step_seconds": {f"{m}|{v}": t for (m, v), t in timing.items()},
                    "results": {f"{m}|{v}": r for (m, v), r in results.items()}}, f, indent=1)
 
 
