@@ -68,7 +68,7 @@ def train(args, model, variant, seed):
                              "--device", "cpu", *VARIANTS[variant], *args.model_args]]
     if args.table_only and not finished(out, argv):
         return None
-    if not (args.reuse and finished(out, argv)):
+    if not ((args.reuse or args.table_only) and finished(out, argv)):
         try:
             main(model, argv)
         except SystemExit as e:
