@@ -56,6 +56,7 @@ from data_file_utils import DataError, check_run_data
 from dataloader import TokenDataLoader
 from models import ModelConfigError, model_config, model_module
 import trainer_console
+import optim
 
 TRAIN_PRESETS = {
     # The seed's setup: its 80k micro-batches of 8 x 256 = 164M tokens, i.e. 313 steps of 524288 tokens.
@@ -71,7 +72,12 @@ TRAIN_PRESETS = {
                  checkpoint_interval=50, max_tokens=None),
 }
 COMMON_DEFAULTS = dict(data_dir="data", seed=1337, data_seed=1337, device="auto", compile=None, resume=False,
-                       overwrite=False, loss_on="all", filler_token=None, threads=None, skip_nonfinite=0)
+                       overwrite=False, loss_on="all", filler_token=None, threads=None, skip_nonfinite=0,
+                       recipe="gpt2", **optim.DEFAULTS)
+# --recipe modern: every modern switch at once (issue 17), the speedrun's architecture and optimizer. Flags given
+# on the command line still win (e.g. --recipe modern --optimizer adamw).
+RECIPES = {"gpt2": {}, "modern": dict(pos="rope", norm="rms", mlp="relu2", qk_norm=True, zero_init_proj=True,
+                                      optimizer="muon")}
 # What --resume may change; everything else comes from the checkpoint so the run continues exactly.
 RESUME_MAY_CHANGE = {"max_steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "compile",
                      "resume", "overwrite", "out_dir", "data_dir", "threads", "skip_nonfinite",
@@ -127,6 +133,8 @@ def build_parser(model_name):
     p.add_argument("--preset", choices=list(TRAIN_PRESETS), default="rtx3080",
                    help="default rtx3080: the seed's sizes, for a GPU (hours to days on a CPU); tiny: a laptop "
                    "CPU, offline, a few minutes")
+    p.add_argument("--recipe", choices=list(RECIPES), help="gpt2 (default) | modern: --pos rope --norm rms --mlp relu2 "
+                   "--qk-norm true --zero-init-proj true --optimizer muon in one flag (typed flags win)")
     add_trainer_arguments(p, model_name)
     group = p.add_argument_group(f"{model_name} options")
     for field in dataclasses.fields(model_module(model_name).Config):
@@ -176,6 +184,7 @@ def add_trainer_arguments(p, model_name="<model>"):
                    "reduce-overhead and max-autotune add CUDA graphs)")
     p.add_argument("--memory-budget", type=cli.positive_float, help="GiB that --micro-batch-size auto may use "
                    "(default: the GPU's free memory, at most 10 for the rtx3080 presets)")
+    optim.add_optimizer_arguments(p)
     p.add_argument("--loss-on", choices=LOSS_ON, help="all tokens (default) or only the answers of question/answer "
                    "data (the loader's loss mask)")
     p.add_argument("--filler-token", help="a string that is one token of the tokenizer (e.g. ' blah' with gpt2): "
@@ -191,8 +200,10 @@ def resolve_config(model_name, argv):
     ns = build_parser(model_name).parse_args(argv)
     typed = {k: v for k, v in vars(ns).items() if v is not None}
     cfg = preset_defaults(model_name, typed.get("preset", "rtx3080"))
+    recipe = dict(RECIPES[typed.get("recipe", "gpt2")])
+    cfg["optimizer"] = recipe.pop("optimizer", cfg["optimizer"])
     cfg.update({k: v for k, v in typed.items() if not k.startswith("model.")})
-    cfg["model_overrides"] = {k[len("model."):]: v for k, v in typed.items() if k.startswith("model.")}
+    cfg["model_overrides"] = {**recipe, **{k[len("model."):]: v for k, v in typed.items() if k.startswith("model.")}}
     return cfg, typed
 
 
@@ -227,18 +238,6 @@ class TrainingStep(nn.Module):
             return self.model.training_loss(x, y, loss_mask, step)
         # Filler keys masked: only the default training_loss takes them (check_filler_support made sure).
         return self.model.training_loss(x, y, loss_mask, step, key_mask=key_mask)
-
-
-def carry_adam_state(old, new, params, origins):
-    """Move Adam's state from optimizer `old` to `new` for params: a parameter that stays keeps its own; a
-    new parameter copied from another (origins: {copy: source}, e.g. progressive_diverging's new blocks)
-    starts with a copy of its source's moments, so the copies do not restart from zero momentum (which
-    makes their first updates lr-sized whatever the gradient, and bumps the loss)."""
-    for p in params:
-        if p in old.state:
-            new.state[p] = old.state[p]
-        elif p in origins and origins[p] in old.state:
-            new.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in old.state[origins[p]].items()}
 
 
 class BaseTrainer:
@@ -363,7 +362,7 @@ class BaseTrainer:
         return None
 
     def adopt_saved_config(self, ckpt):
-        saved = {"loss_on": "all", "filler_token": None, **ckpt["config"]}  # runs from before these options
+        saved = {**COMMON_DEFAULTS, **ckpt["config"]}  # runs from before later options had their defaults
         for key, value in self.typed.items():
             name = key[len("model."):] if key.startswith("model.") else key
             saved_value = saved["model_overrides"].get(name) if key.startswith("model.") else saved.get(key)
@@ -457,16 +456,12 @@ class BaseTrainer:
                 from None
 
     def build_optimizer(self):
-        """AdamW over exactly the trainable parameters; weight decay on matrices and embeddings only.
-        Called again when a model hook changes which parameters train: Adam state carries over for
-        parameters that stay, and a copied parameter starts from its source's (see carry_adam_state)."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg["weight_decay"]},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        fused = self.device_type == "cuda"
-        new = torch.optim.AdamW(groups, lr=self.cfg["lr"], betas=(0.9, 0.95), eps=1e-8, fused=fused)
+        """--optimizer (optim.py: AdamW, or Muon + AdamW) over exactly the trainable parameters.
+        Called again when a model hook changes which parameters train: optimizer state carries over for
+        parameters that stay, and a copied parameter starts from its source's (optim.carry_optimizer_state)."""
+        new = optim.build_optimizer(self.model, self.cfg, fused=self.device_type == "cuda")
         if self.optimizer is not None:
-            carry_adam_state(self.optimizer, new, params, getattr(self.model, "parameter_origins", {}))
+            optim.carry_optimizer_state(self.optimizer, new, getattr(self.model, "parameter_origins", {}))
         self.optimizer = new
         self.step_module = self.make_step_module()
         if self.ddp:
@@ -651,7 +646,7 @@ class BaseTrainer:
         t0 = time.time()
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group: --muon-lr / --lr
         self.optimizer.zero_grad(set_to_none=True)
         totals, loss_sum = {}, 0.0
         for micro_step in range(self.grad_accum):

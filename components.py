@@ -1,6 +1,7 @@
 """
-Building blocks shared by every model: attention with its masks, ALiBi biases and KV cache, position
-embeddings, the output heads, MLP, the pre-LN Block, LoRALinear, and GPT-2 weight initialisation.
+Building blocks shared by every model: attention with its masks, ALiBi biases, rotary positions and KV cache,
+position embeddings, the output heads, MLP variants, norms, the pre-norm Block, LoRALinear, and GPT-2 weight
+initialisation.
 
 Shapes: B batch, T sequence length, C = n_embd channels, H heads, D = C // H head size, V vocabulary.
 
@@ -28,6 +29,19 @@ the attention score, m_h the geometric slopes of alibi_slopes(). Per head, for T
 "Shifted" moves the biases of keys ahead of the query up by 0.5 * m, so that a head can tell "ahead" from
 "behind" (ofirpress/attention_with_linear_biases issue 5). The bias only depends on the distance, so it
 works at any length: an ALiBi model can be evaluated on contexts longer than it was trained on.
+
+The modern switches (issue 17; as in the NanoGPT speedrun, modded-nanogpt, and Llama-style models), every one
+a Config field of every model, read by block_options():
+    pos="rope"       rotary positions (Su et al. 2021, RoFormer): no position embedding; q and k of every head are
+                     rotated by angles proportional to their position, so q_i . k_j depends on i - j only. Like
+                     ALiBi it works at any length; with the KV cache the new queries rotate by their absolute
+                     position; dual_mask_gpt's bw direction passes its mirrored positions (T .. 0).
+    norm="rms"       nn.RMSNorm instead of nn.LayerNorm everywhere (blocks, final norm, hourglass levels)
+    mlp="relu2"      ReLU(x)^2 instead of GELU (Primer, So et al. 2021); "swiglu": silu(x W_g) * (x W_u) with the
+                     hidden width 2/3 of 4C (rounded to a multiple of 8), so the MLP keeps about 8 C^2 weights
+    qk_norm=True     RMSNorm (with a learned gain per channel) on q and k of every head before the dot product
+    zero_init_proj   the output projection of every residual branch (attention c_proj, MLP c_proj, the
+                     hourglass's upsampling) starts at zero, so every block starts as the identity
 """
 
 import functools
@@ -38,7 +52,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MASK_KINDS = ("causal", "anticausal", "bidirectional")
-POS_KINDS = ("learned", "sinusoidal", "alibi", "none")
+POS_KINDS = ("learned", "sinusoidal", "alibi", "none", "rope")
+NORM_KINDS = ("layer", "rms")
+MLP_KINDS = ("gelu", "relu2", "swiglu")
 HEAD_KINDS = ("tied", "clap", "clap-cosine")
 ALIBI_BIDIRECTIONAL = ("shifted", "symmetric")
 
@@ -194,26 +210,58 @@ class KVCache:
         self.pos = n
 
 
+def apply_rotary(x, pos, base=10000.0):
+    """Rotate x (B, H, T, D) by its positions pos, (T,) or (B, T) long: channel pair (i, i + D/2) turns by
+    pos * base^(-2i/D), so that rotated q_i . k_j depends on q, k and i - j only (RoPE, half-split layout)."""
+    half = x.size(-1) // 2
+    freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)    # (D/2,)
+    angle = pos.to(torch.float32)[..., None] * freq                                       # (T | B,T, D/2)
+    if angle.dim() == 3:
+        angle = angle[:, None]                                                            # (B, 1, T, D/2)
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x.float().split(half, dim=-1)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).to(x.dtype)
+
+
+def make_norm(kind, dim):
+    """The normalisation layer of Config.norm: nn.LayerNorm (GPT-2) or nn.RMSNorm (no mean, no bias)."""
+    assert kind in NORM_KINDS, f"norm must be one of {NORM_KINDS}, not {kind!r}"
+    return nn.LayerNorm(dim) if kind == "layer" else nn.RMSNorm(dim, eps=1e-6)
+
+
+def block_options(config):
+    """The keyword arguments of Block for a model Config (its modern switches; defaults = GPT-2's recipe)."""
+    return dict(rope=config.pos == "rope", norm=config.norm, mlp=config.mlp, qk_norm=config.qk_norm)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention through F.scaled_dot_product_attention (flash / memory-efficient kernels).
     alibi: None (positions come from elsewhere) or the ALiBi variant for bidirectional masks, "shifted"
-    or "symmetric" (causal and anti-causal masks have one ALiBi each; the variant only matters there)."""
+    or "symmetric" (causal and anti-causal masks have one ALiBi each; the variant only matters there).
+    rope: rotate q and k by their positions (apply_rotary); qk_norm: RMSNorm on q and k of each head first."""
 
-    def __init__(self, n_embd, n_head, dropout=0.0, alibi=None):
+    def __init__(self, n_embd, n_head, dropout=0.0, alibi=None, rope=False, qk_norm=False):
         super().__init__()
         assert n_embd % n_head == 0, f"n_embd {n_embd} must be divisible by n_head {n_head}"
         assert alibi in (None, *ALIBI_BIDIRECTIONAL), f"alibi must be None or one of {ALIBI_BIDIRECTIONAL}"
+        assert not (rope and (n_embd // n_head) % 2), f"rope needs an even head size, not {n_embd // n_head}"
         self.n_head = n_head
         self.alibi = alibi
+        self.rope = rope
         self.c_attn = nn.Linear(n_embd, 3 * n_embd)  # q, k, v for all heads in one matmul
         self.c_proj = nn.Linear(n_embd, n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True
+        if qk_norm:
+            self.q_norm = nn.RMSNorm(n_embd // n_head, eps=1e-6)
+            self.k_norm = nn.RMSNorm(n_embd // n_head, eps=1e-6)
+        self.qk_norm = qk_norm
         self.dropout = dropout
 
-    def forward(self, x, mask="causal", cache=None, slot=0, key_mask=None):
+    def forward(self, x, mask="causal", cache=None, slot=0, key_mask=None, pos=None):
         """x (B, T, C) -> (B, T, C). mask: a MASK_KINDS name; cache: a KVCache whose `slot` this layer uses
         (queries then sit in columns cache.pos.., at positions cache.positions; its key mask hides left
-        padding); key_mask (B, T) bool, True = key may be attended (without a cache)."""
+        padding); key_mask (B, T) bool, True = key may be attended (without a cache). pos (T,) long: the rotary
+        positions of x's rows when they are not 0, 1, ... (dual_mask_gpt's bw direction counts them backwards)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
@@ -222,6 +270,13 @@ class SelfAttention(nn.Module):
             assert key_mask is None, "with a cache, the key mask comes from the cache"
             key_mask = cache.attention_key_mask(T)
             q_start = cache.pos
+        if self.qk_norm:  # in fp32 (under autocast q, k are bf16, the gains fp32)
+            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
+        if self.rope:  # before the cache: cached keys keep the rotation of their own position
+            if pos is None:  # with a cache: each row's own positions (B, T), left padding not counted
+                pos = cache.positions if cache is not None else torch.arange(T, device=x.device)
+            q, k = apply_rotary(q, pos), apply_rotary(k, pos)
+        if cache is not None:
             k, v = cache.update(slot, k, v)
         dropout_p = self.dropout if self.training else 0.0
         if mask == "causal" and key_mask is None and self.alibi is None and (q_start == 0 or T == 1):
@@ -250,7 +305,7 @@ class PositionEmbedding(nn.Module):
         learned     a trained (n_positions, C) table, GPT-2's wpe (n_positions = the longest context)
         sinusoidal  sinusoidal_table(pos), computed on the fly: any length
         alibi/none  nothing: ALiBi puts positions into the attention biases; "none" relies on the causal
-                    mask alone (NoPE)
+        rope        mask alone (NoPE); rope rotates q and k inside attention (apply_rotary)
     With "learned" the weight is `weight`, as nn.Embedding's, so checkpoints keep the key `wpe.weight`."""
 
     def __init__(self, kind, n_positions, n_embd):
@@ -314,29 +369,48 @@ class OutputHead(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd, hidden_mult=4):
+    """kind gelu (GPT-2: c_proj(gelu(c_fc x)), hidden 4C), relu2 (relu(.)^2 instead of gelu) or swiglu
+    (c_fc makes gate and up side by side: c_proj(silu(gate) * up), hidden 2/3 of 4C: about the same weights)."""
+
+    def __init__(self, n_embd, hidden_mult=4, kind="gelu"):
         super().__init__()
-        self.c_fc = nn.Linear(n_embd, hidden_mult * n_embd)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
-        self.c_proj = nn.Linear(hidden_mult * n_embd, n_embd)
+        assert kind in MLP_KINDS, f"mlp must be one of {MLP_KINDS}, not {kind!r}"
+        self.kind = kind
+        hidden = hidden_mult * n_embd
+        if kind == "swiglu":
+            hidden = 8 * max(1, round(2 * hidden / 3 / 8))
+        self.c_fc = nn.Linear(n_embd, 2 * hidden if kind == "swiglu" else hidden)
+        if kind == "gelu":
+            self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        self.c_proj = nn.Linear(hidden, n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True
 
     def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = self.gelu(h)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.c_proj(h)
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). The keyword options are the
+    modern switches (block_options); their defaults are GPT-2's (LayerNorm, GELU, no rotary, no QK-norm)."""
 
-    def __init__(self, n_embd, n_head, dropout=0.0, alibi=None):
+    def __init__(self, n_embd, n_head, dropout=0.0, alibi=None, rope=False, norm="layer", mlp="gelu",
+                 qk_norm=False):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd)
-        self.attn = SelfAttention(n_embd, n_head, dropout, alibi)
-        self.ln_2 = nn.LayerNorm(n_embd)
-        self.mlp = MLP(n_embd)
+        self.ln_1 = make_norm(norm, n_embd)
+        self.attn = SelfAttention(n_embd, n_head, dropout, alibi, rope, qk_norm)
+        self.ln_2 = make_norm(norm, n_embd)
+        self.mlp = MLP(n_embd, kind=mlp)
 
-    def forward(self, x, mask="causal", cache=None, slot=0, key_mask=None):
-        x = x + self.attn(self.ln_1(x), mask, cache, slot, key_mask)
+    def forward(self, x, mask="causal", cache=None, slot=0, key_mask=None, pos=None):
+        x = x + self.attn(self.ln_1(x), mask, cache, slot, key_mask, pos)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -384,13 +458,13 @@ def merge_lora(module):
     return count
 
 
-def init_gpt2_weights(module, n_layer):
+def init_gpt2_weights(module, n_layer, zero_init_proj=False):
     """GPT-2 init: N(0, 0.02) weights, zero biases; residual projections scaled by 1/sqrt(2 * n_layer)
-    so the residual stream's variance does not grow with depth."""
+    so the residual stream's variance does not grow with depth, or zero with zero_init_proj (the speedrun's)."""
     if isinstance(module, nn.Linear):
         std = 0.02
         if getattr(module, "RESIDUAL_SCALE_INIT", False):
-            std *= (2 * n_layer) ** -0.5
+            std = 0.0 if zero_init_proj else std * (2 * n_layer) ** -0.5
         nn.init.normal_(module.weight, mean=0.0, std=std)
         if module.bias is not None:
             nn.init.zeros_(module.bias)

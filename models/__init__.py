@@ -10,10 +10,15 @@ The model registry. Every model lives in one file of this folder and exposes:
     model = create_model("baseline_gpt2", preset="tiny", pos="alibi", head="clap")
 
 Options shared by several models (each Config has those that make sense for it; check_options validates):
-    pos                  learned | sinusoidal | alibi | none    how positions enter (components.py)
+    pos                  learned | sinusoidal | alibi | none | rope    how positions enter (components.py)
     head                 tied | clap | clap-cosine              the output head (components.OutputHead)
     attention            causal | bidirectional                 bidirectional = an encoder (MNTP); no generate()
     alibi_bidirectional  shifted | symmetric                    ALiBi for bidirectional attention
+    norm                 layer | rms                            nn.LayerNorm or nn.RMSNorm everywhere
+    mlp                  gelu | relu2 | swiglu                  the blocks' MLP
+    qk_norm              false | true                           RMSNorm on q and k of every head
+    zero_init_proj       false | true                           residual output projections start at zero
+The last four and pos=rope are the modern switches (issue 17, components.py); every model has them.
 """
 
 import dataclasses
@@ -38,7 +43,10 @@ CHOICES = {
     "head": components.HEAD_KINDS,
     "attention": ("causal", "bidirectional"),
     "alibi_bidirectional": components.ALIBI_BIDIRECTIONAL,
+    "norm": components.NORM_KINDS,
+    "mlp": components.MLP_KINDS,
 }
+SWITCHES = ("qk_norm", "zero_init_proj")  # booleans
 
 
 def check_options(config):
@@ -47,6 +55,12 @@ def check_options(config):
         value = getattr(config, name, choices[0])
         if value not in choices:
             raise ModelConfigError(f"{name} {value!r} unknown; choose one of: {', '.join(choices)}")
+    for name in SWITCHES:
+        if not isinstance(getattr(config, name, False), bool):
+            raise ModelConfigError(f"{name} must be true or false, not {getattr(config, name)!r}")
+    if getattr(config, "pos", None) == "rope" and (config.n_embd // config.n_head) % 2:
+        raise ModelConfigError(f"pos rope rotates pairs of channels: the head size n_embd / n_head = "
+                               f"{config.n_embd // config.n_head} must be even")
 
 
 def model_module(name):

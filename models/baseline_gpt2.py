@@ -7,9 +7,10 @@ Baseline GPT-2, as in build-nanogpt: learned token and position embeddings, n_la
 Options (components.py): pos = learned (GPT-2's wpe) | sinusoidal | alibi (no wpe; linear biases in every
 attention layer) | none; head = tied | clap | clap-cosine (unit-length embeddings in, logits = beta * h @
 normalize(wte)^T, the seed's CLAP; clap-cosine also normalises h);
+rope (rotary q/k, no wpe); norm = layer | rms; mlp = gelu | relu2 | swiglu; qk_norm; zero_init_proj;
 attention = causal | bidirectional (an encoder, e.g. for MNTP: it sees both sides, so it cannot generate;
 with ALiBi it uses the alibi_bidirectional variant, the seed's "shifted" or "symmetric").
-With pos alibi, sinusoidal or none there is no position table, so T may exceed block_size at evaluation.
+With pos alibi, rope, sinusoidal or none there is no position table, so T may exceed block_size at evaluation.
 
 The rtx3080 preset is the seed's size (12 layers, 6 heads, 192 wide, context 256), which fits a 10 GB GPU
 with micro batches of 8; tiny trains on a laptop CPU in a couple of minutes.
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy
-from components import Block, KVCache, OutputHead, PositionEmbedding, init_gpt2_weights
+from components import Block, KVCache, OutputHead, PositionEmbedding, block_options, init_gpt2_weights, make_norm
 
 
 @dataclass
@@ -32,10 +33,14 @@ class Config:
     n_head: int = 6
     n_embd: int = 192
     dropout: float = 0.0
-    pos: str = "learned"      # learned | sinusoidal | alibi | none
+    pos: str = "learned"      # learned | sinusoidal | alibi | none | rope
     head: str = "tied"        # tied | clap | clap-cosine
     attention: str = "causal"  # causal | bidirectional (an encoder: no generate())
     alibi_bidirectional: str = "shifted"  # ALiBi under bidirectional attention: shifted (the seed's) | symmetric
+    norm: str = "layer"       # layer | rms (nn.RMSNorm)
+    mlp: str = "gelu"         # gelu | relu2 | swiglu (2/3 hidden width: about the same weights)
+    qk_norm: bool = False     # RMSNorm on q and k of every head
+    zero_init_proj: bool = False  # residual-branch output projections start at zero (blocks start as identity)
 
 
 PRESETS = {
@@ -65,11 +70,11 @@ class Model(AutoRegressiveModel):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = PositionEmbedding(config.pos, config.block_size, config.n_embd)
         alibi = config.alibi_bidirectional if config.pos == "alibi" else None
-        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout, alibi)
+        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout, alibi, **block_options(config))
                                     for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.ln_f = make_norm(config.norm, config.n_embd)
         self.head = OutputHead(config.head)                   # tied to wte; no weights of its own but beta
-        self.apply(lambda m: init_gpt2_weights(m, config.n_layer))
+        self.apply(lambda m: init_gpt2_weights(m, config.n_layer, config.zero_init_proj))
 
     def features(self, idx, key_mask=None, cache=None):
         """idx (B, T) -> final hidden states (B, T, C) after ln_f; key_mask (B, T) bool, True = attendable.

@@ -34,7 +34,10 @@ Without the shift, group g would hold 4g .. 4g+3 and position 4g would read 4g+1
 both the seed's expander and an unshifted hourglass leak).
 
 Options (components.py): pos = learned | sinusoidal (added at full resolution) | alibi (the causal ALiBi bias
-in every block, distances counted in that level's tokens; no wpe) | none; head = tied | clap | clap-cosine.
+in every block, distances counted in that level's tokens; no wpe) | none | rope (rotary q/k in every block, positions
+counted in that level's tokens as ALiBi's distances; no wpe); head = tied | clap | clap-cosine; norm = layer | rms (also the
+levels' norms); mlp = gelu | relu2 | swiglu; qk_norm; zero_init_proj (also the upsampling projections, which add
+into the skip's residual stream).
 No key_mask (filler tokens): a compressor mixes each group of neighbours into one token, so a filler token
 would reach its neighbours whatever the attention masks say. forward/features raise ValueError if given one.
 No bidirectional attention: the hourglass is built for causal language modelling.
@@ -52,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy
-from components import Block, OutputHead, PositionEmbedding, init_gpt2_weights
+from components import Block, OutputHead, PositionEmbedding, block_options, init_gpt2_weights, make_norm
 
 
 @dataclass
@@ -67,8 +70,12 @@ class Config:
     n_level_blocks: int = 2     # blocks at each shortened resolution, on the way down and on the way up
     dropout: float = 0.0
     target_offset: int = 1      # the target of position i is token i + target_offset (1 = next token)
-    pos: str = "learned"        # learned | sinusoidal | alibi | none
+    pos: str = "learned"        # learned | sinusoidal | alibi | none | rope
     head: str = "tied"          # tied | clap | clap-cosine
+    norm: str = "layer"       # layer | rms (nn.RMSNorm)
+    mlp: str = "gelu"         # gelu | relu2 | swiglu (2/3 hidden width: about the same weights)
+    qk_norm: bool = False     # RMSNorm on q and k of every head
+    zero_init_proj: bool = False  # residual-branch output projections start at zero (blocks start as identity)
 
 
 PRESETS = {
@@ -103,11 +110,11 @@ def check_sizes(config):
 class Shorten(nn.Module):
     """(B, T, C) -> (B, T/factor, 2C); T a multiple of factor. Output token g summarises inputs <= factor*g."""
 
-    def __init__(self, n_embd, factor):
+    def __init__(self, n_embd, factor, norm="layer"):
         super().__init__()
         self.factor = factor
         self.shift = factor - 1  # the causal shift; the tests set it to 0 to show that it is needed
-        self.ln = nn.LayerNorm(n_embd)
+        self.ln = make_norm(norm, n_embd)
         self.proj = nn.Linear(factor * n_embd, 2 * n_embd)  # == Conv1d(C, 2C, kernel=factor, stride=factor)
 
     def forward(self, x):
@@ -120,10 +127,10 @@ class Shorten(nn.Module):
 class Upsample(nn.Module):
     """(B, T', 2C) -> (B, T' * factor, C): token g becomes positions factor*g .. factor*g + factor-1."""
 
-    def __init__(self, n_embd, factor):
+    def __init__(self, n_embd, factor, norm="layer"):
         super().__init__()
         self.factor = factor
-        self.ln = nn.LayerNorm(2 * n_embd)
+        self.ln = make_norm(norm, 2 * n_embd)
         self.proj = nn.Linear(2 * n_embd, factor * n_embd)  # == ConvTranspose1d(2C, C, kernel=stride=factor)
         self.proj.RESIDUAL_SCALE_INIT = True                # it adds into a residual stream
 
@@ -147,19 +154,19 @@ class Model(AutoRegressiveModel):
         alibi = "symmetric" if c.pos == "alibi" else None  # (the variant matters for bidirectional only)
 
         def blocks(n, w):
-            return nn.ModuleList(Block(w, c.n_head, c.dropout, alibi) for _ in range(n))
+            return nn.ModuleList(Block(w, c.n_head, c.dropout, alibi, **block_options(c)) for _ in range(n))
 
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.wpe = PositionEmbedding(c.pos, c.block_size, c.n_embd)
         self.down_blocks = nn.ModuleList(blocks(down_counts[l], width[l]) for l in range(L))
-        self.shorten = nn.ModuleList(Shorten(width[l], f) for l in range(L))
+        self.shorten = nn.ModuleList(Shorten(width[l], f, c.norm) for l in range(L))
         self.middle_blocks = blocks(c.n_level_blocks, width[L])
-        self.upsample = nn.ModuleList(Upsample(width[l], f) for l in range(L))
+        self.upsample = nn.ModuleList(Upsample(width[l], f, c.norm) for l in range(L))
         self.up_blocks = nn.ModuleList(blocks(down_counts[l], width[l]) for l in range(L))
-        self.ln_f = nn.LayerNorm(c.n_embd)
+        self.ln_f = make_norm(c.norm, c.n_embd)
         self.head = OutputHead(c.head)                    # tied to wte; no weights of its own but beta
         self.n_blocks = 2 * sum(down_counts) + c.n_level_blocks
-        self.apply(lambda m: init_gpt2_weights(m, self.n_blocks))
+        self.apply(lambda m: init_gpt2_weights(m, self.n_blocks, c.zero_init_proj))
 
     @property
     def pad_multiple(self):

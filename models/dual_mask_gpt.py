@@ -24,7 +24,8 @@ at i depend only on idx[:, i:] (anti-causal mask; its position T-i is the length
 Options (components.py): pos = learned | sinusoidal | alibi | none, head = tied | clap | clap-cosine. With
 pos=alibi there is no wpe: the fw direction adds the causal ALiBi bias (-m * (i - j) for keys j <= i) and the bw direction
 its mirror image (-m * (j - i) for keys j >= i), so the mirror property above holds for every option.
-Sinusoidal positions use the same mirrored position numbers as the learned ones.
+Sinusoidal and rotary positions (pos=rope: q and k rotated inside attention) use the same mirrored position
+numbers as the learned ones. Other switches as baseline_gpt2: norm, mlp, qk_norm, zero_init_proj.
 key_mask (B, T) marks filler tokens of idx; the task token is always attendable.
 
 The seed's backward mask, tril(ones).flip(0), is not anti-causal (its first row sees every position); here it
@@ -52,7 +53,7 @@ import torch
 import torch.nn as nn
 
 from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy, masked_mean
-from components import Block, KVCache, OutputHead, PositionEmbedding, init_gpt2_weights
+from components import Block, KVCache, OutputHead, PositionEmbedding, block_options, init_gpt2_weights, make_norm
 
 EXTRA_TOKENS = 2          # FW = vocab_size - 2, BW = vocab_size - 1
 BW_MODES = ("additional", "exclusive")
@@ -72,8 +73,12 @@ class Config:
     bw_mode: str = "additional"   # additional: fw + bw on the same tokens; exclusive: fw or bw
     dynamic_p_bw: bool = False    # the seed code's p_bw = clamp(ppl_bw / ppl_fw, 0.01, 1) after each bw step
     bw_seed: int = 0          # seeds the per-step coin
-    pos: str = "learned"      # learned | sinusoidal | alibi | none
+    pos: str = "learned"      # learned | sinusoidal | alibi | none | rope
     head: str = "tied"        # tied | clap | clap-cosine
+    norm: str = "layer"       # layer | rms (nn.RMSNorm)
+    mlp: str = "gelu"         # gelu | relu2 | swiglu (2/3 hidden width: about the same weights)
+    qk_norm: bool = False     # RMSNorm on q and k of every head
+    zero_init_proj: bool = False  # residual-branch output projections start at zero (blocks start as identity)
 
 
 PRESETS = {
@@ -113,11 +118,11 @@ class Model(AutoRegressiveModel):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = PositionEmbedding(config.pos, config.block_size + 1, config.n_embd)  # + 1: the task token
         alibi = "symmetric" if config.pos == "alibi" else None   # (the variant matters for bidirectional only)
-        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout, alibi)
+        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout, alibi, **block_options(config))
                                     for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.ln_f = make_norm(config.norm, config.n_embd)
         self.head = OutputHead(config.head)                   # tied to wte; no weights of its own but beta
-        self.apply(lambda m: init_gpt2_weights(m, config.n_layer))
+        self.apply(lambda m: init_gpt2_weights(m, config.n_layer, config.zero_init_proj))
         self.p_bw_now = float(config.p_bw)   # changes only with dynamic_p_bw
         self._reset_dynamic_sums()
         self._last_fw_loss = None
@@ -155,7 +160,7 @@ class Model(AutoRegressiveModel):
         x = self.head.embed(self.wte, idx) + self.wpe(pos)
         mask = "causal" if direction == "fw" else "anticausal"
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, cache, slot=i, key_mask=key_mask)
+            x = block(x, mask, cache, slot=i, key_mask=key_mask, pos=pos)
         if cache is not None:
             cache.advance(idx.size(1))
             if start == 0:

@@ -21,8 +21,10 @@ rebuilds AdamW over exactly the parameters that now require grad. (The seed crea
 forward(), after the optimizer was built, so they never trained.) The stage is in every metrics row and in
 every checkpoint; load_extra_state() rebuilds the stage's structure before the weights are loaded.
 
-Options as baseline_gpt2 (components.py): pos = learned | sinusoidal | alibi | none,
-head = tied | clap | clap-cosine, attention = causal | bidirectional (an encoder: no generate()), alibi_bidirectional = shifted | symmetric.
+Options as baseline_gpt2 (components.py): pos = learned | sinusoidal | alibi | none | rope, head = tied | clap | clap-cosine,
+attention = causal | bidirectional (an encoder: no generate()), alibi_bidirectional = shifted | symmetric,
+norm = layer | rms, mlp = gelu | relu2 | swiglu, qk_norm, zero_init_proj (the QK-norm gains are copied with
+their block and keep training, as the norms do).
 Stages copy whole blocks, so an ALiBi model stays an ALiBi model in every stage.
 
 prepare_for_inference() merges every LoRA into its weight: a trained model costs what a plain 12-layer GPT
@@ -41,7 +43,8 @@ import torch
 import torch.nn as nn
 
 from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy
-from components import Block, KVCache, LoRALinear, OutputHead, PositionEmbedding, init_gpt2_weights, merge_lora
+from components import (Block, KVCache, LoRALinear, OutputHead, PositionEmbedding, block_options, init_gpt2_weights,
+                        make_norm, merge_lora)
 
 
 @dataclass
@@ -56,10 +59,14 @@ class Config:
     stage3_at: float = 2 / 3  # ... and stage 3
     lora_rank: int = 8
     lora_alpha: float = 16.0  # the LoRA update is scaled by lora_alpha / lora_rank
-    pos: str = "learned"      # learned | sinusoidal | alibi | none
+    pos: str = "learned"      # learned | sinusoidal | alibi | none | rope
     head: str = "tied"        # tied | clap | clap-cosine
     attention: str = "causal"  # causal | bidirectional (an encoder: no generate())
     alibi_bidirectional: str = "shifted"  # ALiBi under bidirectional attention: shifted (the seed's) | symmetric
+    norm: str = "layer"       # layer | rms (nn.RMSNorm)
+    mlp: str = "gelu"         # gelu | relu2 | swiglu (2/3 hidden width: about the same weights)
+    qk_norm: bool = False     # RMSNorm on q and k of every head
+    zero_init_proj: bool = False  # residual-branch output projections start at zero (blocks start as identity)
 
 
 PRESETS = {
@@ -138,12 +145,12 @@ class Model(AutoRegressiveModel):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = PositionEmbedding(config.pos, config.block_size, config.n_embd)
         alibi = config.alibi_bidirectional if config.pos == "alibi" else None
-        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout, alibi)
+        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout, alibi, **block_options(config))
                                     for _ in range(config.n_layer // 4))
-        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.ln_f = make_norm(config.norm, config.n_embd)
         self.head = OutputHead(config.head)                   # tied to wte; no weights of its own but beta
         # Residual projections are scaled for the 12 applications, as in a 12-layer GPT-2.
-        self.apply(lambda m: init_gpt2_weights(m, config.n_layer))
+        self.apply(lambda m: init_gpt2_weights(m, config.n_layer, config.zero_init_proj))
 
     def features(self, idx, key_mask=None, cache=None):
         """idx (B, T) -> final hidden states (B, T, C) after ln_f; key_mask (B, T) bool, True = attendable.

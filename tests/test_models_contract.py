@@ -65,14 +65,14 @@ def test_forward_is_leak_free(name, pos, head):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize("pos,head", [("alibi", "clap"), ("sinusoidal", "tied"), ("none", "clap")])
+@pytest.mark.parametrize("pos,head", [("alibi", "clap"), ("sinusoidal", "tied"), ("none", "clap"), ("rope", "tied")])
 def test_progressive_later_stages_are_leak_free_with_every_option(stage, pos, head):
     model = tiny("progressive_diverging", pos=pos, head=head)
     model.set_stage(stage)
     assert_leak_free(model)
 
 
-@pytest.mark.parametrize("pos", ["learned", "alibi"])
+@pytest.mark.parametrize("pos", ["learned", "alibi", "rope"])
 @pytest.mark.parametrize("name", [n for n in MODELS if n != "conv_attention"])
 def test_leak_free_with_a_filler_key_mask(name, pos):
     model = tiny(name, pos=pos)
@@ -94,7 +94,8 @@ def test_greedy_generation_cached_equals_uncached(name):
 CACHED_MODELS = [n for n in MODELS if model_module(n).Model.supports_kv_cache]
 
 
-@pytest.mark.parametrize("pos,head", [("alibi", "tied"), ("alibi", "clap"), ("sinusoidal", "clap"), ("none", "tied")])
+@pytest.mark.parametrize("pos,head", [("alibi", "tied"), ("alibi", "clap"), ("sinusoidal", "clap"), ("none", "tied"),
+                                      ("rope", "clap")])
 @pytest.mark.parametrize("name", CACHED_MODELS)
 def test_greedy_generation_cached_equals_uncached_for_every_option(name, pos, head):
     """The KV-cache path applies the same ALiBi biases / positions / head as the full forward."""
@@ -118,8 +119,8 @@ def test_unknown_override_is_a_clear_error(name):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_unknown_pos_or_head_is_a_clear_error(name):
-    with pytest.raises(ModelConfigError, match="pos 'rope' unknown"):
-        create_model(name, preset="tiny", pos="rope")
+    with pytest.raises(ModelConfigError, match="pos 'xpos' unknown"):
+        create_model(name, preset="tiny", pos="xpos")
     with pytest.raises(ModelConfigError, match="head 'mlp' unknown"):
         create_model(name, preset="tiny", head="mlp")
 

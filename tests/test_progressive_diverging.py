@@ -242,7 +242,7 @@ def test_after_a_switch_the_right_parameters_train():
 
 
 def test_copied_parameters_start_with_their_sources_adam_state():
-    from base_trainer import carry_adam_state
+    from optim import carry_optimizer_state
     torch.manual_seed(0)
     model = create_model("progressive_diverging", preset=None, **SMALL).train()
     idx = tokens((4, 32))
@@ -252,8 +252,7 @@ def test_copied_parameters_start_with_their_sources_adam_state():
     sources = dict(model.blocks.named_parameters())
     model.set_stage(2)
     new = adamw(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    carry_adam_state(opt, new, params, model.parameter_origins)
+    carry_optimizer_state(opt, new, model.parameter_origins)
     copied = 0
     for name, p in model.blocks.named_parameters():
         if not p.requires_grad or "lora_" in name:

@@ -1,0 +1,121 @@
+"""
+The optimizers: AdamW (GPT-2's recipe, the default) or Muon + AdamW (the NanoGPT speedrun's).
+
+    --optimizer adamw   AdamW over every trainable parameter; weight decay on matrices and embeddings only
+    --optimizer muon    torch.optim.Muon (momentum, Nesterov, then a Newton-Schulz orthogonalisation of the
+                        update) for the weight matrices of the hidden nn.Linear layers: attention q/k/v and output
+                        projections, MLP layers, conv_attention's shorten/upsample projections.
+                        AdamW, as with --optimizer adamw, for everything else: the token embedding (which is also
+                        the tied output head), learned position table, norms, biases, CLAP's beta, and LoRA's
+                        low-rank factors A and B (rank r; orthogonalising an r-column update would make its
+                        every direction as large as the main one)
+
+Muon's learning rate is --muon-lr (0.02, Keller Jordan's default; torch scales it by sqrt(max(1, rows/cols))
+per matrix), following the trainer's schedule: every step the trainer sets lr_at(step) * group["lr_scale"],
+where lr_scale = muon_lr / lr for Muon's group and 1 for AdamW's. Muon's momentum is --muon-momentum (0.95) and
+its decoupled weight decay --muon-weight-decay (0 as in the speedrun; torch applies lr * wd per step, so 0.1
+with lr 0.02 would shrink weights ~7x faster than AdamW's 0.1 at lr 3e-3).
+
+DDP: every rank steps on the same all-reduced gradients, and the Newton-Schulz iteration is deterministic, so the
+ranks stay identical (the speedrun splits the matrices over ranks to save time; not needed at this size).
+Checkpoints hold both optimizers' state ({"muon": ..., "adamw": ...}), so --resume continues exactly.
+"""
+
+import torch
+import torch.nn as nn
+
+import cli
+
+OPTIMIZERS = ("adamw", "muon")
+DEFAULTS = dict(optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0)
+
+
+def add_optimizer_arguments(p):
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw (default) | muon: Muon for the hidden weight "
+                   "matrices, AdamW (--lr) for embeddings, norms, biases (optim.py)")
+    p.add_argument("--muon-lr", type=cli.positive_float, help="Muon's peak learning rate (default 0.02), same schedule as --lr")
+    p.add_argument("--muon-momentum", type=cli.probability, help="Muon's Nesterov momentum (default 0.95)")
+    p.add_argument("--muon-weight-decay", type=cli.nonnegative_float, help="Muon's decoupled weight decay (default 0)")
+
+
+def muon_parameters(model):
+    """The trainable parameters Muon takes: the weight matrix of every nn.Linear (LoRALinear's A and B are not
+    nn.Linear weights; its frozen base does not train). Everything else goes to AdamW."""
+    return [m.weight for m in model.modules()
+            if isinstance(m, nn.Linear) and m.weight.requires_grad and m.weight.dim() == 2]
+
+
+def adamw(params, cfg, fused, lr_scale=1.0):
+    """GPT-2's AdamW: weight decay on matrices and embeddings (dim >= 2), none on norms, biases, scalars."""
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    for g in groups:
+        g["lr_scale"] = lr_scale
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+class MuonWithAdamW:
+    """Muon for the hidden matrices and AdamW for the rest, used by the trainer as one optimizer:
+    param_groups (both optimizers' groups), zero_grad, step, state_dict, load_state_dict."""
+
+    def __init__(self, muon, adamw):
+        self.optimizers = {"muon": muon, "adamw": adamw}
+
+    @property
+    def param_groups(self):
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def state_dict(self):
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state):
+        if set(state) != set(self.optimizers):
+            raise ValueError(f"optimizer state holds {sorted(state)}, expected {sorted(self.optimizers)}")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+def build_optimizer(model, cfg, fused=False):
+    """The optimizer cfg["optimizer"] asks for, over exactly the parameters of `model` that require grad."""
+    kind = cfg.get("optimizer", "adamw")
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"--optimizer {kind!r} unknown; choose one of: {', '.join(OPTIMIZERS)}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "adamw":
+        return adamw(params, cfg, fused)
+    hidden = muon_parameters(model)
+    in_muon = {id(p) for p in hidden}
+    muon = torch.optim.Muon([{"params": hidden, "lr_scale": cfg["muon_lr"] / cfg["lr"]}], lr=cfg["muon_lr"],
+                            momentum=cfg["muon_momentum"], weight_decay=cfg["muon_weight_decay"], nesterov=True)
+    return MuonWithAdamW(muon, adamw([p for p in params if id(p) not in in_muon], cfg, fused))
+
+
+def parts(optimizer):
+    """The torch optimizers inside `optimizer` (itself, or Muon's and AdamW's)."""
+    return list(optimizer.optimizers.values()) if isinstance(optimizer, MuonWithAdamW) else [optimizer]
+
+
+def carry_optimizer_state(old, new, origins=None):
+    """Move the state (Adam's moments, Muon's momentum) from optimizer `old` to `new`, which the trainer built
+    after the set of trainable parameters changed: a parameter that stays keeps its own; a new parameter copied
+    from another (origins: {copy: source}, e.g. progressive_diverging's new blocks) starts with a copy of its
+    source's state, so the copies do not restart from zero momentum (which makes Adam's first updates lr-sized
+    whatever the gradient, and bumps the loss). State moves only between optimizers of the same kind."""
+    origins = origins or {}
+    for target in parts(new):
+        source = {p: s for opt in parts(old) if type(opt) is type(target) for p, s in opt.state.items()}
+        for group in target.param_groups:
+            for p in group["params"]:
+                if p in source:
+                    target.state[p] = source[p]
+                elif origins.get(p) in source:
+                    target.state[p] = {k: v.clone() if torch.is_tensor(v) else v
+                                       for k, v in source[origins[p]].items()}
