@@ -30,7 +30,6 @@ passes (no real token sees later positions), left padding for dual's bw pass (it
 BW token at the end), a key mask for the bidirectional encoder.
 """
 
-import argparse
 import io
 import itertools
 import json

@@ -28,6 +28,7 @@ The rules are in the README's table ("How answers are scored"), each with a test
 --limit N evaluates the first N problems.
 """
 
+import argparse
 import json
 import math
 import re

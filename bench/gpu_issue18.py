@@ -19,7 +19,6 @@ summary  The tables (model, micro batch, steps, tokens, losses, bpb, tok/s, MFU,
 import argparse
 import gc
 import json
-import os
 import signal
 import statistics
 import subprocess

@@ -4,7 +4,6 @@ written (issue 13, item 8). In-process (each main(argv)), so the whole table tak
 import importlib
 import importlib.util
 import os
-import sys
 
 import pytest
 import torch
