@@ -244,7 +244,7 @@ def test_generate_evaluate_and_embed_take_hf_checkpoints(hf_dir, gsm8k_dir, tmp_
     out = tmp_path / "eval.json"
     assert evaluate.main(["--checkpoint", f"hf:{hf_dir}", "--data", f"json:{(REPO / GSM8K).resolve()}",
                           "--data-dir", str(gsm8k_dir), "--split", "val", "--eval-batches", "1", "--task", f"json:{REPO / GSM8K}",
-                          "--limit", "2", "--max-new-tokens", "4", "--quiet", "--out", str(out)]) == 0
+                          "--limit", "2", "--max-new-tokens", "4", "--loss", "--quiet", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["model"] == "baseline_gpt2" and result["accuracy"]["total"] == 2
     assert 0 < result["loss"]["loss"] < 30

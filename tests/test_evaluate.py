@@ -244,7 +244,11 @@ def test_evaluate_command_line(tiny_run, tmp_path, capsys):
     for args, words in [(["--no-loss", "--task", "wikipedia"], "--task"), (["--no-loss"], "nothing to do"),
                         (["--out", str(out)], "--overwrite"), (["--task", "synthetic-math", "--batch-size", "0"],
                                                                "--batch-size")]:
-        assert main(["--checkpoint", ckpt, *args]) == 2
+        try:  # argparse's one-line errors exit (SystemExit 2), evaluate.py's own checks return 2
+            code = main(["--checkpoint", ckpt, *args])
+        except SystemExit as e:
+            code = e.code
+        assert code == 2
         err = capsys.readouterr().err
         assert_one_line_error(subprocess.CompletedProcess([], 2, "", err), words)
     assert json.loads(out.read_text()) == data   # an existing --out is kept

@@ -22,7 +22,7 @@ def test_help_shows_each_presets_default_and_every_choice(model):
     assert "see models/" not in text
     assert "default rtx3080" in text                                 # which preset is the default
     assert "--lr LR rtx3080: 0.0006, tiny: 0.003" in text
-    assert "--pos {learned,sinusoidal,alibi,none}" in text and "--head {tied,clap}" in text
+    assert "--pos {learned,sinusoidal,alibi,none,rope}" in text and "--head {tied,clap,clap-cosine}" in text
     tiny, big = model_config(model, "tiny"), model_config(model, "rtx3080")
     assert f"rtx3080: {big.n_embd}, tiny: {tiny.n_embd}" in text
     if model == "dual_mask_gpt":
