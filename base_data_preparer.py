@@ -31,7 +31,6 @@ What it guarantees:
   - Ctrl-C stops it at once (one line, exit 130): the worker processes never see SIGINT; the parent kills them.
   - concurrent callers (e.g. every DDP rank) are serialised by a lock file; one prepares, the others reuse.
 """
-import argparse
 import contextlib
 import hashlib
 import json
@@ -638,19 +637,6 @@ def _build(out: Path, source: dict, enc, tokenizer_name, budget, num_workers, qu
 
 
 # ----------------------------------------------------------------------------- command line
-
-def parse_count(text: str) -> int:
-    """'100M', '2.5k', '1e6', '1000000' -> int."""
-    t = text.strip().lower().replace("_", "")
-    scale = {"k": 10 ** 3, "m": 10 ** 6, "b": 10 ** 9, "g": 10 ** 9}.get(t[-1:], 1)
-    try:
-        value = float(t[:-1] if scale != 1 else t) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a count: {text!r} (examples: 1000000, 1e6, 100M)") from None
-    if value != int(value) or value < 1:
-        raise argparse.ArgumentTypeError(f"not a positive whole count: {text!r}")
-    return int(value)
-
 
 def main(argv=None):
     import cli  # one-line errors and checked numbers (late: cli is not needed by the importers of this module)

@@ -60,7 +60,7 @@ def _slug(text: str) -> str:
 
 
 def format_count(n: int) -> str:
-    """10_000_000 -> '10M', 400_000 -> '400k', 123_456 -> '123456' (exact; base_data_preparer.parse_count reads it back)."""
+    """10_000_000 -> '10M', 400_000 -> '400k', 123_456 -> '123456' (exact; cli.count reads it back)."""
     for unit, scale in (("B", 10 ** 9), ("M", 10 ** 6), ("k", 10 ** 3)):
         if n >= scale and n % scale == 0:
             return f"{n // scale}{unit}"
