@@ -92,6 +92,31 @@ def _chunk_rows(n_rows, vocab, chunk_rows=None):
     return max(1, min(n_rows, chunk_rows or CHUNK_ELEMENTS // vocab))
 
 
+def chunk_loss_and_grads(hc, wd, t, wt, with_accuracy):
+    """One chunk of the head's loss and its gradients. hc (n, C), wd (V, C): in the matmul dtype; t (n, 1) the
+    targets (>= 0), wt (n, 1) their weights -> (sum of weighted losses, sum of weighted argmax hits (0 unless
+    with_accuracy), d/d hc (n, C), d/d w (V, C) fp32). A function of its own so that --compile can fuse the
+    elementwise work on the (n, V) fp32 logits into a couple of kernels: eager, they are read and written about
+    ten times, and on an H100 that is most of a training step (bench/gpu_profile.py)."""
+    logits = (hc @ wd.t()).float()                                                 # (n, V) fp32
+    hits = ((logits.argmax(1, keepdim=True) == t).float() * wt).sum() if with_accuracy else logits.new_zeros(())
+    lse = torch.logsumexp(logits, dim=1, keepdim=True)
+    loss = ((lse - logits.gather(1, t)) * wt).sum()
+    g = logits.sub_(lse).exp_()                                                    # softmax, in place
+    g.scatter_add_(1, t, torch.full_like(wt, -1.0))                                # - onehot(target)
+    g = g.mul_(wt).to(hc.dtype)
+    return loss, hits, g @ wd, (g.t() @ hc).float()
+
+
+def chunk_token_losses(hc, wd, t):
+    """One chunk of per-position losses, no gradient: hc (n, C), wd (V, C), t (n, 1) targets (-1 = not scored)
+    -> (losses (n,) fp32, argmax hits (n,) bool), 0 / False where t is -1."""
+    logits = (hc @ wd.t()).float()
+    scored = t != -1
+    losses = (torch.logsumexp(logits, 1, keepdim=True) - logits.gather(1, t.clamp(min=0))) * scored
+    return losses.squeeze(1), ((logits.argmax(1, keepdim=True) == t) & scored).squeeze(1)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """sum_i weights_i * CE(h_i @ w^T, targets_i) for h (N, C), w (V, C), one chunk of rows at a time.
     The loss is the last operation before .backward(), so the gradients are computed right here, chunk by
@@ -101,7 +126,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     Optionally also the weighted accuracy of the argmax (no gradient)."""
 
     @staticmethod
-    def forward(ctx, h, w, targets, weights, chunk_rows, with_accuracy):
+    def forward(ctx, h, w, targets, weights, chunk_rows, with_accuracy, chunk_fn):
         dtype = _compute_dtype(h)
         with torch.autocast(h.device.type, enabled=False):
             wd = w.to(dtype)
@@ -110,19 +135,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             grad_h = torch.empty_like(h)
             grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
             for start in range(0, h.size(0), chunk_rows):
-                hc = h[start:start + chunk_rows].to(dtype)
-                t = targets[start:start + chunk_rows, None]
-                wt = weights[start:start + chunk_rows, None]
-                logits = (hc @ wd.t()).float()                                     # (n, V) fp32
-                if with_accuracy:
-                    hits = hits + ((logits.argmax(1, keepdim=True) == t).float() * wt).sum()
-                lse = torch.logsumexp(logits, dim=1, keepdim=True)
-                loss = loss + ((lse - logits.gather(1, t)) * wt).sum()
-                g = logits.sub_(lse).exp_()                                        # softmax, in place
-                g.scatter_add_(1, t, torch.full_like(wt, -1.0))                    # - onehot(target)
-                g = g.mul_(wt).to(dtype)
-                grad_h[start:start + chunk_rows] = (g @ wd).to(h.dtype)
-                grad_w += (g.t() @ hc).float()
+                rows = slice(start, start + chunk_rows)
+                chunk_loss, chunk_hits, chunk_grad_h, chunk_grad_w = chunk_fn(
+                    h[rows].to(dtype), wd, targets[rows, None], weights[rows, None], with_accuracy)
+                loss, hits = loss + chunk_loss, hits + chunk_hits
+                grad_h[rows] = chunk_grad_h.to(h.dtype)
+                grad_w += chunk_grad_w
         ctx.save_for_backward(grad_h, grad_w.to(w.dtype))
         ctx.mark_non_differentiable(hits)
         return loss, hits
@@ -130,7 +148,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_hits):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None, None
 
 
 def _scored_weights(targets, loss_mask):
@@ -141,9 +159,11 @@ def _scored_weights(targets, loss_mask):
     return weights
 
 
-def chunked_cross_entropy(h, w, targets, loss_mask=None, chunk_rows=None, with_accuracy=False):
+def chunked_cross_entropy(h, w, targets, loss_mask=None, chunk_rows=None, with_accuracy=False,
+                          chunk_fn=chunk_loss_and_grads, token_fn=chunk_token_losses):
     """masked_cross_entropy(h @ w^T, targets, loss_mask) for h (..., C), w (V, C), without all the logits at
-    once; with_accuracy: returns (loss, accuracy of the argmax over the same weights) instead."""
+    once; with_accuracy: returns (loss, accuracy of the argmax over the same weights) instead. chunk_fn and
+    token_fn compute one chunk (with and without gradient): the model passes its compiled ones under --compile."""
     h2 = h.reshape(-1, h.size(-1))
     flat_targets = targets.reshape(-1)
     weights = _scored_weights(flat_targets, loss_mask)
@@ -151,14 +171,14 @@ def chunked_cross_entropy(h, w, targets, loss_mask=None, chunk_rows=None, with_a
     rows = _chunk_rows(h2.size(0), w.size(0), chunk_rows)
     if torch.is_grad_enabled() and (h2.requires_grad or w.requires_grad):
         loss, hits = _ChunkedCrossEntropy.apply(h2, w, flat_targets.clamp(min=0),
-                                                weights / total, rows, with_accuracy)
+                                                weights / total, rows, with_accuracy, chunk_fn)
         return (loss, hits) if with_accuracy else loss
-    losses, hit = chunked_token_losses(h2, w, flat_targets, rows)
+    losses, hit = chunked_token_losses(h2, w, flat_targets, rows, token_fn)
     loss = (losses * weights).sum() / total
     return (loss, (hit.float() * weights).sum() / total) if with_accuracy else loss
 
 
-def chunked_token_losses(h, w, targets, chunk_rows=None):
+def chunked_token_losses(h, w, targets, chunk_rows=None, token_fn=chunk_token_losses):
     """Per-position cross-entropy (fp32) and argmax hits of h @ w^T against targets, without gradient and
     one chunk of rows at a time. h (..., C), targets (...); both outputs have targets' shape (0 where -1)."""
     h2 = h.reshape(-1, h.size(-1))
@@ -169,12 +189,9 @@ def chunked_token_losses(h, w, targets, chunk_rows=None):
     with torch.no_grad(), torch.autocast(h2.device.type, enabled=False):
         wd = w.to(dtype)
         for start in range(0, h2.size(0), rows):
-            logits = (h2[start:start + rows].to(dtype) @ wd.t()).float()
-            t = flat[start:start + rows, None]
-            tc = t.clamp(min=0)
-            scored = t != -1
-            losses.append(((torch.logsumexp(logits, 1, keepdim=True) - logits.gather(1, tc)) * scored).squeeze(1))
-            hits.append(((logits.argmax(1, keepdim=True) == t) & scored).squeeze(1))
+            chunk_losses, chunk_hits = token_fn(h2[start:start + rows].to(dtype), wd, flat[start:start + rows, None])
+            losses.append(chunk_losses)
+            hits.append(chunk_hits)
     return torch.cat(losses).view(targets.shape), torch.cat(hits).view(targets.shape)
 
 
@@ -187,9 +204,10 @@ def masked_mean(values, targets, loss_mask=None):
 class AutoRegressiveModel(nn.Module):
     name = None            # registry name, set by each model
     supports_kv_cache = False
-    # The head's loss functions; the trainer replaces them by compiled ones on the instance (speed.py).
-    cross_entropy = staticmethod(chunked_cross_entropy)
-    token_cross_entropy = staticmethod(chunked_token_losses)
+    # One chunk of the head's loss (with gradients) and of its per-position losses; --compile replaces them by
+    # compiled ones on the instance (speed.compile_model).
+    chunk_loss = staticmethod(chunk_loss_and_grads)
+    chunk_token_losses = staticmethod(chunk_token_losses)
 
     # ---- training hooks -------------------------------------------------------------------
     def training_loss(self, x, y, loss_mask=None, step=0, key_mask=None):
@@ -219,7 +237,8 @@ class AutoRegressiveModel(nn.Module):
             if not with_accuracy:
                 return loss
             return loss, masked_mean((logits.argmax(-1) == targets).float(), targets, loss_mask)
-        return self.cross_entropy(*operands, targets, loss_mask, with_accuracy=with_accuracy)
+        return chunked_cross_entropy(*operands, targets, loss_mask, with_accuracy=with_accuracy,
+                                     chunk_fn=self.chunk_loss, token_fn=self.chunk_token_losses)
 
     @torch.no_grad()
     def lm_token_losses(self, idx, targets, key_mask=None, **features_kwargs):
@@ -233,7 +252,7 @@ class AutoRegressiveModel(nn.Module):
             flat = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=-1, reduction="none")
             return flat.view(targets.shape), (logits.argmax(-1) == targets) & (targets != -1)
-        return self.token_cross_entropy(*operands, targets)
+        return chunked_token_losses(*operands, targets, token_fn=self.chunk_token_losses)
 
     def has_features(self):
         return type(self).features is not AutoRegressiveModel.features

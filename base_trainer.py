@@ -179,7 +179,8 @@ def add_trainer_arguments(p, model_name="<model>"):
     p.add_argument("--skip-nonfinite", type=cli.nonnegative_int, help="skip up to N optimizer steps whose loss or "
                    "gradient norm is not finite (logged as split 'nonfinite') before stopping (default 0)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the blocks and the loss (default: off; see README, Speed on a GPU)")
+                   help="torch.compile the blocks and the head's loss (default: on with CUDA, off elsewhere; "
+                        "see README, Speed on a GPU)")
     p.add_argument("--compile-mode", choices=speed.COMPILE_MODES, help="torch.compile mode (default: default; "
                    "reduce-overhead and max-autotune add CUDA graphs)")
     p.add_argument("--memory-budget", type=cli.positive_float, help="GiB that --micro-batch-size auto may use "

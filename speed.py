@@ -276,9 +276,10 @@ def eval_batches(cfg, world_size):
 def setup_compile(trainer):
     """Count the FLOPs per token (for MFU) eagerly, then compile (CUDA default) with a warm-up step."""
     cfg, model = trainer.cfg, trainer.model
-    # Off unless asked: on an H100 (docs/gpu_h100_2026-11-27) compiling cost ~50 s a run and, at the micro batch
-    # chosen for a 10 GiB card, ran out of memory and fell back to eager; the eager auto micro batch gave 3-6x.
-    compile_on = bool(cfg.get("compile"))
+    # On by default on CUDA: on an H100 it halves the rtx3080 step (the head's elementwise work, fused per chunk)
+    # for about a minute of compiling (bench/gpu_profile.py, docs/gpu_h100_2026-11-27/). Off elsewhere: on a
+    # CPU the compile costs more than a small run saves.
+    compile_on = cfg["compile"] if cfg.get("compile") is not None else trainer.device_type == "cuda"
     mode = cfg.get("compile_mode") or "default"
     peak = device_peak_flops(trainer.device)
     trainer.flops_per_token, trainer.peak_flops = None, peak
@@ -313,9 +314,10 @@ def compile_model(model, mode="default", backend="inductor", fullgraph=False):
     """torch.compile in place, by region: every transformer Block (the 12 blocks of a model share one
     compiled graph, so compiling takes seconds, not minutes, and a progressive_diverging stage switch adds
     one graph, not a whole model: its new blocks are deep copies, which carry their own compiled call) and
-    the chunked cross-entropy of the head (model.cross_entropy /
-    model.token_cross_entropy). What runs between them (embeddings, conv_attention's reshapes) stays eager."""
-    from auto_regressive_model import chunked_cross_entropy, chunked_token_losses
+    one chunk of the head's cross-entropy (model.chunk_loss / model.chunk_token_losses: one graph per chunk
+    shape, so that memory stays one chunk's, as eager). What runs
+    between them (embeddings, conv_attention's reshapes, the chunk loop) stays eager."""
+    from auto_regressive_model import chunk_loss_and_grads, chunk_token_losses
     from components import Block
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # widths x modes
     options = dict(backend=backend, dynamic=False, fullgraph=fullgraph)  # fullgraph: the tests forbid breaks
@@ -324,8 +326,8 @@ def compile_model(model, mode="default", backend="inductor", fullgraph=False):
     for module in model.modules():
         if isinstance(module, Block):
             module.compile(**options)
-    model.cross_entropy = torch.compile(chunked_cross_entropy, **options)
-    model.token_cross_entropy = torch.compile(chunked_token_losses, **options)
+    model.chunk_loss = torch.compile(chunk_loss_and_grads, **options)
+    model.chunk_token_losses = torch.compile(chunk_token_losses, **options)
 
 
 def uncompile_model(model):
@@ -333,7 +335,7 @@ def uncompile_model(model):
     for module in model.modules():
         if isinstance(module, Block):
             module._compiled_call_impl = None
-    for name in ("cross_entropy", "token_cross_entropy"):
+    for name in ("chunk_loss", "chunk_token_losses"):
         model.__dict__.pop(name, None)
 
 

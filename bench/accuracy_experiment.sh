@@ -2,7 +2,8 @@
 # Issue 14, "show that it measures something": the tiny baseline_gpt2 on synthetic-math, all-token loss vs
 # answer-only loss at the same budget, 3 seeds each (same data), then exact match on the de-twinned test split.
 # Two lanes (one per loss) run side by side, each with 1 torch thread: fits a 2-core CPU.
-# Usage: bash bench/accuracy_experiment.sh [STEPS] [OUT] [DATA]   (defaults 400, runs/acc, data)
+# Usage: [LIMIT=N] bash bench/accuracy_experiment.sh [STEPS] [OUT] [DATA]   (defaults 400, runs/acc, data;
+#        LIMIT = test problems scored per run, default 200)
 #        bash bench/accuracy_experiment.sh summary [OUT]          (the tables, from the runs' JSON and logs)
 set -euo pipefail
 summary() {  # $1 = OUT: per-run rows, mean and sd per loss, strict/flexible per family and seed
@@ -61,6 +62,8 @@ if [ "${1:-}" = summary ]; then summary "${2:-runs/acc}"; exit 0; fi
 STEPS=${1:-400}
 OUT=${2:-runs/acc}
 DATA=${3:-data}
+LIMIT=${LIMIT:-200}
+EVAL_EVERY=$(( STEPS / 4 > 0 ? STEPS / 4 : 1 ))
 export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
 # Prepare the data once, before the two lanes start (both would otherwise write the same shards).
@@ -72,10 +75,10 @@ lane() {  # $1 = all | answer
         run="$OUT/${1}_s${seed}"
         { echo "uptime before: $(uptime)"; /usr/bin/time -f "train wall %e s, user %U s" \
             python train_baseline_gpt2.py --preset tiny --data-dir "$DATA" --out-dir "$run" --overwrite \
-            --seed "$seed" --max-steps "$STEPS" --eval-interval 100 --checkpoint-interval 100 --loss-on "$1"; } \
+            --seed "$seed" --max-steps "$STEPS" --eval-interval "$EVAL_EVERY" --checkpoint-interval "$EVAL_EVERY" --loss-on "$1"; } \
             > "$run.train.log" 2>&1
         { echo "uptime before: $(uptime)"; /usr/bin/time -f "eval wall %e s, user %U s" \
-            python evaluate.py --checkpoint "$run/checkpoint.pt" --task synthetic-math --split test --limit 200 \
+            python evaluate.py --checkpoint "$run/checkpoint.pt" --task synthetic-math --split test --limit "$LIMIT" \
             --loss --quiet --overwrite --out "${run}_eval.json"; echo "uptime after: $(uptime)"; } \
             > "$run.eval.log" 2>&1
     done

@@ -40,11 +40,15 @@ part() {  # part NAME LIMIT_S command...: run with a time limit (SIGINT, then KI
 }
 
 DATA=/tmp/lmsmall_data; CMP_DATA=/tmp/lmsmall_cmp_data; RUNS=/tmp/lmsmall_issue18
-TABLE_TOKENS=170000000; CMP_TOKENS=2000000; WORKERS=12
+TABLE_TOKENS=${TABLE_TOKENS:-170000000}; CMP_TOKENS=2000000; WORKERS=12
 COMPARE_LIMIT=170; SUMMARY_RESERVE=40
 # SETTINGS="old auto-eager" and TABLE_TRAIN_ARGS="--no-compile" shorten a rerun (the second H100 run used both).
+# COMPARE=0 skips the comparison; EAGER_REF=N first trains baseline_gpt2 eager for N steps (the side-by-side
+# reference for a compiled table); TABLE_STEPS=N trains every model N steps (the schedule is N steps long, the
+# same for all) and TABLE_TOKENS sizes the data for it; GPT2_124M=0 skips the GPT-2 124M measurement.
 CMP_ARGS=(--memory-limit-gib 10); CMP_SETTINGS=(${SETTINGS:-old auto-eager new reduce-overhead})
-TABLE_ARGS=(); [ -n "${TABLE_TRAIN_ARGS:-}" ] && TABLE_ARGS=(--train-args $TABLE_TRAIN_ARGS)
+TABLE_ARGS=(); [ -n "${TABLE_STEPS:-}" ] && TABLE_ARGS=(--max-steps "$TABLE_STEPS")
+[ -n "${TABLE_TRAIN_ARGS:-}" ] && TABLE_ARGS+=(--train-args $TABLE_TRAIN_ARGS)
 CMP_SKIP=(conv_attention:new conv_attention:reduce-overhead progressive_diverging:new
           progressive_diverging:reduce-overhead dual_mask_gpt:new dual_mask_gpt:reduce-overhead)
 if [ $DRY = 1 ]; then  # a CPU: small data, models and steps; compile only where asked (slow on a CPU)
@@ -54,7 +58,7 @@ if [ $DRY = 1 ]; then  # a CPU: small data, models and steps; compile only where
     [ "${DRY_COMPILE:-0}" = 1 ] && CMP_SETTINGS+=(new)
     TABLE_ARGS=(--max-steps 3 --eval-interval 2 --train-args --seq-len 64 --total-batch-size 4096 --n-embd 64
                 --n-head 2 --eval-batches 2)
-    rm -rf "$RUNS"
+    rm -rf "$RUNS" "$RUNS-eager"
 fi
 rm -f /tmp/cmp_*.json
 
@@ -75,6 +79,7 @@ part compare_data 120 $PY base_data_preparer.py --data synthetic-math --tokenize
 # One process per model and setting: a process that compiled, or ran out of memory under the 10 GiB cap,
 # keeps memory that the next setting would then lack (seen in the first H100 run).
 CMP_T0=$SECONDS
+[ "${COMPARE:-1}" = 0 ] && CMP_SETTINGS=()
 for m in baseline_gpt2 conv_attention progressive_diverging dual_mask_gpt; do
     for s in "${CMP_SETTINGS[@]}"; do
         case " ${CMP_SKIP[*]} " in *" $m:$s "*) continue;; esac
@@ -94,6 +99,11 @@ if kill -0 $PREP 2>/dev/null; then kill -INT $PREP; stamp "data preparation stil
 wait $PREP; PREP_CODE=$?
 stamp "data preparation: exit $PREP_CODE (waited $((SECONDS - WAIT_T0)) s after the comparison)"; tail -2 "$OUT/prep.log"
 
+if [ $PREP_CODE = 0 ] && [ "${EAGER_REF:-0}" -gt 0 ]; then
+    REF_ARGS=(--max-steps "$EAGER_REF" --train-args --no-compile); [ $DRY = 1 ] && REF_ARGS=("${TABLE_ARGS[@]}" --no-compile)
+    part eager_reference 120 $PY bench/gpu_issue18.py table --models baseline_gpt2 --data-dir $DATA \
+        --max-tokens $TABLE_TOKENS --runs $RUNS-eager --deadline 90 "${REF_ARGS[@]}"
+fi
 if [ $PREP_CODE = 0 ]; then
     TABLE_S=$(( $(left) - SUMMARY_RESERVE ))
     part table $((TABLE_S + 90)) $PY bench/gpu_issue18.py table --data-dir $DATA --max-tokens $TABLE_TOKENS \
@@ -102,15 +112,17 @@ fi
 
 # If time is left: GPT-2 124M compiled (issue 9's 42.3% MFU figure was measured with the loss inside forward;
 # training now runs the chunked head instead).
-if [ $DRY = 0 ] && [ "$(left)" -gt 100 ]; then
+if [ $DRY = 0 ] && [ "${GPT2_124M:-1}" = 1 ] && [ "$(left)" -gt 100 ]; then
     part gpt2_124m_compile $(( $(left) - 45 )) $PY bench/throughput.py --models baseline_gpt2 --set n_layer=12 \
         n_head=12 n_embd=768 --seq-len 1024 --batch 32 --vocab-size 50304 --device cuda --steps 10 --rounds 3 --compile
 fi
 
 part summary 60 bash -c "$PY bench/gpu_issue18.py summary --compare '$OUT/compare.json' --runs $RUNS \
-    | tee '$OUT/summary.txt'"
+    | tee '$OUT/summary.txt'; [ -d $RUNS-eager ] && $PY bench/gpu_issue18.py summary --runs $RUNS-eager \
+    --models baseline_gpt2 | tee -a '$OUT/summary.txt'"
 part plot 30 bash -c "ls -d $RUNS/*/ >/dev/null 2>&1 && $PY plot_loss.py $RUNS/* --out '$OUT/seed_table.png'"
 mkdir -p "$RUNS" && mv "$OUT/prep.log" "$RUNS/prep.log"
+[ -d $RUNS-eager ] && rm -rf "$RUNS/eager_reference" && cp -r $RUNS-eager/baseline_gpt2 "$RUNS/eager_reference"
 (cd "$RUNS" && tar czf - prep.log $(ls -d */config.json */metrics.jsonl */train.log */wall_s.txt 2>/dev/null)) \
     > "$OUT/runs.tgz"
 stamp "done; files in $OUT:"; ls -la "$OUT"

@@ -1,0 +1,143 @@
+"""
+Where a training step's time goes (issue 18): one model at one micro batch, its micro-step taken apart.
+
+    python bench/gpu_profile.py --device cuda                       # baseline_gpt2 --preset rtx3080, micro 256
+    python bench/gpu_profile.py --device cpu --preset tiny --micro 4 --vocab 512 --repeat 2   # dry run
+
+Prints, each the median of --repeat timed calls after warm-up (CUDA: synchronised around each):
+  step       forward + backward of the model's own training loss (what a micro-step of the trainer computes)
+  trunk      forward + backward of the blocks only (features(), a cheap loss on them; no head)
+  head ...   forward + backward of the tied head's chunked cross-entropy alone, on random hidden states,
+             for several chunk sizes, and F.cross_entropy on all the logits at once
+  adamw      one fused AdamW step over the model's parameters
+  compiled   `step` again after speed.compile_model (the trainer's --compile), with its compile time
+then the top CUDA kernels of two eager steps (torch.profiler), so the figures can be checked against kernels.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import auto_regressive_model as arm  # noqa: E402
+import speed  # noqa: E402
+from models import create_model  # noqa: E402
+
+
+def timed(fn, device, repeat, warmup=2):
+    """Median milliseconds of fn() over `repeat` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--model", default="baseline_gpt2")
+    p.add_argument("--preset", default="rtx3080")
+    p.add_argument("--micro", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=50304)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = create_model(args.model, preset=args.preset, vocab_size=args.vocab).to(device)
+    T = model.config.block_size
+    B = args.micro
+    x = torch.randint(0, args.vocab, (B, T), device=device)
+    y = torch.randint(0, args.vocab, (B, T), device=device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    tokens = B * T
+    rows = []
+
+    def report(label, ms):
+        rows.append((label, ms))
+        print(f"{label:34s} {ms:9.2f} ms  {tokens / ms * 1000:12,.0f} tok/s", flush=True)
+
+    print(f"{args.model} --preset {args.preset} | micro {B} x {T} tokens | vocab {args.vocab} | {device} "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} | torch {torch.__version__}")
+
+    def step():
+        with autocast:
+            loss, _ = model.training_loss(x, y, None, 0)
+        loss.backward()
+
+    def trunk():
+        with autocast:
+            h = model.features(x)
+        h.float().square().mean().backward()
+
+    report("step (fwd+bwd, eager)", timed(step, device, args.repeat))
+    report("trunk (blocks, fwd+bwd)", timed(trunk, device, args.repeat))
+    opt.zero_grad(set_to_none=False)
+    report("adamw (fused) step", timed(opt.step, device, args.repeat))
+
+    C = model.config.n_embd
+    h = torch.randn(B * T, C, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                    requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(args.vocab, C, device=device) * 0.02)
+    t = y.reshape(-1)
+    for elements in (1 << 24, 1 << 26, 1 << 28):
+        chunk = max(1, elements // args.vocab)
+
+        def head(chunk=chunk):
+            with autocast:
+                loss = arm.chunked_cross_entropy(h, w, t, chunk_rows=chunk)
+            loss.backward()
+        try:
+            report(f"head chunked, {chunk} rows/chunk", timed(head, device, args.repeat))
+        except torch.OutOfMemoryError:
+            print(f"head chunked, {chunk} rows: out of memory")
+            torch.cuda.empty_cache()
+
+    def head_plain():
+        with autocast:
+            loss = F.cross_entropy((h @ w.t()).float(), t)
+        loss.backward()
+    try:
+        report("head F.cross_entropy, all logits", timed(head_plain, device, args.repeat))
+    except torch.OutOfMemoryError:
+        print("head F.cross_entropy: out of memory")
+        torch.cuda.empty_cache()
+
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+        print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+
+    if not args.no_compile:
+        t0 = time.perf_counter()
+        speed.compile_model(model)
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        print(f"compile + first step {time.perf_counter() - t0:.1f} s")
+        report("step (fwd+bwd, compiled)", timed(step, device, args.repeat))
+        report("trunk (compiled blocks)", timed(trunk, device, args.repeat))
+
+
+if __name__ == "__main__":
+    main()
