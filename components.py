@@ -329,6 +329,23 @@ class PositionEmbedding(nn.Module):
         return 0.0
 
 
+def embed_tokens(model, idx, key_mask=None, cache=None):
+    """The start of a GPT-2-style features(): token plus position embeddings of idx (B, T) -> (x (B, T, C), the
+    key mask for the blocks), with the model's wte, wpe (a PositionEmbedding) and head. Without a cache the
+    positions are 0 .. T-1; with a KV cache, idx comes after the cache's columns, each row's positions are
+    counted by the cache (left padding not counted) and key_mask (the prompt's padding) goes into the cache, so
+    the blocks get None."""
+    B, T = idx.size()
+    if cache is not None:
+        pos = cache.add_tokens(T, key_mask)                        # (B, T): per-row positions
+        key_mask = None                                            # the attention reads it from the cache
+    else:
+        pos = torch.arange(T, device=idx.device)
+    last = int(pos.max()) if cache is not None else T - 1
+    assert last < model.wpe.max_positions, f"length {last + 1} > block_size {model.config.block_size}"
+    return model.head.embed(model.wte, idx) + model.wpe(pos), key_mask
+
+
 class OutputHead(nn.Module):
     """The token embedding's partner: how tokens enter the network and how logits come out, weights tied.
         tied         x = E[idx];               logits = h @ E^T                                       (GPT-2)

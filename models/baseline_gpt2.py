@@ -18,11 +18,11 @@ with micro batches of 8; tiny trains on a laptop CPU in a couple of minutes.
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 
 from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy
-from components import Block, KVCache, OutputHead, PositionEmbedding, block_options, init_gpt2_weights, make_norm
+from components import (Block, KVCache, OutputHead, PositionEmbedding, block_options, embed_tokens,
+                        init_gpt2_weights, make_norm)
 
 
 @dataclass
@@ -80,19 +80,11 @@ class Model(AutoRegressiveModel):
         """idx (B, T) -> final hidden states (B, T, C) after ln_f; key_mask (B, T) bool, True = attendable.
         With a KV cache, idx comes after the cache's columns and key_mask marks its left padding (prompt only);
         each row's positions come from the cache (components.KVCache)."""
-        B, T = idx.size()
-        if cache is not None:
-            pos = cache.add_tokens(T, key_mask)                    # (B, T): per-row positions
-            key_mask = None                                        # the attention reads it from the cache
-        else:
-            pos = torch.arange(T, device=idx.device)
-        last = int(pos.max()) if cache is not None else T - 1
-        assert last < self.wpe.max_positions, f"length {last + 1} > block_size {self.config.block_size}"
-        x = self.head.embed(self.wte, idx) + self.wpe(pos)
+        x, key_mask = embed_tokens(self, idx, key_mask, cache)   # (B, T, C); key_mask None with a cache
         for i, block in enumerate(self.blocks):
             x = block(x, self.config.attention, cache, slot=i, key_mask=key_mask)
         if cache is not None:
-            cache.advance(T)
+            cache.advance(idx.size(1))
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, cache=None, key_mask=None):

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy
-from components import (Block, KVCache, LoRALinear, OutputHead, PositionEmbedding, block_options, init_gpt2_weights,
+from components import (Block, KVCache, LoRALinear, embed_tokens, OutputHead, PositionEmbedding, block_options, init_gpt2_weights,
                         make_norm, merge_lora)
 
 
@@ -156,20 +156,12 @@ class Model(AutoRegressiveModel):
         """idx (B, T) -> final hidden states (B, T, C) after ln_f; key_mask (B, T) bool, True = attendable.
         With a KV cache, idx comes after the cache's columns and key_mask marks its left padding (prompt only);
         each row's positions come from the cache (components.KVCache)."""
-        B, T = idx.size()
-        if cache is not None:
-            pos = cache.add_tokens(T, key_mask)                    # (B, T): per-row positions
-            key_mask = None                                        # the attention reads it from the cache
-        else:
-            pos = torch.arange(T, device=idx.device)
-        last = int(pos.max()) if cache is not None else T - 1
-        assert last < self.wpe.max_positions, f"length {last + 1} > block_size {self.config.block_size}"
-        x = self.head.embed(self.wte, idx) + self.wpe(pos)
+        x, key_mask = embed_tokens(self, idx, key_mask, cache)   # (B, T, C); key_mask None with a cache
         repeats = self.config.n_layer // len(self.blocks)      # 4, 2, 1 in stages 1, 2, 3
         for a in range(self.config.n_layer):                   # one cache slot per application
             x = self.blocks[a // repeats](x, self.config.attention, cache, slot=a, key_mask=key_mask)
         if cache is not None:
-            cache.advance(T)
+            cache.advance(idx.size(1))
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, cache=None, key_mask=None):
