@@ -43,8 +43,8 @@ import torch
 import torch.nn as nn
 
 from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy
-from components import (Block, KVCache, LoRALinear, embed_tokens, OutputHead, PositionEmbedding, block_options, init_gpt2_weights,
-                        make_norm, merge_lora)
+from components import (Block, KVCache, LoRALinear, OutputHead, PositionEmbedding, block_options, embed_tokens,
+                        init_gpt2_weights, make_norm, merge_lora)
 
 
 @dataclass
