@@ -6,9 +6,9 @@ hardware. Each piece is a small function the trainer calls once; none changes wh
                   of one optimizer step, whose measured training step fits the memory budget
                   (min(free memory, --memory-budget), 10 GiB for the rtx3080 presets: they promise a 10 GB
                   card). The total batch, and so the maths, stay; only the split into micro-steps changes.
-    compile       torch.compile (--compile, off by default; --compile-mode) of what training and
-                  evaluation run: model(...), model.lm_loss and model.lm_token_losses; a warm-up step at
-                  start, and if compiling fails the run says so in one line and goes on eager.
+    compile       torch.compile (on by default on CUDA, --no-compile; --compile-mode) of every Block and of
+                  one chunk of the head's loss (compile_model); a warm-up step at start, and if compiling
+                  fails the run says so in one line and goes on eager.
     MFU           model FLOPs utilisation of each train row: FLOPs per token counted once at start (as
                   bench/throughput.py does) x tokens/s / the device's dense bf16 peak. Unknown devices, and
                   CPUs, get no MFU: never a guessed peak.
