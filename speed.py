@@ -273,13 +273,18 @@ def eval_batches(cfg, world_size):
     return rows, per_process // rows
 
 
+def compile_wanted(cfg, device_type):
+    """--compile / --no-compile as typed; by default on CUDA only."""
+    return cfg["compile"] if cfg.get("compile") is not None else device_type == "cuda"
+
+
 def setup_compile(trainer):
     """Count the FLOPs per token (for MFU) eagerly, then compile (CUDA default) with a warm-up step."""
     cfg, model = trainer.cfg, trainer.model
     # On by default on CUDA: on an H100 it halves the rtx3080 step (the head's elementwise work, fused per chunk)
     # for about a minute of compiling (bench/gpu_profile.py, docs/gpu_h100_2026-11-27/). Off elsewhere: on a
     # CPU the compile costs more than a small run saves.
-    compile_on = cfg["compile"] if cfg.get("compile") is not None else trainer.device_type == "cuda"
+    compile_on = compile_wanted(cfg, trainer.device_type)
     mode = cfg.get("compile_mode") or "default"
     peak = device_peak_flops(trainer.device)
     trainer.flops_per_token, trainer.peak_flops = None, peak

@@ -241,6 +241,25 @@ def test_one_host_sync_per_step_whatever_the_micro_steps():
 
 # ---- torch.compile --------------------------------------------------------------------------------------
 
+def test_compile_is_on_by_default_on_cuda_only_and_flags_win(data_dir, tmp_path):
+    assert speed.compile_wanted({"compile": None}, "cuda") is True
+    assert speed.compile_wanted({"compile": None}, "cpu") is False
+    assert speed.compile_wanted({"compile": None}, "mps") is False
+    assert speed.compile_wanted({"compile": False}, "cuda") is False
+    assert speed.compile_wanted({"compile": True}, "cpu") is True
+    trainer = make_trainer(train_args(data_dir, tmp_path / "run", *SMALL, "--max-steps", 1, "--device", "cpu"))
+    assert trainer.speed_info["compiled"] is False                                # a CPU run: eager by default
+
+
+def test_compiled_head_chunks_are_the_models_own():
+    """--compile replaces the two chunk functions on the instance (not the class), and uncompiling restores them."""
+    model = create_model("baseline_gpt2", "tiny", vocab_size=320, n_embd=32, n_head=2)
+    speed.compile_model(model, backend="eager")
+    assert model.chunk_loss is not type(model).chunk_loss and "chunk_loss" in model.__dict__
+    assert "chunk_token_losses" in model.__dict__
+    speed.uncompile_model(model)
+    assert "chunk_loss" not in model.__dict__ and "chunk_token_losses" not in model.__dict__
+
 def compiled_matches_eager(name, backend, stages=(1,), **overrides):
     """Compile by region as the trainer does (fullgraph: a graph break is an error), then train and evaluate
     side by side with an eager copy: same gradients and losses, in every stage / direction."""
