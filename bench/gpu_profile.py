@@ -14,7 +14,6 @@ Prints, each the median of --repeat timed calls after warm-up (CUDA: synchronise
 then the top CUDA kernels of two eager steps (torch.profiler), so the figures can be checked against kernels.
 """
 
-import argparse
 import os
 import statistics
 import sys
@@ -25,8 +24,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import auto_regressive_model as arm  # noqa: E402
+import cli  # noqa: E402
 import speed  # noqa: E402
-from models import create_model  # noqa: E402
+from models import MODELS, create_model  # noqa: E402
 
 
 def timed(fn, device, repeat, warmup=2):
@@ -45,17 +45,17 @@ def timed(fn, device, repeat, warmup=2):
     return statistics.median(times)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--model", default="baseline_gpt2")
-    p.add_argument("--preset", default="rtx3080")
-    p.add_argument("--micro", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=50304)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--no-compile", action="store_true")
-    args = p.parse_args()
-    device = torch.device(args.device)
+def main(argv=None):
+    p = cli.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--model", choices=list(MODELS), default="baseline_gpt2")
+    p.add_argument("--preset", choices=["rtx3080", "tiny"], default="rtx3080")
+    p.add_argument("--micro", type=cli.positive_int, default=256, help="rows per micro-step")
+    p.add_argument("--vocab", type=cli.positive_int, default=50304)
+    p.add_argument("--device", type=cli.device, default="auto", help="auto (default): cuda if there is one")
+    p.add_argument("--repeat", type=cli.positive_int, default=5, help="timed calls per figure (median)")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled figures (about a minute on a GPU)")
+    args = p.parse_args(argv)
+    device = torch.device(cli.pick_device(args.device))
     torch.manual_seed(0)
     model = create_model(args.model, preset=args.preset, vocab_size=args.vocab).to(device)
     T = model.config.block_size
@@ -89,7 +89,7 @@ def main():
     report("step (fwd+bwd, eager)", timed(step, device, args.repeat))
     report("trunk (blocks, fwd+bwd)", timed(trunk, device, args.repeat))
     opt.zero_grad(set_to_none=False)
-    report("adamw (fused) step", timed(opt.step, device, args.repeat))
+    report("adamw step (fused on CUDA)", timed(opt.step, device, args.repeat))
 
     C = model.config.n_embd
     h = torch.randn(B * T, C, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,

@@ -37,5 +37,14 @@ def run_script(script, *args, env=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_torchrun(script, *args, env=None, timeout=300):
+    """Run a train script under torchrun with 2 CPU processes (gloo), as a user would; the CompletedProcess."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / script), *map(str, args)], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def train_args(data_dir, out_dir, *extra):
     return ["--preset", "tiny", "--data-dir", data_dir, "--max-tokens", TINY_TOKENS, "--out-dir", out_dir, *extra]

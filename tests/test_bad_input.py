@@ -96,7 +96,9 @@ def cases(tmp):
                                           ["--shard-tokens", "inf"], ["--seed", "-1"])]
     out += [(bench_main("generate"), ["--rounds", "0"], "--rounds"),
             (bench_main("throughput"), ["--steps", "0"], "--steps"),
-            (bench_main("throughput"), ["--device", "abc"], "--device")]
+            (bench_main("throughput"), ["--device", "abc"], "--device"),
+            (bench_main("gpu_profile"), ["--micro", "0"], "--micro"),
+            (bench_main("gpu_profile"), ["--model", "gpt5"], "--model")]
     return out
 
 

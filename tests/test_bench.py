@@ -29,6 +29,14 @@ def test_throughput_prints_a_row_per_model():
         assert len(rows_of(out, name)) == 1, out
 
 
+def test_gpu_profile_takes_a_step_apart_on_the_cpu():
+    """bench/gpu_profile.py at toy sizes (its GPU-only parts, the kernel table, are skipped on a CPU)."""
+    out = ok(run_script("bench/gpu_profile.py", "--preset", "tiny", "--micro", 2, "--vocab", 320, "--repeat", 1,
+                        "--no-compile", "--device", "cpu", timeout=120))
+    for part in ("step (fwd+bwd, eager)", "trunk (blocks, fwd+bwd)", "head chunked", "head F.cross_entropy"):
+        assert part in out, out
+
+
 def test_generate_cached_and_uncached_for_every_model():
     out = ok(run_script("bench/generate.py", "--smoke", "--new-tokens", 8, timeout=120))
     assert "machine: CPU" in out and "ms/token" in out and "cache speedup" in out

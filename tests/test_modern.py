@@ -4,10 +4,7 @@ state carry-over at progressive_diverging's stage switches, exact resume, checkp
 (pos=rope is also in the pos x head tables of test_models_contract.py.)"""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ import torch.nn as nn
 import optim
 from auto_regressive_model import AutoRegressiveModel
 from components import MLP, SelfAttention, apply_rotary
-from conftest import REPO, run_script, train_args
+from conftest import run_script, run_torchrun, train_args
 from models import MODELS, ModelConfigError, create_model, model_module
 from test_models_contract import VOCAB, assert_leak_free
 
@@ -259,11 +256,7 @@ def test_muon_two_processes_match_one(data_dir, tmp_path):
     args = (*SMALL[:-6], "--max-steps", 3, "--eval-interval", 2, "--optimizer", "muon")
     one = run_script("train_baseline_gpt2.py", *train_args(data_dir, tmp_path / "one", *args))
     assert one.returncode == 0, one.stderr
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(REPO / "train_baseline_gpt2.py"),
-                          *map(str, train_args(data_dir, tmp_path / "two", *args))],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    two = run_torchrun("train_baseline_gpt2.py", *train_args(data_dir, tmp_path / "two", *args))
     assert two.returncode == 0, two.stderr[-2000:]
     for split in ("train", "val"):
         a, b = losses(tmp_path / "one", split), losses(tmp_path / "two", split)

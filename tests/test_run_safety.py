@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_script, train_args
+from conftest import REPO, run_script, run_torchrun, train_args
 
 SMALL = ("--n-layer", 1, "--n-head", 2, "--n-embd", 32, "--micro-batch-size", 2, "--seq-len", 32,
          "--total-batch-size", 128, "--eval-batches", 2)
@@ -233,10 +233,7 @@ def test_two_processes_stop_together_on_a_nonfinite_step(data_dir, tmp_path):
     both ranks, no rank waits for the other, one line says why, and the step-2 checkpoint is kept."""
     out = tmp_path / "ddp"
     args = train_args(data_dir, out, "--max-steps", 6, "--eval-interval", 6, "--checkpoint-interval", 2, *SMALL)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(REPO / "train_baseline_gpt2.py"), *map(str, args)], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, env=dict(os.environ, LMSMALL_FAULT="nan_loss:3",
-                                                             OMP_NUM_THREADS="1"))
+    result = run_torchrun("train_baseline_gpt2.py", *args, env={"LMSMALL_FAULT": "nan_loss:3"})
     assert result.returncode != 0
     assert result.stderr.count("error: step 3: the loss is nan") == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr.split("error: step 3")[0]

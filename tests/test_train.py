@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_script, train_args
+from conftest import REPO, run_script, run_torchrun, train_args
 
 STEPS = 40
 # A smaller model than --preset tiny for the tests of mechanics (resume, DDP, errors): seconds, not minutes.
@@ -96,11 +96,7 @@ def test_two_processes_match_one(data_dir, tmp_path):
     args = ("--max-steps", 6, "--eval-interval", 3, *SMALL)
     one = run_script("train_baseline_gpt2.py", *train_args(data_dir, tmp_path / "one", *args))
     assert one.returncode == 0, one.stderr
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(REPO / "train_baseline_gpt2.py"),
-                          *map(str, train_args(data_dir, tmp_path / "two", *args))],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    two = run_torchrun("train_baseline_gpt2.py", *train_args(data_dir, tmp_path / "two", *args))
     assert two.returncode == 0, two.stderr[-2000:]
     assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
