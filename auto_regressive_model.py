@@ -95,17 +95,22 @@ def _chunk_rows(n_rows, vocab, chunk_rows=None):
 def chunk_loss_and_grads(hc, wd, t, wt, with_accuracy):
     """One chunk of the head's loss and its gradients. hc (n, C), wd (V, C): in the matmul dtype; t (n, 1) the
     targets (>= 0), wt (n, 1) their weights -> (sum of weighted losses, sum of weighted argmax hits (0 unless
-    with_accuracy), d/d hc (n, C), d/d w (V, C) fp32). A function of its own so that --compile can fuse the
-    elementwise work on the (n, V) fp32 logits into a couple of kernels: eager, they are read and written about
-    ten times, and on an H100 that is most of a training step (bench/gpu_profile.py)."""
+    with_accuracy), d/d hc (n, C) fp32, d/d w (V, C) fp32). A function of its own so that --compile fuses the
+    elementwise work on the (n, V) logits into two passes (bench/gpu_profile.py: eager, they were read and
+    written about ten times, most of an H100 step).
+        d loss / d logits = wt * softmax - wt * onehot(t)
+    The onehot part touches one column per row, so it goes straight into the two products' results (a row of
+    wd per row of hc, a row of hc per target row of d/d w): nothing (n, V) is scattered into, and under compile
+    the softmax is written once, in the matmul dtype."""
     logits = (hc @ wd.t()).float()                                                 # (n, V) fp32
     hits = ((logits.argmax(1, keepdim=True) == t).float() * wt).sum() if with_accuracy else logits.new_zeros(())
-    lse = torch.logsumexp(logits, dim=1, keepdim=True)
+    lse = torch.logsumexp(logits, dim=1, keepdim=True)                             # (n, 1)
     loss = ((lse - logits.gather(1, t)) * wt).sum()
-    g = logits.sub_(lse).exp_()                                                    # softmax, in place
-    g.scatter_add_(1, t, torch.full_like(wt, -1.0))                                # - onehot(target)
-    g = g.mul_(wt).to(hc.dtype)
-    return loss, hits, g @ wd, (g.t() @ hc).float()
+    p = logits.sub_(lse).exp_().mul_(wt).to(hc.dtype)                              # wt * softmax, in place
+    target_rows = t.squeeze(1)
+    grad_h = (p @ wd).float() - wt * wd[target_rows].float()                       # (n, C)
+    grad_w = (p.t() @ hc).float().index_add_(0, target_rows, -(wt * hc.float()))   # (V, C)
+    return loss, hits, grad_h, grad_w
 
 
 def chunk_token_losses(hc, wd, t):

@@ -11,8 +11,10 @@ compare  For each model and each setting (e.g. "old" = micro batch 8, eager: tod
          seconds (probe + compile). --memory-limit-gib makes the process see a card of that size
          (torch.cuda.set_per_process_memory_fraction): an out-of-memory there is reported, not hidden.
 table    Train each model with its train_<model>.py at the rtx3080 preset (313 steps x 524,288 tokens), one
-         after the other, each with a share of --deadline; a run still going at its share's end is stopped
-         with Ctrl-C (it saves a checkpoint and its rows so far count, marked partial).
+         after the other, each with a share of --deadline (--in-order: each may use all that is left); a run
+         still going at its share's end is stopped with Ctrl-C (it saves a checkpoint and its rows so far
+         count, marked partial). --continue: a finished run (it has a test row) is kept, a stopped one is
+         resumed (--resume), so a second call on the same machine finishes what the first began.
 summary  The tables (model, micro batch, steps, tokens, losses, bpb, tok/s, MFU, peak memory, minutes).
 """
 
@@ -125,25 +127,39 @@ def print_compare(results):
 
 # ---- table ------------------------------------------------------------------------------------------
 
+def finished(run_dir):
+    """True if run_dir's metrics end with the test row that a run writes when it reaches its last step."""
+    try:
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open() if line.strip()]
+    except (OSError, ValueError):
+        return False
+    return any(r.get("split") == "test" for r in rows)
+
+
 def table(args):
     runs = Path(args.runs)
     deadline = time.time() + args.deadline
     for i, model in enumerate(args.models):
-        share = (deadline - time.time()) / (len(args.models) - i)
+        out = runs / model
+        if args.continue_runs and finished(out):
+            stamp(f"{model}: finished earlier, kept")
+            continue
+        share = (deadline - time.time()) / (1 if args.in_order else len(args.models) - i)
         if share < 20:
             stamp(f"{model}: skipped, {share:.0f}s left")
             continue
-        out = runs / model
         out.mkdir(parents=True, exist_ok=True)
+        resume = args.continue_runs and (out / "checkpoint.pt").exists()
         cmd = [sys.executable, str(ROOT / f"train_{model}.py"), "--preset", args.preset, "--data", "synthetic-math",
                "--tokenizer", args.tokenizer, "--data-dir", args.data_dir, "--max-tokens", str(args.max_tokens),
-               "--out-dir", str(out), "--overwrite", "--eval-interval", str(args.eval_interval),
-               "--checkpoint-interval", str(args.max_steps or 313), "--device", args.device, *args.train_args]
+               "--out-dir", str(out), "--resume" if resume else "--overwrite", "--eval-interval",
+               str(args.eval_interval), "--checkpoint-interval", str(args.max_steps or 313), "--device", args.device,
+               *args.train_args]
         if args.max_steps:
             cmd += ["--max-steps", str(args.max_steps)]
         stamp(f"{model}: {' '.join(cmd[1:])} (at most {share:.0f}s)")
         t0 = time.time()
-        with open(out / "train.log", "w") as log:
+        with open(out / "train.log", "a" if resume else "w") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             try:
                 code = proc.wait(timeout=share)
@@ -155,7 +171,8 @@ def table(args):
                     proc.kill()
                     code = proc.wait()
         wall = time.time() - t0
-        (out / "wall_s.txt").write_text(f"{wall:.1f}\n")
+        earlier = float((out / "wall_s.txt").read_text()) if resume and (out / "wall_s.txt").exists() else 0.0
+        (out / "wall_s.txt").write_text(f"{earlier + wall:.1f}\n")  # a resumed run: both calls' wall time
         tail = (out / "train.log").read_text().strip().splitlines()[-3:]
         stamp(f"{model}: exit {code} after {wall:.0f}s; " + " | ".join(tail))
 
@@ -227,6 +244,9 @@ def main(argv=None):
     p.add_argument("--runs", help="table/summary: folder of the run folders")
     p.add_argument("--max-steps", type=int, help="table: fewer steps than the preset's 313 (dry runs)")
     p.add_argument("--eval-interval", type=int, default=50)
+    p.add_argument("--in-order", action="store_true", help="table: each run may use all the time left")
+    p.add_argument("--continue", dest="continue_runs", action="store_true",
+                   help="table: keep finished runs in --runs, resume stopped ones")
     p.add_argument("--dry-run", action="store_true", help="compare: small models (CPU check of the script)")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[])
     args = p.parse_args(argv)

@@ -46,8 +46,14 @@ COMPARE_LIMIT=170; SUMMARY_RESERVE=40
 # COMPARE=0 skips the comparison; EAGER_REF=N first trains baseline_gpt2 eager for N steps (the side-by-side
 # reference for a compiled table); TABLE_STEPS=N trains every model N steps (the schedule is N steps long, the
 # same for all) and TABLE_TOKENS sizes the data for it; GPT2_124M=0 skips the GPT-2 124M measurement.
+# TABLE_MODELS="a b" trains those (in that order); IN_ORDER=1 lets each use all the time left (no equal shares);
+# CONTINUE=1 keeps finished runs and resumes stopped ones (a second call on the same warm machine);
+# HEAD_AB=1 times the compiled head chunk, this code's and the one before 11-28, while the data prepares.
 CMP_ARGS=(--memory-limit-gib 10); CMP_SETTINGS=(${SETTINGS:-old auto-eager new reduce-overhead})
-TABLE_ARGS=(); [ -n "${TABLE_STEPS:-}" ] && TABLE_ARGS=(--max-steps "$TABLE_STEPS")
+ORDER_ARGS=(); [ -n "${TABLE_MODELS:-}" ] && ORDER_ARGS+=(--models $TABLE_MODELS)
+[ "${IN_ORDER:-0}" = 1 ] && ORDER_ARGS+=(--in-order)
+[ "${CONTINUE:-0}" = 1 ] && ORDER_ARGS+=(--continue)
+TABLE_ARGS=("${ORDER_ARGS[@]}"); [ -n "${TABLE_STEPS:-}" ] && TABLE_ARGS+=(--max-steps "$TABLE_STEPS")
 [ -n "${TABLE_TRAIN_ARGS:-}" ] && TABLE_ARGS+=(--train-args $TABLE_TRAIN_ARGS)
 CMP_SKIP=(conv_attention:new conv_attention:reduce-overhead progressive_diverging:new
           progressive_diverging:reduce-overhead dual_mask_gpt:new dual_mask_gpt:reduce-overhead)
@@ -56,9 +62,9 @@ if [ $DRY = 1 ]; then  # a CPU: small data, models and steps; compile only where
     TABLE_TOKENS=3000000; CMP_TOKENS=1000000; WORKERS=2; COMPARE_LIMIT=600
     CMP_ARGS=(--dry-run --total-batch-size 4096 --steps 2); CMP_SETTINGS=(old auto-eager)
     [ "${DRY_COMPILE:-0}" = 1 ] && CMP_SETTINGS+=(new)
-    TABLE_ARGS=(--max-steps 3 --eval-interval 2 --train-args --seq-len 64 --total-batch-size 4096 --n-embd 64
+    TABLE_ARGS=("${ORDER_ARGS[@]}" --max-steps ${DRY_STEPS:-3} --eval-interval 2 --train-args --seq-len 64 --total-batch-size 4096 --n-embd 64
                 --n-head 2 --eval-batches 2)
-    rm -rf "$RUNS" "$RUNS-eager"
+    [ "${CONTINUE:-0}" = 1 ] || rm -rf "$RUNS" "$RUNS-eager"
 fi
 rm -f /tmp/cmp_*.json
 
@@ -74,6 +80,10 @@ stamp "preparing $TABLE_TOKENS tokens in the background ($WORKERS processes)"
 $PY base_data_preparer.py --data synthetic-math --tokenizer gpt2 --max-tokens $TABLE_TOKENS --data-dir $DATA \
     --num-workers $WORKERS > "$OUT/prep.log" 2>&1 &
 PREP=$!
+if [ "${HEAD_AB:-0}" = 1 ]; then
+    PROFILE_ARGS=(--head-only); [ $DRY = 1 ] && PROFILE_ARGS+=(--preset tiny --micro 4 --vocab 512 --repeat 2)
+    part head_ab 120 $PY bench/gpu_profile.py "${PROFILE_ARGS[@]}"
+fi
 part compare_data 120 $PY base_data_preparer.py --data synthetic-math --tokenizer gpt2 --max-tokens $CMP_TOKENS \
     --data-dir $CMP_DATA --num-workers 4
 # One process per model and setting: a process that compiled, or ran out of memory under the 10 GiB cap,
@@ -120,7 +130,7 @@ fi
 part summary 60 bash -c "$PY bench/gpu_issue18.py summary --compare '$OUT/compare.json' --runs $RUNS \
     | tee '$OUT/summary.txt'; [ -d $RUNS-eager ] && $PY bench/gpu_issue18.py summary --runs $RUNS-eager \
     --models baseline_gpt2 | tee -a '$OUT/summary.txt'"
-part plot 30 bash -c "ls -d $RUNS/*/ >/dev/null 2>&1 && $PY plot_loss.py $RUNS/* --out '$OUT/seed_table.png'"
+part plot 30 bash -c "ls -d $RUNS/*/ >/dev/null 2>&1 && $PY plot_loss.py $RUNS/*/ --out '$OUT/seed_table.png'"
 mkdir -p "$RUNS" && mv "$OUT/prep.log" "$RUNS/prep.log"
 [ -d $RUNS-eager ] && rm -rf "$RUNS/eager_reference" && cp -r $RUNS-eager/baseline_gpt2 "$RUNS/eager_reference"
 (cd "$RUNS" && tar czf - prep.log $(ls -d */config.json */metrics.jsonl */train.log */wall_s.txt 2>/dev/null)) \

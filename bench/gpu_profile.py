@@ -10,8 +10,11 @@ Prints, each the median of --repeat timed calls after warm-up (CUDA: synchronise
   head ...   forward + backward of the tied head's chunked cross-entropy alone, on random hidden states,
              for several chunk sizes, and F.cross_entropy on all the logits at once
   adamw      one fused AdamW step over the model's parameters
+  head compiled   the chunked head with each chunk compiled (as --compile does): this code's chunk function
+             side by side with the one before 2026-11-28 (chunk_loss_scatter below)
   compiled   `step` again after speed.compile_model (the trainer's --compile), with its compile time
-then the top CUDA kernels of two eager steps (torch.profiler), so the figures can be checked against kernels.
+then the top CUDA kernels of two eager steps and of two compiled ones (torch.profiler), so the figures can be
+checked against kernels. --head-only: the head figures alone (seconds, plus the chunks' compile).
 """
 
 import os
@@ -27,6 +30,31 @@ import auto_regressive_model as arm  # noqa: E402
 import cli  # noqa: E402
 import speed  # noqa: E402
 from models import MODELS, create_model  # noqa: E402
+
+
+def chunk_loss_scatter(hc, wd, t, wt, with_accuracy):
+    """auto_regressive_model.chunk_loss_and_grads as it was before 2026-11-28, for side-by-side timing: the
+    -onehot is scattered into the (n, V) fp32 softmax, so a compiled chunk writes that out in fp32 and reads it
+    back before the cast."""
+    logits = (hc @ wd.t()).float()
+    hits = ((logits.argmax(1, keepdim=True) == t).float() * wt).sum() if with_accuracy else logits.new_zeros(())
+    lse = torch.logsumexp(logits, dim=1, keepdim=True)
+    loss = ((lse - logits.gather(1, t)) * wt).sum()
+    g = logits.sub_(lse).exp_()
+    g.scatter_add_(1, t, torch.full_like(wt, -1.0))
+    g = g.mul_(wt).to(hc.dtype)
+    return loss, hits, g @ wd, (g.t() @ hc).float()
+
+
+def kernel_table(step, device, label):
+    """The top CUDA kernels of two calls of step()."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    print(f"-- kernels of two {label} steps")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
 def timed(fn, device, repeat, warmup=2):
@@ -54,6 +82,7 @@ def main(argv=None):
     p.add_argument("--device", type=cli.device, default="auto", help="auto (default): cuda if there is one")
     p.add_argument("--repeat", type=cli.positive_int, default=5, help="timed calls per figure (median)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled figures (about a minute on a GPU)")
+    p.add_argument("--head-only", action="store_true", help="only the head's figures, eager and compiled")
     args = p.parse_args(argv)
     device = torch.device(cli.pick_device(args.device))
     torch.manual_seed(0)
@@ -86,10 +115,11 @@ def main(argv=None):
             h = model.features(x)
         h.float().square().mean().backward()
 
-    report("step (fwd+bwd, eager)", timed(step, device, args.repeat))
-    report("trunk (blocks, fwd+bwd)", timed(trunk, device, args.repeat))
-    opt.zero_grad(set_to_none=False)
-    report("adamw step (fused on CUDA)", timed(opt.step, device, args.repeat))
+    if not args.head_only:
+        report("step (fwd+bwd, eager)", timed(step, device, args.repeat))
+        report("trunk (blocks, fwd+bwd)", timed(trunk, device, args.repeat))
+        opt.zero_grad(set_to_none=False)
+        report("adamw step (fused on CUDA)", timed(opt.step, device, args.repeat))
 
     C = model.config.n_embd
     h = torch.randn(B * T, C, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -119,13 +149,23 @@ def main(argv=None):
         print("head F.cross_entropy: out of memory")
         torch.cuda.empty_cache()
 
+    if not args.no_compile:  # each chunk function compiled on its own, as speed.compile_model does
+        for label, fn in (("scatter, before 11-28", chunk_loss_scatter), ("this code", arm.chunk_loss_and_grads)):
+            compiled = torch.compile(fn)
+
+            def head_compiled(compiled=compiled):
+                with autocast:
+                    loss = arm.chunked_cross_entropy(h, w, t, chunk_fn=compiled)
+                loss.backward()
+            t0 = time.perf_counter()
+            head_compiled()
+            print(f"head chunk compile ({label}) {time.perf_counter() - t0:.1f} s")
+            report(f"head compiled, {label}", timed(head_compiled, device, args.repeat))
+    if args.head_only:
+        return
+
     if device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(2):
-                step()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+        kernel_table(step, device, "eager")
         print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
 
     if not args.no_compile:
@@ -137,6 +177,8 @@ def main(argv=None):
         print(f"compile + first step {time.perf_counter() - t0:.1f} s")
         report("step (fwd+bwd, compiled)", timed(step, device, args.repeat))
         report("trunk (compiled blocks)", timed(trunk, device, args.repeat))
+        if device.type == "cuda":
+            kernel_table(step, device, "compiled")
 
 
 if __name__ == "__main__":

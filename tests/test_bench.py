@@ -37,6 +37,14 @@ def test_gpu_profile_takes_a_step_apart_on_the_cpu():
         assert part in out, out
 
 
+def test_gpu_profile_times_both_compiled_head_chunks_side_by_side():
+    """--head-only: the chunked head eager, then compiled with this code's chunk and the previous one."""
+    out = ok(run_script("bench/gpu_profile.py", "--preset", "tiny", "--micro", 2, "--vocab", 320, "--repeat", 1,
+                        "--head-only", "--device", "cpu", timeout=300))
+    assert "head compiled, scatter, before 11-28" in out and "head compiled, this code" in out, out
+    assert "step (fwd+bwd" not in out, out
+
+
 def test_generate_cached_and_uncached_for_every_model():
     out = ok(run_script("bench/generate.py", "--smoke", "--new-tokens", 8, timeout=120))
     assert "machine: CPU" in out and "ms/token" in out and "cache speedup" in out
