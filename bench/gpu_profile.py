@@ -11,7 +11,8 @@ Prints, each the median of --repeat timed calls after warm-up (CUDA: synchronise
              for several chunk sizes, and F.cross_entropy on all the logits at once
   adamw      one fused AdamW step over the model's parameters
   head compiled   the chunked head with each chunk compiled (as --compile does): this code's chunk function
-             side by side with the one before 2026-11-28 (chunk_loss_scatter below)
+             side by side with the one before 2026-11-28 (chunk_loss_scatter below), and with 4x the rows
+             per chunk (a quarter of the calls)
   compiled   `step` again after speed.compile_model (the trainer's --compile), with its compile time
 then the top CUDA kernels of two eager steps and of two compiled ones (torch.profiler), so the figures can be
 checked against kernels. --head-only: the head figures alone (seconds, plus the chunks' compile).
@@ -150,17 +151,25 @@ def main(argv=None):
         torch.cuda.empty_cache()
 
     if not args.no_compile:  # each chunk function compiled on its own, as speed.compile_model does
-        for label, fn in (("scatter, before 11-28", chunk_loss_scatter), ("this code", arm.chunk_loss_and_grads)):
+        default_rows = arm._chunk_rows(B * T, args.vocab)
+        variants = [("scatter, before 11-28", chunk_loss_scatter, default_rows),
+                    ("this code", arm.chunk_loss_and_grads, default_rows),
+                    ("this code, 4x rows", arm.chunk_loss_and_grads, 4 * default_rows)]  # fewer calls per step
+        for label, fn, chunk in variants:
             compiled = torch.compile(fn)
 
-            def head_compiled(compiled=compiled):
+            def head_compiled(compiled=compiled, chunk=chunk):
                 with autocast:
-                    loss = arm.chunked_cross_entropy(h, w, t, chunk_fn=compiled)
+                    loss = arm.chunked_cross_entropy(h, w, t, chunk_rows=chunk, chunk_fn=compiled)
                 loss.backward()
             t0 = time.perf_counter()
-            head_compiled()
-            print(f"head chunk compile ({label}) {time.perf_counter() - t0:.1f} s")
-            report(f"head compiled, {label}", timed(head_compiled, device, args.repeat))
+            try:
+                head_compiled()
+                print(f"head chunk compile ({label}) {time.perf_counter() - t0:.1f} s")
+                report(f"head compiled, {label}", timed(head_compiled, device, args.repeat))
+            except torch.OutOfMemoryError:
+                print(f"head compiled, {label}: out of memory")
+                torch.cuda.empty_cache()
     if args.head_only:
         return
 
