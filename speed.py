@@ -7,8 +7,8 @@ hardware. Each piece is a small function the trainer calls once; none changes wh
                   (min(free memory, --memory-budget), 10 GiB for the rtx3080 presets: they promise a 10 GB
                   card). The total batch, and so the maths, stay; only the split into micro-steps changes.
     compile       torch.compile (on by default on CUDA, --no-compile; --compile-mode) of every Block and of
-                  one chunk of the head's loss (compile_model); a warm-up step at start, and if compiling
-                  fails the run says so in one line and goes on eager.
+                  one chunk of the head's loss (compile_model; CUDA graphs for the blocks only); a warm-up
+                  step at start, and if compiling fails the run says so in one line and goes on eager.
     MFU           model FLOPs utilisation of each train row: FLOPs per token counted once at start (as
                   bench/throughput.py does) x tokens/s / the device's dense bf16 peak. Unknown devices, and
                   CPUs, get no MFU: never a guessed peak.
@@ -35,6 +35,7 @@ PRESET_MEMORY_GIB = {"rtx3080": 10.0}
 # fragmentation and the evaluation batches.
 PROBE_FRACTION = 0.85
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CHUNK_MODES = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}  # the head: no CUDA graphs
 
 
 def micro_batch_arg(text):
@@ -331,8 +332,12 @@ def compile_model(model, mode="default", backend="inductor", fullgraph=False):
     for module in model.modules():
         if isinstance(module, Block):
             module.compile(**options)
-    model.chunk_loss = torch.compile(chunk_loss_and_grads, **options)
-    model.chunk_token_losses = torch.compile(chunk_token_losses, **options)
+    # CUDA graphs pay where kernels are small and many: the blocks. A head chunk is a few large kernels (about
+    # 0.5 ms a call at the rtx3080 preset, docs/gpu_notes.md), and a graph per call would copy its inputs into
+    # static buffers each time: the chunks keep CUDA graphs off.
+    chunk_options = {**options, "mode": CHUNK_MODES.get(options.get("mode"), options.get("mode"))}
+    model.chunk_loss = torch.compile(chunk_loss_and_grads, **chunk_options)
+    model.chunk_token_losses = torch.compile(chunk_token_losses, **chunk_options)
 
 
 def uncompile_model(model):

@@ -260,6 +260,24 @@ def test_compiled_head_chunks_are_the_models_own():
     speed.uncompile_model(model)
     assert "chunk_loss" not in model.__dict__ and "chunk_token_losses" not in model.__dict__
 
+@pytest.mark.parametrize("mode, block_mode, chunk_mode", [
+    ("default", None, None), ("reduce-overhead", "reduce-overhead", None),
+    ("max-autotune", "max-autotune", "max-autotune-no-cudagraphs"),
+    ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
+def test_cuda_graphs_are_for_the_blocks_not_the_head_chunks(mode, block_mode, chunk_mode, monkeypatch):
+    """--compile-mode reaches every Block; the head's chunk functions never get a CUDA-graph mode."""
+    modes = {}
+
+    def recording_compile(fn, **options):
+        name = getattr(fn, "__name__", "")
+        modes.setdefault("block" if name == "_call_impl" else name, set()).add(options.get("mode"))
+        return fn
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    model = create_model("baseline_gpt2", "tiny", vocab_size=320, n_embd=32, n_head=2)
+    speed.compile_model(model, mode=mode)
+    assert modes == {"block": {block_mode}, "chunk_loss_and_grads": {chunk_mode}, "chunk_token_losses": {chunk_mode}}
+
+
 def compiled_matches_eager(name, backend, stages=(1,), **overrides):
     """Compile by region as the trainer does (fullgraph: a graph break is an error), then train and evaluate
     side by side with an eager copy: same gradients and losses, in every stage / direction."""
