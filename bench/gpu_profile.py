@@ -47,7 +47,7 @@ def chunk_loss_scatter(hc, wd, t, wt, with_accuracy):
     return loss, hits, g @ wd, (g.t() @ hc).float()
 
 
-def kernel_table(step, device, label):
+def kernel_table(step, label):
     """The top CUDA kernels of two calls of step()."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -174,7 +174,7 @@ def main(argv=None):
         return
 
     if device.type == "cuda":
-        kernel_table(step, device, "eager")
+        kernel_table(step, "eager")
         print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
 
     if not args.no_compile:
@@ -187,7 +187,7 @@ def main(argv=None):
         report("step (fwd+bwd, compiled)", timed(step, device, args.repeat))
         report("trunk (compiled blocks)", timed(trunk, device, args.repeat))
         if device.type == "cuda":
-            kernel_table(step, device, "compiled")
+            kernel_table(step, "compiled")
 
 
 if __name__ == "__main__":
