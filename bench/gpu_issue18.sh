@@ -8,8 +8,8 @@
 #   OUT=/tmp/dry bash bench/gpu_issue18.sh --dry-run   # on a CPU: tiny sizes, a few steps, every part
 #
 # Offline: the GPT-2 BPE files travel in the repo's ignored .tiktoken-cache/ (copy ../shared/tiktoken-cache
-# there and carry it). What comes back ($OUT, 5 files): log.txt (everything, with timestamps), compare.json,
-# summary.txt, runs.tgz (each run's config.json, metrics.jsonl, train.log), seed_table.png.
+# there and carry it). What comes back ($OUT, 6 files): log.txt (everything, with timestamps), compare.json,
+# summary.txt, runs.tgz (each run's config.json, metrics.jsonl, train.log), seed_table.png, gpu_clocks.csv.
 #
 # Plan on an H100 (each part has its own time limit; later parts get what is left of TOTAL_S):
 #   0 s   env; the table's data (170M tokens, 12 tokenizer processes) starts preparing in the background
@@ -74,6 +74,14 @@ $PY -c "import torch, sys, os; print('torch', torch.__version__, 'python', sys.v
 torch.version.cuda, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None, 'cores',
 os.cpu_count()); print('tiktoken cache', os.environ.get('TIKTOKEN_CACHE_DIR'))"
 uptime
+# The card's clocks, power, temperature and load every 5 s while everything runs (read only): a step time that
+# drifts on fixed shapes (seen 2026-11-28) is the machine's if the SM clock or the load moves with it.
+SMI=
+if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu \
+        --format=csv -l 5 > "$OUT/gpu_clocks.csv" 2>&1 &
+    SMI=$!
+fi
 
 # The table's data, in the background while the comparison runs (the comparison has its own small set).
 stamp "preparing $TABLE_TOKENS tokens in the background ($WORKERS processes)"
@@ -135,4 +143,5 @@ mkdir -p "$RUNS" && mv "$OUT/prep.log" "$RUNS/prep.log"
 [ -d $RUNS-eager ] && rm -rf "$RUNS/eager_reference" && cp -r $RUNS-eager/baseline_gpt2 "$RUNS/eager_reference"
 (cd "$RUNS" && tar czf - prep.log $(ls -d */config.json */metrics.jsonl */train.log */wall_s.txt 2>/dev/null)) \
     > "$OUT/runs.tgz"
+[ -n "$SMI" ] && kill $SMI
 stamp "done; files in $OUT:"; ls -la "$OUT"
