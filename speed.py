@@ -18,6 +18,7 @@ hardware. Each piece is a small function the trainer calls once; none changes wh
 
 import contextlib
 import math
+import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -235,8 +236,10 @@ def choose_for_device(trainer):
     step_module = trainer.make_step_module()
     step_module.model = probe  # TrainingStep (or a subclass's step module) around the probe model
     adam_bytes = 2 * sum(p.numel() * 4 for p in probe.parameters() if p.requires_grad)  # not allocated yet
+    t0 = time.perf_counter()
     chosen, measured = choose_micro_batch(rows, PROBE_FRACTION * budget,
                                           measure_function(trainer, probe, step_module, adam_bytes))
+    probe_s = time.perf_counter() - t0
     del probe, step_module
     if trainer.device_type == "cuda":  # the probe's larger sizes are not what the run holds
         torch.cuda.empty_cache()
@@ -250,7 +253,8 @@ def choose_for_device(trainer):
     fits = measured.get(chosen) is not None and measured[chosen] <= PROBE_FRACTION * budget
     capped = f" (the {cfg['preset']} preset's cap)" if preset_cap and not cfg.get("memory_budget") else ""
     trainer.log(f"micro batch {chosen} (auto: the largest power of two whose training step fits "
-                f"{PROBE_FRACTION:.0%} of {budget / GiB:.1f} GiB{capped}; measured GiB by rows: {sizes})"
+                f"{PROBE_FRACTION:.0%} of {budget / GiB:.1f} GiB{capped}; measured GiB by rows: {sizes}; "
+                f"{probe_s:.1f} s)"
                 + ("" if fits else "; even this does not fit: expect out-of-memory, lower --seq-len"))
     trainer.speed_info["micro_batch_probe_gib"] = {b: None if v is None else round(v / GiB, 6)
                                                    for b, v in sorted(measured.items())}
@@ -300,6 +304,7 @@ def setup_compile(trainer):
         return
     compile_model(model, mode)
     B, T = cfg["micro_batch_size"], cfg["seq_len"]
+    t0 = time.perf_counter()
     try:
         with no_side_effects(model, trainer.device):
             probe_step(trainer.make_step_module(), trainer.autocast, B, T, trainer.device, trainer.step)
@@ -313,7 +318,7 @@ def setup_compile(trainer):
                     f"(--no-compile skips the attempt)")
         return
     trainer.cudagraphs = mode in ("reduce-overhead", "max-autotune")
-    trainer.speed_info.update(compiled=True, compile_mode=mode)
+    trainer.speed_info.update(compiled=True, compile_mode=mode, compile_s=round(time.perf_counter() - t0, 1))
 
 
 def compile_model(model, mode="default", backend="inductor", fullgraph=False):
@@ -413,7 +418,8 @@ class Prefetcher:
 def describe_speed(trainer):
     """The start-of-run line about compile and MFU."""
     info = trainer.speed_info
-    parts = [f"compile {info['compile_mode']}" if info["compiled"] else "eager"]
+    parts = [f"compile {info['compile_mode']} ({info['compile_s']:.1f} s: a training and an evaluation step)"
+             if info["compiled"] else "eager"]
     if info["flops_per_token"]:
         parts.append(f"{info['flops_per_token'] / 1e9:.3f} GFLOP/token, MFU against "
                      f"{info['peak_flops'] / 1e12:.0f} TFLOP/s bf16")

@@ -2,6 +2,7 @@
 --resume with another micro batch, the one-ahead prefetch, MFU bookkeeping, one sync per step."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -112,9 +113,9 @@ def test_the_micro_batch_choice_walks_down_when_the_extrapolation_is_too_hopeful
     assert chosen == 16 and measured[32] is None
 
 
-def test_auto_micro_batch_in_the_trainer_with_a_fake_memory_budget(data_dir, tmp_path, monkeypatch):
+def test_auto_micro_batch_in_the_trainer_with_a_fake_memory_budget(data_dir, tmp_path, monkeypatch, capsys):
     """--micro-batch-size auto with a (fake) measurement: the chosen size, grad_accum, the loader and
-    config.json follow it; the total batch stays."""
+    config.json follow it; the total batch stays; the log line says what was measured and how long it took."""
     monkeypatch.setattr(speed, "device_measures_memory", lambda trainer: True)
     monkeypatch.setattr(speed, "memory_budget", lambda device, cap: 10_000)
     monkeypatch.setattr(speed, "measure_function", lambda trainer, probe, step_module, adam: (lambda b: 1000 * b))
@@ -124,6 +125,7 @@ def test_auto_micro_batch_in_the_trainer_with_a_fake_memory_budget(data_dir, tmp
     # 512 tokens / 32 = 16 rows per step; 1000 bytes a row, 85% of 10,000 bytes: 8 rows
     assert trainer.cfg["micro_batch_size"] == 8 and trainer.grad_accum == 2
     assert trainer.train_loader.B == 8 and trainer.cfg["base_micro_batch_size"] == 8  # the tiny preset's
+    assert re.search(r"micro batch 8 \(auto: .* measured GiB by rows: .*; \d+\.\d s\)", capsys.readouterr().out)
     trainer.train()
     config = json.loads((out / "config.json").read_text())
     assert config["micro_batch_size"] == 8 and config["micro_batch_auto"] is True
@@ -249,6 +251,37 @@ def test_compile_is_on_by_default_on_cuda_only_and_flags_win(data_dir, tmp_path)
     assert speed.compile_wanted({"compile": True}, "cpu") is True
     trainer = make_trainer(train_args(data_dir, tmp_path / "run", *SMALL, "--max-steps", 1, "--device", "cpu"))
     assert trainer.speed_info["compiled"] is False                                # a CPU run: eager by default
+
+
+def test_compile_says_how_long_it_took_and_a_failure_falls_back_to_eager_in_one_line(data_dir, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """--compile (traced with backend "eager" here: seconds on a CPU): the start line says the compile's seconds.
+    A compiler that fails in the warm-up step: one line that says so, the model uncompiled, training goes on."""
+    real_compile_model = speed.compile_model
+    monkeypatch.setattr(speed, "compile_model", lambda model, mode="default": real_compile_model(model, mode,
+                                                                                                backend="eager"))
+    argv = train_args(data_dir, tmp_path / "ok", *SMALL, "--max-steps", 1, "--device", "cpu", "--compile")
+    trainer = make_trainer(argv)
+    assert trainer.speed_info["compiled"] is True and trainer.speed_info["compile_s"] >= 0
+    assert "chunk_loss" in trainer.model.__dict__
+    assert f"compile default ({trainer.speed_info['compile_s']:.1f} s" in speed.describe_speed(trainer)
+
+    def broken_compile_model(model, mode="default"):
+        real_compile_model(model, mode, backend="eager")
+
+        def fail(*args, **kwargs):
+            raise RuntimeError("inductor could not lower aten.frobnicate\nlong traceback text")
+        model.chunk_loss = fail
+    monkeypatch.setattr(speed, "compile_model", broken_compile_model)
+    capsys.readouterr()
+    trainer = make_trainer(train_args(data_dir, tmp_path / "broken", *SMALL, "--max-steps", 1, "--device", "cpu",
+                                      "--compile"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "torch.compile failed" in line]
+    assert lines == ["torch.compile failed (RuntimeError: inductor could not lower aten.frobnicate); training "
+                     "without it (--no-compile skips the attempt)"], lines
+    assert trainer.speed_info["compiled"] is False and "chunk_loss" not in trainer.model.__dict__
+    trainer.train_loop()                                                        # and it trains, eagerly
+    assert trainer.step == 1 and "eager" in speed.describe_speed(trainer)
 
 
 def test_compiled_head_chunks_are_the_models_own():
