@@ -326,8 +326,8 @@ def compile_model(model, mode="default", backend="inductor", fullgraph=False):
     compiled graph, so compiling takes seconds, not minutes, and a progressive_diverging stage switch adds
     one graph, not a whole model: its new blocks are deep copies, which carry their own compiled call) and
     one chunk of the head's cross-entropy (model.chunk_loss / model.chunk_token_losses: one graph per chunk
-    shape, so that memory stays one chunk's, as eager). What runs
-    between them (embeddings, conv_attention's reshapes, the chunk loop) stays eager."""
+    shape, so that memory stays one chunk's, as eager). What runs between them (embeddings, conv_attention's
+    reshapes, the chunk loop) stays eager."""
     from auto_regressive_model import chunk_loss_and_grads, chunk_token_losses
     from components import Block
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # widths x modes

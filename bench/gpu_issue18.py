@@ -34,6 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import cli  # noqa: E402
+
 TABLE_MODELS = ["baseline_gpt2", "conv_attention", "progressive_diverging", "dual_mask_gpt"]
 SETTINGS = {  # name: train flags (the rest: the preset's)
     "old": ["--micro-batch-size", "8", "--no-compile"],                        # today's main (issue 18's "before")
@@ -224,10 +226,10 @@ def summary(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("what", choices=["compare", "table", "summary"])
-    p.add_argument("--models", nargs="*", default=TABLE_MODELS)
+    p.add_argument("--models", nargs="*", default=TABLE_MODELS, choices=TABLE_MODELS)
     p.add_argument("--settings", nargs="*", default=["old", "auto-eager", "new"], choices=list(SETTINGS))
     p.add_argument("--skip", nargs="*", default=[], metavar="MODEL:SETTING")
     p.add_argument("--preset", default="rtx3080")
