@@ -49,7 +49,7 @@ import tiktoken
 from tqdm import tqdm
 
 from data_file_utils import (FORMAT_VERSION, MANIFEST_NAME, MASK_DTYPE, OWNED_FILE, SPLITS, TOKEN_DTYPE, DataError,
-                             Split, data_hash, dataset_dir, mask_shard_name, read_manifest, shard_name, split_of_text,
+                             Split, data_hash, dataset_dir, mask_shard_name, read_manifest, shard_name, split_hash, split_of_hash,
                              write_manifest)
 from data_sources import DATA_SPECS, DEFAULT_SEED, _json_docs, _synthetic_docs, open_source
 
@@ -122,7 +122,8 @@ def _encode_pieces(enc, pieces):
 
 
 def tokenize_documents(enc, docs, with_mask):
-    """docs -> dict(tokens uint16, mask uint8|None, lengths, splits, nbytes): per-document arrays in order."""
+    """docs -> dict(tokens uint16, mask uint8|None, lengths, splits, keys, nbytes): per-document arrays in order
+    (keys: the split hash of each document; twins have the same)."""
     eot = enc.eot_token
     if with_mask:  # prompt and body as separate pieces, so that the mask boundary is a token boundary
         ids = _encode_pieces(enc, [x for prompt, body, _ in docs for x in (prompt, body)])
@@ -141,14 +142,16 @@ def tokenize_documents(enc, docs, with_mask):
         starts = np.flatnonzero(tokens == eot)
     lengths = np.diff(np.append(starts, len(tokens)))
     splits = np.empty(len(docs), dtype=np.uint8)
+    keys = np.empty(len(docs), dtype=np.uint64)
     nbytes = np.empty(len(docs), dtype=np.int64)
     split_index = {s: i for i, s in enumerate(SPLITS)}
     for i, (prompt, body, key) in enumerate(docs):
         text = prompt + body
         nbytes[i] = len(text.encode("utf-8"))
-        splits[i] = split_index[split_of_text(text if key is None else key)]
+        keys[i] = split_hash(text if key is None else key)
+        splits[i] = split_index[split_of_hash(int(keys[i]))]
     assert len(lengths) == len(docs), "document boundaries lost while tokenizing"
-    return dict(tokens=tokens, mask=mask, lengths=lengths, splits=splits, nbytes=nbytes)
+    return dict(tokens=tokens, mask=mask, lengths=lengths, splits=splits, keys=keys, nbytes=nbytes)
 
 
 def _process_task(task):
@@ -399,13 +402,17 @@ class ShardWriter:
 class SplitRouter:
     """Routes tokenized documents to the three split writers. The last 2 documents of each split are held
     back until the end, so that a split the hash left empty (tiny sources) can be given one of them:
-    every split gets at least one document, and a document still lands in exactly one split."""
+    every split gets at least one document, and a document still lands in exactly one split. Only a document
+    without a twin (another document with the same split key) in its split is given away: a held-out split
+    never shares a document with train."""
 
     def __init__(self, writers: dict):
         self.writers = writers
-        self.held = {s: deque() for s in SPLITS}  # split -> single documents (tokens, mask, nbytes)
+        self.held = {s: deque() for s in SPLITS}  # split -> single documents (tokens, mask, nbytes, key)
+        self.keys = {s: [] for s in SPLITS}  # split -> arrays of the split keys of all its documents
 
-    def add(self, split: Split, tokens, mask, lengths, nbytes):
+    def add(self, split: Split, tokens, mask, lengths, nbytes, keys):
+        self.keys[split].append(keys)
         n = len(lengths)
         n_tail = min(2, n)
         cut = len(tokens) - int(lengths[n - n_tail:].sum())
@@ -418,12 +425,25 @@ class SplitRouter:
         offsets = np.append(cut, cut + np.cumsum(lengths[n - n_tail:]))
         for j in range(n_tail):
             a, b = offsets[j], offsets[j + 1]
-            held.append((tokens[a:b], None if mask is None else mask[a:b], int(nbytes[n - n_tail + j])))
+            held.append((tokens[a:b], None if mask is None else mask[a:b], int(nbytes[n - n_tail + j]),
+                         int(keys[n - n_tail + j])))
         while len(held) > 2:
             self._write(split, *held.popleft())
 
-    def _write(self, split, tokens, mask, nbytes):
+    def _write(self, split, tokens, mask, nbytes, key=None):
         self.writers[split].write(tokens, mask, 1, nbytes)
+
+    def _donation(self, empty, count):
+        """(split, index) of a held document that may move to the empty split: from the largest split that can
+        spare one, the last held document whose key occurs only once in its split (no twin left behind)."""
+        for s in sorted((s for s in SPLITS if count[s] >= 2), key=lambda s: -count[s]):
+            keys = np.concatenate(self.keys[s])
+            for i in reversed(range(len(self.held[s]))):
+                if np.count_nonzero(keys == np.uint64(self.held[s][i][3])) == 1:
+                    return s, i
+        raise DataError(f"the hash put none of the {sum(count.values())} documents in {empty.value}, and the last "
+                        f"documents of the other splits, which could be moved there, have twins (duplicates) that "
+                        f"would stay behind; remove duplicate documents, or use a bigger source or --max-tokens")
 
     def finish(self):
         count = {s: self.writers[s].documents + len(self.held[s]) for s in SPLITS}
@@ -432,8 +452,10 @@ class SplitRouter:
             raise DataError(f"only {total} document(s) in the source (or within --max-tokens); need at least "
                             f"{len(SPLITS)}, one per split: use a bigger source or a larger --max-tokens")
         for empty in [s for s in SPLITS if count[s] == 0]:
-            donor = max((s for s in SPLITS if self.held[s] and count[s] >= 2), key=lambda s: count[s])
-            self._write(empty, *self.held[donor].pop())
+            donor, i = self._donation(empty, count)
+            doc = self.held[donor][i]
+            del self.held[donor][i]
+            self._write(empty, *doc)
             count[donor] -= 1
             count[empty] += 1
         for s in SPLITS:
@@ -566,7 +588,7 @@ def _route(router: SplitRouter, result: dict, n_docs: int) -> int:
         if docs_here.any():
             here = token_split == i
             router.add(s, tokens[here], None if mask is None else mask[:n_tok][here], lengths[docs_here],
-                       result["nbytes"][:n_docs][docs_here])
+                       result["nbytes"][:n_docs][docs_here], result["keys"][:n_docs][docs_here])
     return n_tok
 
 

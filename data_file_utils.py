@@ -44,7 +44,15 @@ def split_of_text(text: str) -> Split:
     the same document always lands in the same split, however the corpus is ordered or cut.
     `text` may also be a key that says which problem a document is (synthetic-math passes
     synthetic_math.problem_key), so that every wording of one problem lands in the same split."""
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"lmsmall-split").digest(), "little")
+    return split_of_hash(split_hash(text))
+
+
+def split_hash(text: str) -> int:
+    """The 64-bit hash that decides a document's split; twins (same text or key) have the same one."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"lmsmall-split").digest(), "little")
+
+
+def split_of_hash(h: int) -> Split:
     bucket = h % 100
     if bucket == 0:
         return Split.VAL

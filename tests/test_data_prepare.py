@@ -319,6 +319,24 @@ def test_missing_empty_and_too_small_files(tmp_path):
     assert (tmp_path / "two.txt").read_text() == "one\n\ntwo\n"
 
 
+def test_a_document_moved_to_an_empty_split_leaves_no_twin_behind(tmp_path):
+    facts = [f"Fact {i}: {i} squared is {i * i}." for i in range(300)]
+    train = [t for t in facts if split_of_text(t) == Split.TRAIN][:10]
+    val = [t for t in facts if split_of_text(t) == Split.VAL][:1]
+    # no document hashes to test; the last one repeats the first: moving it to test would leave its twin in train
+    src = tmp_path / "dups.txt"
+    src.write_text("\n\n".join(val + train + train[:1]) + "\n")
+    d = bdp.prepare(f"text:{src}", "bytes", tmp_path / "data", num_workers=1, quiet=True)
+    enc = bdp.get_tokenizer("bytes")
+    texts = {s.value: [t for t, _ in documents_of(d, s.value, enc)] for s in SPLITS}
+    assert texts["test"] == [train[-1]] and not set(texts["test"]) & set(texts["train"])
+    assert sorted(texts["train"]) == sorted(train[:-1] + train[:1])
+    # the last two both have twins: refused in one line, nothing written
+    src.write_text("\n\n".join(val + train + train[-2:]) + "\n")
+    with pytest.raises(DataError, match="none of the 13 documents in test.*twins"):
+        bdp.prepare(f"text:{src}", "bytes", tmp_path / "data2", num_workers=1, quiet=True)
+
+
 def test_unwritable_data_dir(tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(DataError, match="cannot write to .*choose another --data-dir"):
