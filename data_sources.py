@@ -90,13 +90,31 @@ def _is_unicode(text: str) -> bool:
 # with_mask, and parts() -> [(label, tasks, share of the budget)]. Opening a source checks what is cheap to
 # check (file exists, not empty, ...); parts() opens the rest (the Hub); both before anything on disk changes.
 
+def _unreadable(path, e: OSError):
+    return DataError(f"cannot read {path} ({e.strerror or type(e).__name__}); check that file")
+
+
 def _read_lines(path):
     """(line number, byte offset, raw bytes) of every line of a file."""
     offset = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            yield lineno, offset, raw
-            offset += len(raw)
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                yield lineno, offset, raw
+                offset += len(raw)
+    except OSError as e:  # else reported as a failure to write the dataset
+        raise _unreadable(path, e) from None
+
+
+def _text_files(folder: Path):
+    """The *.txt files of a folder, recursively, sorted; a folder named *.txt is skipped (its files count)."""
+    files = []
+    for f in sorted(folder.rglob("*.txt")):
+        if f.is_file():
+            files.append(f)
+        elif not f.is_dir():
+            raise DataError(f"text:{folder}: {f} is not a readable file (a broken link?); fix or remove it")
+    return files
 
 
 def _batched(items, size_of, limit=TASK_CHARS):
@@ -143,9 +161,11 @@ def _json_source(path):
 def _text_documents(path: Path):
     """Documents of a text file (separated by blank lines) or a folder (one per *.txt file)."""
     if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-        for f in files:
-            raw = f.read_bytes()
+        for f in _text_files(path):
+            try:
+                raw = f.read_bytes()
+            except OSError as e:
+                raise _unreadable(f, e) from None
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -174,9 +194,10 @@ def _text_documents(path: Path):
 def _text_source(path):
     path = _check_file("text", path)
     if path.is_dir():
-        if not any(path.rglob("*.txt")):
+        files = _text_files(path)
+        if not files:
             raise DataError(f"text:{path}: the folder has no *.txt files")
-        st = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.rglob("*.txt"))]
+        st = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
         fingerprint = {"path": str(path), "files": hashlib.sha1(json.dumps(st).encode()).hexdigest()}
     else:
         fingerprint = _fingerprint(path)

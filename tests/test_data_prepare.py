@@ -337,6 +337,26 @@ def test_a_document_moved_to_an_empty_split_leaves_no_twin_behind(tmp_path):
         bdp.prepare(f"text:{src}", "bytes", tmp_path / "data2", num_workers=1, quiet=True)
 
 
+def test_unreadable_sources_are_named_not_blamed_on_the_data_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "notes"
+    (folder / "old.txt").mkdir(parents=True)  # a folder named *.txt: its own files count, it is no document
+    for i in range(4):
+        (folder / ("old.txt" if i % 2 else ".") / f"{i}.txt").write_text(f"note {i}\n")
+    d = bdp.prepare(f"text:{folder}", "bytes", tmp_path / "data", num_workers=1, quiet=True)
+    texts = [t for s in SPLITS for t, _ in documents_of(d, s.value, bdp.get_tokenizer("bytes"))]
+    assert sorted(texts) == [f"note {i}" for i in range(4)]
+    (folder / "gone.txt").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"gone.txt is not a readable file \(a broken link\?\)"):
+        bdp.prepare(f"text:{folder}", "bytes", tmp_path / "data2", num_workers=1, quiet=True)
+
+    def no_access(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(data_sources, "open", no_access, raising=False)  # as for a file of another user
+    (tmp_path / "book.txt").write_text("a\n\nb\n\nc\n")
+    with pytest.raises(DataError, match=r"cannot read .*book.txt \(Permission denied\); check that file"):
+        bdp.prepare(f"text:{tmp_path / 'book.txt'}", "bytes", tmp_path / "data3", num_workers=1, quiet=True)
+
+
 def test_unwritable_data_dir(tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(DataError, match="cannot write to .*choose another --data-dir"):
