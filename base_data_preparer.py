@@ -24,7 +24,8 @@ What it guarantees:
     so preparations with other settings never touch each other.
   - immutable: a complete dataset (its manifest.json exists) is never changed or removed by a later command;
     asked for again, prepare() returns it at once.
-    If its source changed since, preparing it again is refused in one line; --replace rebuilds it explicitly.
+    If its source changed since, preparing it again is refused in one line; --replace rebuilds it explicitly
+    (into out/.replacing: the old dataset is removed only once the new one is complete).
     The manifest records data_hash (see data_file_utils.data_hash); every run records it and checks it.
   - crash safe: shards are written under a temporary name and renamed when complete; manifest.json is
     written last (atomically). A folder without a manifest is not a dataset; a rerun starts it over.
@@ -37,6 +38,7 @@ import json
 import multiprocessing
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -592,16 +594,30 @@ def _route(router: SplitRouter, result: dict, n_docs: int) -> int:
     return n_tok
 
 
-def _build(out: Path, source: dict, enc, tokenizer_name, budget, num_workers, quiet, shard_tokens, request):
-    parts = source["parts"]()  # may fail (Hub unreachable): still nothing changed on disk
-    # Start over: the manifest goes first (--replace: the folder stops being a dataset), then our old shards
-    # and any temporary files an interrupted preparation left behind. Files we did not write are left alone.
-    (out / "manifest.json").unlink(missing_ok=True)
-    for p in out.iterdir():
+def _clear(folder: Path):
+    """Remove what a preparation wrote into `folder`: the manifest first (the folder stops being a dataset),
+    then shards and the temporary files an interrupted preparation left behind. Files we did not write stay."""
+    (folder / MANIFEST_NAME).unlink(missing_ok=True)
+    for p in folder.iterdir():
         if OWNED_FILE.match(p.name):
             p.unlink()
+
+
+def _build(out: Path, source: dict, enc, tokenizer_name, budget, num_workers, quiet, shard_tokens, request):
+    parts = source["parts"]()  # may fail (Hub unreachable): still nothing changed on disk
+    # --replace: the complete dataset stays as it is until the new one is complete (a bad line found halfway,
+    # Ctrl-C or a full disk leave it intact): the new shards go into out/.replacing and are moved in at the end.
+    # Otherwise start over in `out` itself.
+    staging = out / ".replacing"
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted --replace
+    if (out / MANIFEST_NAME).exists():
+        staging.mkdir()
+        target = staging
+    else:
+        _clear(out)
+        target = out
     t0 = time.time()
-    writers = {s: ShardWriter(out, s, shard_tokens, source["with_mask"]) for s in SPLITS}
+    writers = {s: ShardWriter(target, s, shard_tokens, source["with_mask"]) for s in SPLITS}
     router = SplitRouter(writers)
     # the bar appears with the first tokens (an early error prints only its own line); not in logs/pipes
     bar = tqdm(total=budget, unit="tok", unit_scale=True, disable=True if quiet else None, smoothing=0.1,
@@ -631,6 +647,8 @@ def _build(out: Path, source: dict, enc, tokenizer_name, budget, num_workers, qu
         for w in writers.values():
             w.abort()
         bar.close()
+        if target is staging:
+            shutil.rmtree(staging, ignore_errors=True)
         if isinstance(e, OSError):  # disk full, permissions, ...
             raise DataError(f"writing {out} failed ({e.strerror or e}); free some space or choose another "
                             f"--data-dir, then run again") from None
@@ -650,6 +668,11 @@ def _build(out: Path, source: dict, enc, tokenizer_name, budget, num_workers, qu
         "splits": {s.value: writers[s].summary() for s in SPLITS},
     })
     manifest["data_hash"] = data_hash(manifest)  # what runs record; recomputed from the fields when checked
+    if target is staging:  # the old dataset goes only now (a crash in between: no manifest, prepared again)
+        _clear(out)
+        for p in staging.iterdir():
+            os.replace(p, out / p.name)
+        staging.rmdir()
     write_manifest(out, manifest)  # last: from now on the folder is a complete dataset
     if not quiet:
         n = {s.value: writers[s].tokens for s in SPLITS}
@@ -674,8 +697,9 @@ def main(argv=None):
     parser.add_argument("--shard-tokens", type=cli.count, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--replace", action="store_true",
-                        help="delete the complete dataset of this request and prepare it again (runs trained on "
-                             "it then refuse to resume or be evaluated if the data came out different)")
+                        help="prepare the complete dataset of this request again and replace it (the old one stays "
+                             "until the new one is complete; runs trained on it then refuse to resume or be "
+                             "evaluated if the data came out different)")
     args = parser.parse_args(argv)
     try:
         out = prepare(args.data, args.tokenizer, args.data_dir, args.max_tokens, args.seed, args.num_workers,

@@ -357,6 +357,24 @@ def test_unreadable_sources_are_named_not_blamed_on_the_data_dir(tmp_path, monke
         bdp.prepare(f"text:{tmp_path / 'book.txt'}", "bytes", tmp_path / "data3", num_workers=1, quiet=True)
 
 
+def test_replace_with_a_bad_source_keeps_the_complete_dataset(tmp_path):
+    src = tmp_path / "qa.jsonl"
+    good = [json.dumps({"question": f"What is {i} + 1?", "answer": f"{i + 1}\n#### {i + 1}"}) for i in range(40)]
+    src.write_text("\n".join(good) + "\n")
+    d = bdp.prepare(f"json:{src}", "bytes", tmp_path / "data", num_workers=1, quiet=True, shard_tokens=300)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    src.write_text("\n".join(good[:10] + good) + "\n{not json\n")  # changed, and broken after 50 records
+    with pytest.raises(DataError, match="line 51 is not valid JSON"):
+        bdp.prepare(f"json:{src}", "bytes", tmp_path / "data", num_workers=1, quiet=True, replace=True)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # untouched, nothing left over
+    src.write_text("\n".join(good[:10]) + "\n")  # fixed (and smaller: fewer shards than before)
+    assert bdp.prepare(f"json:{src}", "bytes", tmp_path / "data", num_workers=1, quiet=True, replace=True) == d
+    m = read_manifest(d)
+    assert sum(m["splits"][s.value]["documents"] for s in SPLITS) == 10 and bdp._damage(d, m) is None
+    named = {n for s in SPLITS for k in ("shards", "mask_shards") for n in m["splits"][s.value][k]}
+    assert {p.name for p in d.iterdir()} == named | {"manifest.json", ".lock"}
+
+
 def test_unwritable_data_dir(tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(DataError, match="cannot write to .*choose another --data-dir"):
