@@ -4,7 +4,8 @@ The data sources of base_data_preparer.py: what --data names, opened and checked
     synthetic-math   built-in generator (synthetic_math.py)
     math-reasoning   the seed's Hugging Face sets, streamed through `datasets`
     json:PATH        JSON lines
-    text:PATH        a text file (documents separated by blank lines) or a folder of *.txt files
+    text:PATH        a text file (documents separated by blank lines) or a folder of *.txt files; Windows line
+                     ends (CRLF) are read as "\n", as Python's text mode does
 
 A document is (prompt, body, split_key): the tokens of `prompt` get loss mask 0, those of `body` mask 1;
 the document text is prompt + body; split_key (None: the text) is hashed to pick the split.
@@ -172,6 +173,7 @@ def _text_documents(path: Path):
                 line = raw.count(b"\n", 0, e.start) + 1
                 raise DataError(f"{f}: line {line} is not valid UTF-8 (byte offset {e.start}); "
                                 f"convert the file to UTF-8") from None
+            text = text.replace("\r\n", "\n")
             if text.strip():
                 yield ("", text.strip("\n"), None)
         return
@@ -183,7 +185,7 @@ def _text_documents(path: Path):
             raise DataError(f"{path}: line {lineno} is not valid UTF-8 (byte offset {offset + e.start}); "
                             f"convert the file to UTF-8") from None
         if line.strip():
-            lines.append(line)
+            lines.append(line[:-2] + "\n" if line.endswith("\r\n") else line)
         elif lines:
             yield ("", "".join(lines).rstrip("\n"), None)
             lines = []

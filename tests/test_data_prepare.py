@@ -375,6 +375,24 @@ def test_replace_with_a_bad_source_keeps_the_complete_dataset(tmp_path):
     assert {p.name for p in d.iterdir()} == named | {"manifest.json", ".lock"}
 
 
+def test_text_with_windows_line_ends_gives_the_same_documents(tmp_path):
+    paras = [f"Lemma {i}.\nProof: trivial for {i}." for i in range(30)]
+    lf, crlf = tmp_path / "lf.txt", tmp_path / "crlf.txt"
+    lf.write_bytes(("\n\n".join(paras) + "\n").encode())
+    crlf.write_bytes(("\r\n\r\n".join(p.replace("\n", "\r\n") for p in paras) + "\r\n").encode())
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.txt").write_bytes(f"one {i}\r\ntwo\r\n".encode())
+    enc = bdp.get_tokenizer("bytes")
+    texts = {}
+    for src in (lf, crlf, folder):
+        d = bdp.prepare(f"text:{src}", "bytes", tmp_path / "data", num_workers=1, quiet=True)
+        texts[src] = {s.value: [t for t, _ in documents_of(d, s.value, enc)] for s in SPLITS}
+    assert texts[crlf] == texts[lf] and sorted(sum(texts[lf].values(), [])) == sorted(paras)
+    assert sorted(sum(texts[folder].values(), [])) == [f"one {i}\ntwo" for i in range(3)]
+
+
 def test_unwritable_data_dir(tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(DataError, match="cannot write to .*choose another --data-dir"):
