@@ -21,8 +21,8 @@ softmax is at most 47 / 50257, so a loss over 50304 logits exceeds GPT-2's own b
 What can go to Hugging Face (as GPT2LMHeadModel): baseline_gpt2 and progressive_diverging (its LoRA merged; a
 stage-1 or stage-2 model, whose blocks are shared, is unrolled into n_layer blocks), causal, with the tied head
 and learned positions (sinusoidal and none also: their positions become a fixed wpe table of block_size rows).
-Not ALiBi, the CLAP head, bidirectional encoders (MNTP), conv_attention or dual_mask_gpt: GPT-2 has no
-equivalent. Tokenizer files go with it (vocab.json, merges.txt, tokenizer.json): GPT-2's, copied from tiktoken's
+Not ALiBi or RoPE, the CLAP heads, RMSNorm, relu2/SwiGLU, QK-norm, bidirectional encoders (MNTP), conv_attention
+or dual_mask_gpt: GPT-2 has no equivalent. The exported model's logits are checked against the checkpoint's. Tokenizer files go with it (vocab.json, merges.txt, tokenizer.json): GPT-2's, copied from tiktoken's
 cache, for gpt2 runs; for byte runs a byte-level vocabulary without merges (id = the byte, 256 = <|endoftext|>).
 """
 
@@ -54,7 +54,15 @@ WHY_NOT = {  # models and options GPT-2 has no equivalent for
     "alibi": "ALiBi positions (biases inside attention) have no GPT-2 equivalent (GPT-2 adds position vectors)",
     "clap": "the CLAP head (unit-length embeddings, cosine logits times a learned beta) has no GPT-2 equivalent",
     "bidirectional": "it is an encoder (bidirectional attention, e.g. MNTP), and GPT-2 is causal",
+    "rope": "rotary positions (RoPE, applied to q and k inside attention) have no GPT-2 equivalent",
+    "clap-cosine": "the CLAP-cosine head (cosine logits times a learned beta) has no GPT-2 equivalent",
+    "rms": "RMSNorm (--norm rms) has no GPT-2 equivalent (GPT2LMHeadModel uses LayerNorm with a bias)",
+    "relu2": "the relu2 MLP (relu(x)^2) has no GPT-2 equivalent (GPT2LMHeadModel computes GELU)",
+    "swiglu": "the SwiGLU MLP (a gated MLP) has no GPT-2 equivalent",
+    "qk_norm": "QK-norm (RMSNorm on q and k) has no GPT-2 equivalent",
 }
+GPT2_OPTIONS = {"pos": ("learned", "sinusoidal", "none"), "head": ("tied",), "attention": ("causal",),
+                "norm": ("layer",), "mlp": ("gelu",), "qk_norm": (False,)}  # what GPT2LMHeadModel computes
 
 
 def require_transformers():
@@ -214,9 +222,10 @@ def why_not_exportable(model):
     """None when GPT2LMHeadModel can compute `model` exactly, else the reason in words."""
     if model.name not in ("baseline_gpt2", "progressive_diverging"):
         return WHY_NOT.get(model.name, f"{model.name} is not a GPT-2 architecture")
-    for option, value in (("pos", "alibi"), ("head", "clap"), ("attention", "bidirectional")):
-        if getattr(model.config, option) == value:
-            return WHY_NOT[value]
+    for option, fine in GPT2_OPTIONS.items():
+        value = getattr(model.config, option, fine[0])
+        if value not in fine:
+            return WHY_NOT.get(option if value is True else value, f"{option}={value!r} has no GPT-2 equivalent")
     return None
 
 
@@ -235,6 +244,18 @@ def hf_state_dict(model, n_vocab):
             name = hf_name(f"blocks.{a}.{key}")
             state[name] = (tensor.t() if transposed(name) else tensor).contiguous().clone()
     return state
+
+
+@torch.no_grad()
+def check_same_logits(model, hf, n_vocab, checkpoint):
+    """The exported model must compute the lmsmall model's logits (a short fixed sequence, fp32); a folder that
+    loads but predicts something else is never written."""
+    idx = (torch.arange(min(16, model.config.block_size)) * 7 % n_vocab)[None]
+    ours, theirs = model(idx)[0][..., :n_vocab].float(), hf(idx).logits.float()
+    if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3):
+        raise CheckpointError(f"{checkpoint} cannot go to Hugging Face as GPT-2: the exported GPT2LMHeadModel "
+                              f"computes other logits (max difference {float((ours - theirs).abs().max()):.3g}); "
+                              f"please report this")
 
 
 def tiktoken_file(url):
@@ -299,6 +320,7 @@ def export_hf(checkpoint, out, overwrite=False):
         bos_token_id=enc.eot_token, eos_token_id=enc.eot_token, architectures=["GPT2LMHeadModel"])
     hf = transformers.GPT2LMHeadModel(config)
     hf.load_state_dict(hf_state_dict(model, enc.n_vocab), strict=True)
+    check_same_logits(model, hf.eval(), enc.n_vocab, checkpoint)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".to-hf-", dir=parent)  # written in full, then renamed into place

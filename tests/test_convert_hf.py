@@ -216,7 +216,13 @@ def test_progressive_stages_and_fixed_positions_export_exactly(name, stage, over
 @pytest.mark.parametrize("name,overrides,word", [
     ("conv_attention", {}, "hourglass"), ("dual_mask_gpt", {}, "task tokens"),
     ("baseline_gpt2", {"pos": "alibi"}, "ALiBi"), ("baseline_gpt2", {"head": "clap"}, "CLAP"),
-    ("progressive_diverging", {"attention": "bidirectional"}, "encoder")])
+    ("progressive_diverging", {"attention": "bidirectional"}, "encoder"),
+    # the modern switches: relu2, rope and clap-cosine used to export silently as a model computing other logits,
+    # swiglu, rms and qk_norm ended in a traceback
+    ("baseline_gpt2", {"mlp": "relu2"}, "relu2"), ("baseline_gpt2", {"pos": "rope"}, "RoPE"),
+    ("baseline_gpt2", {"head": "clap-cosine"}, "CLAP-cosine"), ("baseline_gpt2", {"mlp": "swiglu"}, "SwiGLU"),
+    ("baseline_gpt2", {"norm": "rms"}, "RMSNorm"), ("baseline_gpt2", {"qk_norm": True}, "QK-norm"),
+    ("progressive_diverging", {"mlp": "relu2"}, "relu2")])
 def test_models_without_a_gpt2_equivalent_are_refused_in_one_line(name, overrides, word, tmp_path, capsys):
     from convert_hf import main
     from models import create_model
@@ -224,6 +230,24 @@ def test_models_without_a_gpt2_equivalent_are_refused_in_one_line(name, override
     code = main(["to-hf", "--checkpoint", str(save(model, tmp_path / "ckpt.pt")), "--out", str(tmp_path / "hf")])
     one_line_error(capsys, code, "cannot go to Hugging Face", word)
     assert not (tmp_path / "hf").exists()
+
+
+def test_an_export_whose_logits_differ_is_refused_and_nothing_written(tmp_path, capsys, monkeypatch):
+    """The last line of defence: whatever the options, the exported GPT2LMHeadModel must compute the logits of the
+    lmsmall model, checked before the folder is written."""
+    import convert_hf
+    from models import create_model
+    model = create_model("baseline_gpt2", preset="tiny", vocab_size=320, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    exact = convert_hf.hf_state_dict
+
+    def off_by_one_bias(m, n_vocab):
+        state = exact(m, n_vocab)
+        state["transformer.ln_f.bias"] = state["transformer.ln_f.bias"] + torch.linspace(0, 1, 32)
+        return state
+    monkeypatch.setattr(convert_hf, "hf_state_dict", off_by_one_bias)
+    code = convert_hf.main(["to-hf", "--checkpoint", str(save(model, tmp_path / "ckpt.pt")), "--out", str(tmp_path / "hf")])
+    one_line_error(capsys, code, "computes other logits")
+    assert not (tmp_path / "hf").exists() and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
 # ---- --checkpoint hf:DIR in every script -----------------------------------------------------------
