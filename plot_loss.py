@@ -23,6 +23,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 COLORS = [f"C{i}" for i in range(10)]
 LINESTYLES = ["-", "--", ":", "-."]
@@ -97,10 +98,30 @@ def plain_log_axis(ax):
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
+def image_path(out):
+    """The file savefig would write for `out` (no extension: .png appended), or PlotError for a format that
+    matplotlib cannot write: checked before any run is read."""
+    ext = os.path.splitext(out)[1].lstrip(".").lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if not ext:
+        return out + ".png"
+    if ext not in formats:
+        raise PlotError(f"--out {out}: matplotlib cannot write .{ext} files; end the name with one of "
+                        f"{', '.join('.' + f for f in sorted(formats))}")
+    return out
+
+
 def plot_runs(run_dirs, out, x="tokens", smooth=1, fields=("loss",), log_y=True):
+    out = image_path(out)
     fig = make_figure(run_dirs, x, smooth, fields, log_y)
-    fig.savefig(out, dpi=120, bbox_inches="tight")  # "tight": the legend outside the axes is kept
-    plt.close(fig)
+    tmp = out + ".tmp"  # the finished image appears at once, by rename
+    try:  # "tight": the legend outside the axes is kept
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=os.path.splitext(out)[1].lstrip(".").lower())
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def make_figure(run_dirs, x="tokens", smooth=1, fields=("loss",), log_y=True):
@@ -165,17 +186,16 @@ def main(argv=None):
     if args.smooth < 1:
         print(f"error: --smooth {args.smooth}: give a window of 1 (no smoothing) or more steps", file=sys.stderr)
         return 2
-    if os.path.exists(args.out) and not args.overwrite:
-        print(f"error: {args.out} already exists; add --overwrite to replace it or choose another --out",
-              file=sys.stderr)
-        return 2
     try:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        plot_runs(runs, args.out, args.x, args.smooth, args.fields, not args.linear)
+        out = image_path(args.out)  # "runs/cmp" is written as runs/cmp.png: that is the file not to replace
+        if os.path.exists(out) and not args.overwrite:
+            raise PlotError(f"{out} already exists; add --overwrite to replace it or choose another --out")
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        plot_runs(runs, out, args.x, args.smooth, args.fields, not args.linear)
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out} ({len(runs)} run(s))")
+    print(f"wrote {out} ({len(runs)} run(s))")
     return 0
 
 

@@ -90,3 +90,21 @@ def test_command_line_writes_under_runs_and_keeps_an_existing_png(fifteen_runs, 
     assert result.returncode == 0 and out.read_bytes() != png
     help_text = run_script("plot_loss.py", "--help").stdout
     assert "runs/loss.png" in help_text
+
+
+def test_an_out_without_extension_is_the_png_it_writes_and_an_unknown_format_is_refused_first(fifteen_runs, tmp_path):
+    """matplotlib appends .png to a name without extension: "--out cmp" writes cmp.png, so cmp.png is the file that
+    --overwrite protects (it used to be replaced silently) and the one the message names. A format matplotlib
+    cannot write is refused before any run is read (it used to end in a traceback after the work)."""
+    kept = tmp_path / "cmp.png"
+    kept.write_bytes(b"an earlier plot")
+    result = run_script("plot_loss.py", *fifteen_runs[:2], "--out", tmp_path / "cmp")
+    assert result.returncode == 2 and "cmp.png already exists" in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and kept.read_bytes() == b"an earlier plot"
+    result = run_script("plot_loss.py", *fifteen_runs[:2], "--out", tmp_path / "new" / "cmp.txt")
+    assert result.returncode == 2 and ".txt" in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    assert not (tmp_path / "new").exists()
+    result = run_script("plot_loss.py", *fifteen_runs[:2], "--out", tmp_path / "fresh")
+    assert result.returncode == 0 and f"wrote {tmp_path / 'fresh.png'}" in result.stdout, result.stdout
+    assert (tmp_path / "fresh.png").read_bytes()[:4] == b"\x89PNG" and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["cmp.png", "fresh.png"]
