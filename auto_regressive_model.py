@@ -432,6 +432,10 @@ class AutoRegressiveModel(nn.Module):
         """Rebuild the model stored in an lmsmall checkpoint (any registered model)."""
         from models import create_model
         ckpt = cls.load_checkpoint_file(path)
+        for name, tensor in ckpt["model_state"].items():  # a nan weight makes every loss nan, every answer junk
+            if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise CheckpointError(f"checkpoint {path} holds non-finite weights ({name} has nan or inf); "
+                                      f"nothing it computes would mean anything: use an earlier checkpoint")
         model = create_model(ckpt["model_name"], preset=None, **ckpt["model_config"])
         model.load_extra_state(ckpt.get("model_extra_state", {}))
         try:

@@ -138,3 +138,29 @@ def test_cli_types():
                      (cli.count, "1e400"), (cli.seed, "-1"), (cli.window, "0.5:0.5"), (cli.device, "cuda:-1")]:
         with pytest.raises(argparse.ArgumentTypeError):
             fn(text)
+
+
+@pytest.mark.parametrize("module,model_name", [("evaluate", "baseline_gpt2"), ("generate", "baseline_gpt2"),
+                                               ("embed", "baseline_gpt2"), ("evaluate_layer_cuts", "dual_mask_gpt")])
+def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(module, model_name, tmp_path, capsys):
+    """A nan weight makes every loss nan and every greedy answer junk: evaluate.py used to print 'test loss nan'
+    and 0% accuracy with exit 0 (a wrong number, silently), generate.py ended in a traceback."""
+    import dataclasses
+    from auto_regressive_model import CHECKPOINT_FORMAT
+    from models import create_model
+    model = create_model(model_name, preset="tiny", vocab_size=320, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    state = model.state_dict()
+    state["ln_f.weight"] = state["ln_f.weight"].clone().fill_(float("nan"))
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "model_name": model.name, "model_config": dataclasses.asdict(model.config),
+                "model_state": state, "model_extra_state": model.extra_state(), "config": {"tokenizer": "bytes"}}, ckpt)
+    (tmp_path / "in.txt").write_text("What is 2 + 3?\n")
+    argv = {"evaluate": ["--checkpoint", str(ckpt), "--out", str(tmp_path / "r.json")],
+            "generate": ["--checkpoint", str(ckpt), "--prompt", "1 + 1 ="],
+            "embed": ["--checkpoint", str(ckpt), "--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "e.npy")],
+            "evaluate_layer_cuts": [str(ckpt)]}[module]
+    before = sorted(os.listdir(tmp_path))
+    code = importlib.import_module(module).main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code in (1, 2) and len(lines) == 1 and "non-finite weights" in lines[0] and "ln_f.weight" in lines[0], lines
+    assert sorted(os.listdir(tmp_path)) == before
