@@ -212,7 +212,7 @@ def task_problems(task, split, limit, data_seed):
 # ---- generation ------------------------------------------------------------------------------
 
 def question_prompt(enc, question):
-    return [enc.eot_token] + enc.encode(f"Question: {question}\nAnswer:")
+    return [enc.eot_token] + enc.encode_ordinary(f"Question: {question}\nAnswer:")  # as the preparer: text, never special
 
 
 @torch.no_grad()
@@ -346,7 +346,7 @@ def main(argv=None):
             print(f"{r['split']} loss {r['loss']:.4f} (every token){extra} | bpb {r['bpb']:.4f} | the first "
                   f"{r['batches']} batches ({r['tokens']:,} tokens) of {r['data']}")
         if problems:
-            max_new = args.max_new_tokens or 2 * max(len(enc.encode(" " + p["solution"])) for p in problems)
+            max_new = args.max_new_tokens or 2 * max(len(enc.encode_ordinary(" " + p["solution"])) for p in problems)
             per_family, outputs = accuracy(model, enc, problems, max_new, batch_size, not args.quiet)
             result["accuracy"] = accuracy_summary(args, problems, per_family, outputs)
             print_accuracy(per_family)

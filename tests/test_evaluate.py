@@ -186,6 +186,17 @@ def test_json_task_takes_the_requested_split(tmp_path):
         task_problems(f"json:{bad}", "all", None, 1337)
 
 
+@pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
+def test_a_question_holding_the_text_endoftext_is_prompted_as_the_preparer_wrote_it(tokenizer):
+    """The preparer encodes the text '<|endoftext|>' inside a document as text; evaluate.py's prompt did
+    enc.encode(), which raises on it (a traceback), and would otherwise differ from what the model saw."""
+    from base_data_preparer import _encode_pieces, get_tokenizer
+    from evaluate import question_prompt
+    enc = get_tokenizer(tokenizer)
+    q = "A file ends with <|endoftext|>. What is 2 + 2?"
+    assert question_prompt(enc, q) == _encode_pieces(enc, [f"Question: {q}\nAnswer:"]).tolist()
+
+
 # ---- the command line and the loss ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
