@@ -1,6 +1,8 @@
 """
 Sweep of dual-mask GPT runs: depths x widths x p_bw values x seeds, one run folder each, then the layer-cut
-evaluation of each finished run. Resumable: a run whose folder holds sweep_run.json is finished and skipped;
+evaluation of each finished run. Resumable: a run whose folder holds sweep_run.json is finished and skipped
+(refused, before anything is written, if it records other settings than this command's: n_head, --bw-mode,
+--dynamic-p-bw, --preset or the arguments after --);
 a run with a checkpoint but no sweep_run.json is continued with --resume; anything else starts fresh.
 
     # the seed's grid (4 x 4 x 3 x 3 = 144 runs; GPU-sized)
@@ -60,6 +62,27 @@ def run_state(run_dir):
     return "new"
 
 
+def run_settings(args, width):
+    """What a finished run's sweep_run.json records of how it was trained, besides its name's depth, width,
+    p_bw and seed: a finished run is only skipped when these are the same as now."""
+    return dict(n_head=max(1, width // args.head_size), bw_mode=args.bw_mode, dynamic_p_bw=args.dynamic_p_bw,
+                preset=args.preset, train_args=list(args.train_args))
+
+
+def settings_differ(args, run_dir, width):
+    """None when the finished run in run_dir was trained with this command's settings, else the first
+    difference in words."""
+    try:
+        with open(os.path.join(run_dir, DONE_FILE)) as f:
+            done = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"its {DONE_FILE} cannot be read ({e})"
+    for key, now in run_settings(args, width).items():
+        if key in done and done[key] != now:
+            return f"it was trained with {key} {done[key]!r}, this command asks for {now!r}"
+    return None
+
+
 def run_one(args, depth, width, p_bw, seed, env):
     """Train (or resume) one run, then its layer cuts, then the marker; returns (run_dir, ok, seconds)."""
     name = run_name(depth, width, p_bw, seed)
@@ -84,9 +107,8 @@ def run_one(args, depth, width, p_bw, seed, env):
     if ok:
         with open(os.path.join(run_dir, "config.json")) as f:
             n_params = json.load(f).get("n_params")
-        info = dict(depth=depth, width=width, n_head=max(1, width // args.head_size), p_bw=p_bw, seed=seed,
-                    bw_mode=args.bw_mode, dynamic_p_bw=args.dynamic_p_bw, preset=args.preset,
-                    num_params=n_params, train_args=args.train_args, seconds=round(time.time() - t0, 1))
+        info = dict(depth=depth, width=width, p_bw=p_bw, seed=seed, **run_settings(args, width),
+                    num_params=n_params, seconds=round(time.time() - t0, 1))
         with open(os.path.join(run_dir, DONE_FILE), "w") as f:
             json.dump(info, f, indent=1)
     return run_dir, ok, time.time() - t0, log_path
@@ -120,6 +142,13 @@ def main(argv=None):
     args.train_args = train_args
 
     runs = grid(args.depths, args.widths, args.p_bw, args.seeds)
+    for depth, width, p_bw, seed in runs:  # before anything is written: a finished run is skipped, so it must
+        run_dir = os.path.join(args.out_dir, run_name(depth, width, p_bw, seed))  # be what this command asks
+        problem = run_state(run_dir) == "done" and settings_differ(args, run_dir, width)
+        if problem:
+            print(f"error: {run_dir} is finished, but {problem}; it would be skipped and analysed as if trained "
+                  f"with this command: use another --out-dir, or the settings it was trained with", file=sys.stderr)
+            return 2
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "sweep.json"), "w") as f:
         json.dump({k: v for k, v in vars(args).items()}, f, indent=1)

@@ -328,6 +328,28 @@ def test_sweep_skips_finished_runs_and_resumes_partial_ones(tmp_path, capsys):
     assert len(sw.grid([4, 8, 16, 32], [192, 384, 768, 1536], [0, 0.05, 0.1], [0, 1, 2])) == 144
 
 
+def test_sweep_refuses_to_skip_a_finished_run_trained_with_other_settings(tmp_path, capsys):
+    """A finished run is skipped by its name (depth, width, p_bw, seed): rerun with other settings (here
+    --max-steps after --, or --bw-mode) it used to be skipped silently and sweep.json rewritten with the new
+    settings, so the analysis described runs that were trained otherwise."""
+    import sweep_dual_mask as sw
+    out = tmp_path / "sweep"
+    done = out / sw.run_name(2, 32, 0.0, 0)
+    done.mkdir(parents=True)
+    (done / sw.DONE_FILE).write_text(json.dumps(dict(depth=2, width=32, p_bw=0.0, seed=0, n_head=2, bw_mode="additional",
+                                                     dynamic_p_bw=False, preset="rtx3080", train_args=["--max-steps", "5"])))
+    common = ["--out-dir", str(out), "--depths", "2", "--widths", "32", "--p-bw", "0", "--seeds", "0",
+              "--head-size", "16", "--dry-run"]
+    for other in (["--", "--max-steps", "9"], ["--bw-mode", "exclusive", "--", "--max-steps", "5"]):
+        capsys.readouterr()
+        assert sw.main(common + other) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "trained with" in err[0], err
+        assert sorted(os.listdir(out)) == [done.name]  # no sweep.json written
+    assert sw.main(common + ["--", "--max-steps", "5"]) == 0
+    assert "finished, skipped" in capsys.readouterr().out
+
+
 def test_analysis_writes_every_plot(tmp_path):
     """Fake run folders (2 sizes x p_bw {0, 0.05} x 2 seeds) -> every PNG and the summary."""
     import analyze_dual_mask as an
