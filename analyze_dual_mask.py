@@ -94,13 +94,23 @@ def find_runs(roots):
     return runs
 
 
+class AnalysisError(Exception):
+    """Runs that cannot be compared; printed as one line."""
+
+
 def group_runs(runs):
-    """{(depth, width): {p_bw: {seed: run}}} for the additional, static runs (the seed's setting)."""
+    """{(depth, width): {p_bw: {seed: run}}} for the additional, static runs (the seed's setting). Two runs with
+    the same depth, width, p_bw and seed (e.g. two sweeps under one root) are an AnalysisError: keeping either
+    one silently would make the figures depend on the order of the folders."""
     groups = {}
     for r in runs:
         if r["bw_mode"] != "additional" or r["dynamic"]:
             continue
-        groups.setdefault((r["depth"], r["width"]), {}).setdefault(r["p_bw"], {})[r["seed"]] = r
+        by_seed = groups.setdefault((r["depth"], r["width"]), {}).setdefault(r["p_bw"], {})
+        if r["seed"] in by_seed:
+            raise AnalysisError(f"{by_seed[r['seed']]['dir']} and {r['dir']} are both depth {r['depth']}, width "
+                                f"{r['width']}, p_bw {r['p_bw']:g}, seed {r['seed']}; give the folder of one sweep")
+        by_seed[r["seed"]] = r
     return groups
 
 
@@ -366,7 +376,11 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     runs = with_ppl(find_runs(args.roots))
-    groups = group_runs(runs)
+    try:
+        groups = group_runs(runs)
+    except AnalysisError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     x = args.p_bw
     usable = [k for k in groups if 0.0 in groups[k] and x in groups[k]]
     print(f"{len(runs)} runs, {len(groups)} sizes, {len(usable)} with both p_bw = 0 and {x:g}")

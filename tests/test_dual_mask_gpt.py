@@ -382,3 +382,22 @@ def test_analysis_writes_every_plot(tmp_path):
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
     assert an.main([str(tmp_path / "runs"), "--out", str(out), "--overwrite"]) == 0
     assert (out / "old_figure.png").exists()
+
+
+def test_analysis_refuses_two_runs_of_the_same_setting_and_seed(tmp_path, capsys):
+    """Two sweeps under one root (here the same run copied, with another p_bw=0 loss): the second used to
+    replace the first silently in the grouping, so the ratios depended on the order os.walk met them."""
+    import analyze_dual_mask as an
+    for sweep, loss in (("a", 3.0), ("b", 2.0)):
+        for p in (0.0, 0.05):
+            run = tmp_path / "runs" / sweep / f"d2_w32_p{p}_s0"
+            run.mkdir(parents=True)
+            (run / "config.json").write_text(json.dumps({"seed": 0, "n_params": 1000, "max_steps": 10, "model_config": {
+                "n_layer": 2, "n_embd": 32, "p_bw": p, "bw_mode": "additional"}}))
+            (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "split": "val", "loss": loss, "loss_fw": loss,
+                                                           "loss_bw": loss + 1}) + "\n")
+    assert an.main([str(tmp_path / "runs"), "--out", str(tmp_path / "plots")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "both depth 2, width 32, p_bw 0" in err[0] and "seed 0" in err[0], err
+    assert not (tmp_path / "plots").exists()
+    assert an.main([str(tmp_path / "runs" / "a"), "--out", str(tmp_path / "plots")]) == 0
