@@ -68,6 +68,7 @@ _LEADING_NUMBER = re.compile(
     r"^(?P<sign>[+-]?)\s*\$?\s*(?P<sign2>[+-]?)(?P<int>\d[\d,]*)?(?P<frac>\.\d*)?"
     r"(?:\s*/\s*(?P<den>\d[\d,]*))?(?P<rest>.*)$")
 _OPERATOR = "*×+-/^"
+MINUS = "\u2212"  # the typographic minus sign (GPT-2's web text has it): read as "-", never dropped
 _ANY_NUMBER = re.compile(r"[+-]?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+)?")   # for the flexible figure
 
 
@@ -88,7 +89,7 @@ def _fraction(sign, integer, frac, den):
 def answer_value(text):
     """What a final answer means: a Fraction when it starts with a number (the rest, e.g. "dollars" or "%",
     is ignored), else its text (an expression or words, normalised for comparison)."""
-    s = " ".join(text.split())
+    s = " ".join(text.replace(MINUS, "-").split())
     m = _LEADING_NUMBER.match(s)
     if m and not m.group("rest").strip()[:1] in tuple(_OPERATOR):
         sign = "-" if (m.group("sign") + m.group("sign2")).count("-") % 2 else "+"
@@ -148,7 +149,7 @@ def score_flexible(generated, reference):
     reference. A reference that is not a number (an expression such as '2 * 2 * 3') is scored as strict."""
     if not isinstance(answer_value(reference), Fraction):
         return score_strict(generated, reference)
-    numbers = _ANY_NUMBER.findall(generated)
+    numbers = _ANY_NUMBER.findall(generated.replace(MINUS, "-"))
     return bool(numbers) and same_answer(numbers[-1], reference)
 
 
