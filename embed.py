@@ -222,8 +222,12 @@ def read_texts(path, field=None):
     p = Path(path)
     if not p.is_file():
         raise EmbedError(f"--input {path}: no such file")
+    try:
+        content = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EmbedError(f"--input {path} is not valid UTF-8 (byte offset {e.start}); convert it to UTF-8") from None
     texts = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(content.splitlines(), 1):
         if not line.strip():
             continue
         if field is None:
@@ -235,6 +239,9 @@ def read_texts(path, field=None):
             raise EmbedError(f"{path}: line {lineno} is not a JSON object") from None
         if not isinstance(value, str):
             raise EmbedError(f"{path}: line {lineno} has no string field {field!r}")
+        if any("\ud800" <= c <= "\udfff" for c in value):  # the tokenizer would replace it silently
+            raise EmbedError(f"{path}: line {lineno} holds a lone surrogate escape (such as \"\\ud800\"), which is "
+                             f"not text; fix or remove that record")
         texts.append(value)
     if not texts:
         raise EmbedError(f"--input {path} holds no texts")
@@ -263,9 +270,9 @@ def main(argv=None):
     try:
         if os.path.exists(out) and not args.overwrite:
             raise EmbedError(f"{out} already exists; add --overwrite to replace it or choose another --out")
+        texts = read_texts(args.input, args.field)  # cheap, so before the model is loaded
         model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
         enc = get_tokenizer(ckpt["config"]["tokenizer"])
-        texts = read_texts(args.input, args.field)
         items = feature_batches(model, enc, texts, args.kind, args.batch_size, progress=True)
         first = next(items)
         width = (token_vectors(first[1])).shape[-1]

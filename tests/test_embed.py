@@ -134,3 +134,19 @@ def test_embed_command_line_and_retrieval_bench(tmp_path, capsys):
     scorings = ("pooled", "pooled, centered", "maxsim")
     assert [(x["kind"], x["scoring"]) for x in rows][2:] == [(k, s) for k in KINDS for s in scorings]
     assert all(0 <= x["recall@1"] <= x["recall@10"] <= 1 for x in rows) and "| dual | maxsim |" in result.stdout
+
+
+def test_input_that_is_not_text_is_refused_in_one_line(tmp_path, capsys):
+    """A non-UTF-8 --input ended in a UnicodeDecodeError traceback; a JSON field with a lone surrogate was
+    embedded as U+FFFD without a word (the data preparer refuses both)."""
+    import embed
+    (tmp_path / "latin1.txt").write_bytes("What is 2 + 3?\ncaf\xe9\n".encode("latin-1"))
+    (tmp_path / "sur.jsonl").write_text('{"q": "What is 2 + 3?"}\n{"q": "x \\ud800 y"}\n')
+    for argv, words in ((["--input", str(tmp_path / "latin1.txt")], ("not valid UTF-8", "byte offset 18")),
+                        (["--input", str(tmp_path / "sur.jsonl"), "--field", "q"], ("line 2", "lone surrogate"))):
+        code = embed.main(["--checkpoint", "no.pt", "--out", str(tmp_path / "e.npy"), *argv])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == 2 and len(err) == 1 and all(w in err[0] for w in words), err
+    with pytest.raises(embed.EmbedError, match="lone surrogate"):
+        embed.read_texts(tmp_path / "sur.jsonl", "q")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.txt", "sur.jsonl"]
