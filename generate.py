@@ -33,6 +33,10 @@ def main(argv=None):
     p.add_argument("--no-stop", action="store_true", help="go on after <|endoftext|> (default: a sample ends there)")
     args = p.parse_args(argv)
     args.device = cli.pick_device(args.device)
+    if any("\udc80" <= c <= "\udcff" for c in args.prompt):  # bytes that are not UTF-8 (surrogateescape)
+        print("error: argument --prompt: not valid UTF-8 (the tokenizer would replace those bytes with U+FFFD); "
+              "give the prompt as UTF-8 text", file=sys.stderr)
+        return 2
     try:
         model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
         enc = get_tokenizer(ckpt["config"]["tokenizer"])

@@ -162,3 +162,16 @@ def test_generate_script_bad_input_is_one_line(bytes_run, capsys):
         code = e.code
     assert code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_not_replaced(tmp_path):
+    """Bytes that are not UTF-8 on the command line (Python keeps them as surrogate escapes) were turned
+    into U+FFFD by the tokenizer and the sample printed as if that had been the prompt."""
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    result = subprocess.run([sys.executable, "generate.py", "--checkpoint", os.fsencode(tmp_path / "none.pt"),
+                             "--prompt", b"caf\xe9 = "], cwd=REPO, capture_output=True, text=True)
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(err) == 1 and "not valid UTF-8" in err[0], result.stderr
