@@ -183,13 +183,17 @@ def resolve_config(argv, parser=None, defaults=FINETUNE_DEFAULTS, entry_point="f
     typed["checkpoint"] = absolute_checkpoint(typed["checkpoint"])
     base = AutoRegressiveModel.load_checkpoint_file(typed["checkpoint"])
     base_cfg, name = base["config"], base["model_name"]
+    kind = entry_point[:-3].replace("train_", "")  # finetune, mntp
+    if kind == "finetune" and base["model_config"].get("attention", "causal") != "causal":
+        raise TrainError(f"{typed['checkpoint']} is an encoder ({base['model_config']['attention']} attention, e.g. "
+                         f"MNTP): next-token fine-tuning would let every position see its target; fine-tune the "
+                         f"causal checkpoint it came from")
     if "tokenizer" in typed and typed["tokenizer"] != base_cfg["tokenizer"]:
         raise TrainError(f"--tokenizer {typed['tokenizer']} differs from the checkpoint's ({base_cfg['tokenizer']}); "
                          f"a fine-tune must use the tokenizer the model was trained with")
     rank = typed.get("lora_rank", lora_rank)
     if rank < 0:
         raise TrainError("--lora-rank must be positive")
-    kind = entry_point[:-3].replace("train_", "")  # finetune, mntp
     cfg = dict(COMMON_DEFAULTS, model_name=name, out_dir=f"runs/{kind}_{name}", model_overrides={},
                max_tokens=None, min_lr=None, entry_point=entry_point, base_model_config=base["model_config"],
                lora_rank=rank, lora_alpha=float(typed.get("lora_alpha", 2 * rank)))
