@@ -150,7 +150,7 @@ def tokenize_documents(enc, docs, with_mask):
     for i, (prompt, body, key) in enumerate(docs):
         text = prompt + body
         nbytes[i] = len(text.encode("utf-8"))
-        keys[i] = split_hash(text if key is None else key)
+        keys[i] = key if isinstance(key, int) else split_hash(text if key is None else key)
         splits[i] = split_index[split_of_hash(int(keys[i]))]
     assert len(lengths) == len(docs), "document boundaries lost while tokenizing"
     return dict(tokens=tokens, mask=mask, lengths=lengths, splits=splits, keys=keys, nbytes=nbytes)
@@ -487,7 +487,8 @@ def _jsonable(x):
 DIFFERENCE = {"source_fingerprint": "the source as it was before (it changed since)",
               "format_version": "another version of this program", "vocab_size": "another vocabulary",
               "source": "another source", "tokenizer": "another tokenizer", "seed": "another seed",
-              "max_tokens": "another budget"}
+              "max_tokens": "another budget",
+              "qa_split": "the old rule for repeated questions (their answers could land in train and in val/test)"}
 
 
 def _damage(directory: Path, manifest: dict):
@@ -554,7 +555,7 @@ def prepare(data_spec: str, tokenizer_name: str, data_dir="data", max_tokens=Non
     out = dataset_dir(data_dir, data_spec, tokenizer_name, seed=seed if uses_seed else None, max_tokens=budget)
     request = {"format_version": FORMAT_VERSION, "source": source["spec"], "tokenizer": tokenizer_name,
                "vocab_size": enc.n_vocab, "source_fingerprint": _jsonable(source["fingerprint"]),
-               "seed": seed if uses_seed else None, "max_tokens": budget}
+               "seed": seed if uses_seed else None, "max_tokens": budget, **source.get("request", {})}
     replace_command = (f"python base_data_preparer.py --data {shlex.quote(data_spec)} --tokenizer {tokenizer_name} "
                        f"--data-dir {shlex.quote(str(data_dir))}" + (f" --max-tokens {budget}" if max_tokens else "")
                        + (f" --seed {seed}" if uses_seed and seed != DEFAULT_SEED else "") + " --replace")

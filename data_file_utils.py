@@ -47,6 +47,18 @@ def split_of_text(text: str) -> Split:
     return split_of_hash(split_hash(text))
 
 
+def qa_split_text(question: str, answer: str) -> str:
+    """What decides the split of a question/answer record (json:PATH): the text the preparer writes for it.
+    Every later record with the same question (whitespace aside) takes the split of the first one
+    (same_question), so that no held-out question is also a training question."""
+    return f"Question: {question}\nAnswer: {answer}"
+
+
+def same_question(question: str) -> bytes:
+    """A short digest that is equal for questions that differ only in whitespace."""
+    return hashlib.blake2b(" ".join(question.split()).encode("utf-8"), digest_size=8).digest()
+
+
 def split_hash(text: str) -> int:
     """The 64-bit hash that decides a document's split; twins (same text or key) have the same one."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"lmsmall-split").digest(), "little")

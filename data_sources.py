@@ -8,7 +8,8 @@ The data sources of base_data_preparer.py: what --data names, opened and checked
                      ends (CRLF) are read as "\n", as Python's text mode does
 
 A document is (prompt, body, split_key): the tokens of `prompt` get loss mask 0, those of `body` mask 1;
-the document text is prompt + body; split_key (None: the text) is hashed to pick the split.
+the document text is prompt + body; split_key (None: the text) is hashed to pick the split (an int: the hash
+itself, as for a question asked again in json:PATH).
 """
 import hashlib
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import synthetic_math
-from data_file_utils import DataError
+from data_file_utils import DataError, qa_split_text, same_question, split_hash
 
 DATA_SPECS = ("synthetic-math", "math-reasoning", "json:PATH", "text:PATH")
 DEFAULT_SEED = 1337
@@ -43,8 +44,9 @@ def _synthetic_docs(seed, chunk):
              synthetic_math.problem_key(p["question"], p["final"])) for p in synthetic_math.generate_chunk(seed, chunk)]
 
 
-def _json_docs(path, lines, with_mask):
-    """Raw JSON lines (line number, byte offset, bytes) -> documents; DataError names the bad line."""
+def _json_docs(path, lines, repeats, with_mask):
+    """Raw JSON lines (line number, byte offset, bytes) -> documents; DataError names the bad line.
+    repeats: {line number: split hash} of the records whose question came before (see _repeated_questions)."""
     docs = []
     for lineno, offset, raw in lines:
         try:
@@ -64,7 +66,7 @@ def _json_docs(path, lines, with_mask):
                             f"expects JSON lines, one object per line")
         q, a = record.get("question"), record.get("answer")
         if isinstance(q, str) and isinstance(a, str):
-            docs.append((f"Question: {q}\nAnswer:", " " + a, None))
+            docs.append((f"Question: {q}\nAnswer:", " " + a, repeats.get(lineno)))
         else:
             text = "\n".join(v for v in record.values() if isinstance(v, str))
             if text.strip():
@@ -73,6 +75,28 @@ def _json_docs(path, lines, with_mask):
             raise DataError(f"{path}: line {lineno} holds a lone surrogate escape (such as \"\\ud800\"), which is not "
                             f"text; fix or remove that record")
     return docs
+
+
+def _repeated_questions(path):
+    """{line number: split hash of the first record with this question} for every question/answer record whose
+    question (whitespace aside) an earlier record asked: all answers to one question land in the split of the
+    first, so no held-out question is also a training question (sampled solutions, rephrased answers). A file
+    without repeated questions gets {}: each record splits by its own text, as always. Lines that do not parse
+    are skipped here; _json_docs names them."""
+    first, repeats = {}, {}
+    for lineno, _, raw in _read_lines(path):
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            q, a = record.get("question"), record.get("answer")
+            if isinstance(q, str) and isinstance(a, str):
+                key = same_question(q)
+                if key in first:
+                    repeats[lineno] = first[key]
+                else:
+                    first[key] = split_hash(qa_split_text(q, a))
+        except (ValueError, AttributeError, UnicodeEncodeError):
+            continue
+    return repeats
 
 
 def _is_unicode(text: str) -> bool:
@@ -152,11 +176,16 @@ def _json_source(path):
     first = next((line for line in _read_lines(path) if line[2].strip()), None)
     if first is None:
         raise DataError(f"json:{path}: the file has no records (only blank lines)")
-    probe = _json_docs(path, [first], with_mask=True)
+    probe = _json_docs(path, [first], {}, with_mask=True)
     with_mask = bool(probe) and probe[0][0] != ""
-    tasks = (("json", (str(path), batch), with_mask) for batch in _batched(_read_lines(path), lambda x: len(x[2])))
+    repeats = _repeated_questions(path)
+    tasks = (("json", (str(path), batch, {n: repeats[n] for n, _, _ in batch if n in repeats}), with_mask)
+             for batch in _batched(_read_lines(path), lambda x: len(x[2])))
+    # the rule for repeated questions is part of the request: a dataset of such a file prepared before it (its
+    # answers split apart) is refused, not reused; files without repeated questions come out as always
     return dict(kind="json", spec=f"json:{path}", fingerprint=_fingerprint(path), with_mask=with_mask,
-                parts=lambda: [(path.name, tasks, 1.0)])
+                parts=lambda: [(path.name, tasks, 1.0)],
+                request=dict(qa_split="by first question") if repeats else {})
 
 
 def _text_documents(path: Path):

@@ -43,7 +43,8 @@ import cli
 import synthetic_math
 from auto_regressive_model import AutoRegressiveModel, CheckpointError, left_pad, masked_cross_entropy
 from base_data_preparer import ensure_prepared, get_tokenizer
-from data_file_utils import DataError, check_run_data, read_manifest, split_of_text
+from data_file_utils import (DataError, check_run_data, dataset_dir, qa_split_text, read_manifest, same_question,
+                             split_of_text)
 from dataloader import TokenDataLoader
 from models import ModelConfigError
 
@@ -174,8 +175,9 @@ def answer_is_complete(generated):
 
 # ---- problems --------------------------------------------------------------------------------
 
-def task_problems(task, split, limit, data_seed):
-    """[{"question", "final", "family", "solution"}] of --task (solution: the reference worked answer)."""
+def task_problems(task, split, limit, data_seed, trained_on=None):
+    """[{"question", "final", "family", "solution"}] of --task (solution: the reference worked answer).
+    trained_on: the prepared dataset of the run, when it trained on this json file (see run_dataset)."""
     if task == "synthetic-math":
         if split == "all":
             raise EvalError("--task synthetic-math needs --split val or test (train problems are endless)")
@@ -186,7 +188,7 @@ def task_problems(task, split, limit, data_seed):
         raise EvalError(f"unknown --task {task!r}; choose synthetic-math or json:PATH (GSM8K format)")
     if not Path(path).is_file():
         raise EvalError(f"--task {task}: no such file")
-    problems = []
+    problems, first_of_question, repeated = [], {}, False
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -199,15 +201,37 @@ def task_problems(task, split, limit, data_seed):
             if not (isinstance(q, str) and isinstance(a, str)) or extract_answer(a) is None:
                 raise EvalError(f"{path}: line {lineno} is not a GSM8K record (string 'question' and 'answer' "
                                 f"ending in '#### <number>')")
-            # the data preparer's split of this record: a hash of the document text it writes
-            if split != "all" and split_of_text(f"Question: {q}\nAnswer: {a}").value != split:
+            # the data preparer's split of this record: that of the first record with its question
+            key = first_of_question.setdefault(same_question(q), qa_split_text(q, a))
+            repeated = repeated or key != qa_split_text(q, a)
+            if split != "all" and split_of_text(key).value != split:
                 continue
             problems.append({"question": q, "final": extract_answer(a), "family": "all", "solution": a})
             if limit and len(problems) == limit:
                 break
+    if repeated and split != "all" and trained_on is not None and "qa_split" not in _manifest_or_none(trained_on):
+        raise EvalError(f"{path} asks some questions more than once, and the run's data ({trained_on}) was prepared "
+                        f"before all answers to one question were kept in one split: some {split} questions were "
+                        f"trained on; prepare it again (base_data_preparer.py --replace) and retrain, or --split all")
     if not problems:
         raise EvalError(f"{path}: no GSM8K records in split {split!r}; try --split all")
     return problems
+
+
+def _manifest_or_none(directory):
+    try:
+        return read_manifest(directory)
+    except DataError:
+        return {}
+
+
+def run_dataset(task, cfg, data_dir=None):
+    """The folder of the run's prepared data if the run trained on the json file of --task, else None."""
+    kind, _, path = cfg["data"].partition(":")
+    same = task.startswith("json:") and kind == "json" and \
+        Path(path).expanduser().resolve() == Path(task[5:]).expanduser().resolve()
+    return dataset_dir(data_dir or cfg["data_dir"], cfg["data"], cfg["tokenizer"], max_tokens=cfg.get("max_tokens")) \
+        if same else None
 
 
 # ---- generation ------------------------------------------------------------------------------
@@ -338,7 +362,8 @@ def main(argv=None):
         enc = get_tokenizer(cfg["tokenizer"])
         problems = None
         if args.task:  # validated before any loss is computed
-            problems = task_problems(args.task, args.split, args.limit, cfg.get("data_seed", 1337))
+            problems = task_problems(args.task, args.split, args.limit, cfg.get("data_seed", 1337),
+                                     run_dataset(args.task, cfg, args.data_dir))
         result = {"checkpoint": str(args.checkpoint), "model": ckpt["model_name"], "step": ckpt.get("step")}
         if do_loss:
             result["loss"] = run_loss(args, model, cfg)

@@ -166,7 +166,7 @@ def test_gsm8k_json_gpt2(tmp_path):
     d = bdp.prepare(f"json:{GSM8K}", "gpt2", tmp_path, num_workers=2, quiet=True)
     m = read_manifest(d)
     assert d.name.startswith("json-train-") and m["has_loss_mask"] is True and m["vocab_size"] == 50257
-    assert m["max_tokens"] is None and m["source"] == f"json:{GSM8K.resolve()}"
+    assert m["max_tokens"] is None and m["source"] == f"json:{GSM8K.resolve()}" and "qa_split" not in m
     enc = bdp.get_tokenizer("gpt2")
     expected = {f"Question: {r['question']}\nAnswer: {r['answer']}": r for r in records}
     seen = {}
@@ -181,6 +181,36 @@ def test_gsm8k_json_gpt2(tmp_path):
     assert len(seen) == len(expected)  # every record, once (GSM8K has no duplicate records)
     assert sum(m["splits"][s.value]["documents"] for s in SPLITS) == len(records)
     assert 40 < m["splits"]["val"]["documents"] < 130 and 40 < m["splits"]["test"]["documents"] < 130
+
+
+def test_every_answer_to_one_question_lands_in_the_split_of_its_first(tmp_path):
+    """json question/answer records asking some questions again (sampled solutions, say): each takes the split
+    of the first record with its question (whitespace aside), so no held-out question is also a training
+    question; a record asked once splits by its own text, as before the rule (GSM8K: the same datasets)."""
+    records = [json.loads(line) for line in GSM8K.read_text(encoding="utf-8").splitlines()[:400]]
+    pairs = [(r["question"], r["answer"]) for r in records]
+    pairs += [(q + "  ", "Let us solve it.\n" + a) for q, a in pairs[:300]]   # 300 questions asked twice
+    own = {(q, a): split_of_text(f"Question: {q}\nAnswer: {a}") for q, a in pairs}
+    apart = [q for q, a in pairs[400:] if own[q, a] != own[q.strip(), a.split("\n", 1)[1]]]
+    assert apart, "split by each record's own text, some questions' answers would land apart"
+    src = tmp_path / "asked_twice.jsonl"
+    src.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in pairs))
+    d = bdp.prepare(f"json:{src}", "bytes", tmp_path / "data", num_workers=2, quiet=True)
+    assert read_manifest(d)["qa_split"] == "by first question"
+    enc = bdp.get_tokenizer("bytes")
+    split_of = {}
+    for s in SPLITS:
+        for text, _ in documents_of(d, s.value, enc):
+            question = " ".join(text.split("\nAnswer:")[0].split())
+            assert split_of.setdefault(question, s) == s, f"{question[:40]!r} in {split_of[question]} and {s}"
+    first = {q: own[q, a] for q, a in pairs[:400]}
+    assert split_of == {" ".join(f"Question: {q}".split()): s for q, s in first.items()}
+    # a dataset of this file prepared before the rule (no qa_split) is refused, not reused
+    manifest = read_manifest(d)
+    del manifest["qa_split"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="the old rule for repeated questions.*--replace"):
+        bdp.prepare(f"json:{src}", "bytes", tmp_path / "data", num_workers=1, quiet=True)
 
 
 def test_json_records_without_question_answer(tmp_path):

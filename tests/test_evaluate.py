@@ -186,6 +186,35 @@ def test_json_task_takes_the_requested_split(tmp_path):
         task_problems(f"json:{bad}", "all", None, 1337)
 
 
+def test_a_json_task_asking_questions_again_holds_out_what_the_preparer_held_out(tmp_path):
+    """A question asked again takes the split of its first record, in evaluate.py as in the preparer; a run
+    whose dataset of that file was prepared before the rule (answers split apart) is refused for val/test."""
+    import numpy as np
+    from base_data_preparer import get_tokenizer, prepare
+    from data_file_utils import read_manifest, write_manifest
+    from evaluate import EvalError, run_dataset, task_problems
+    lines = GSM8K.read_text().splitlines()[:300]
+    again = [json.dumps(dict(r, answer="Let us solve it.\n" + r["answer"])) for r in map(json.loads, lines)]
+    src = tmp_path / "qa.jsonl"
+    src.write_text("\n".join(lines + again) + "\n")
+    d = prepare(f"json:{src}", "bytes", tmp_path / "data", num_workers=1, quiet=True)
+    enc, manifest = get_tokenizer("bytes"), read_manifest(d)
+    for split in ("val", "test"):
+        toks = np.concatenate([np.fromfile(d / n, dtype=np.uint16) for n in manifest["splits"][split]["shards"]])
+        docs = enc.decode(toks.tolist()).split("<|endoftext|>")[1:]
+        prepared = sorted(t.split("\nAnswer:")[0][len("Question: "):] for t in docs)
+        got = sorted(p["question"] for p in task_problems(f"json:{src}", split, None, 1337))
+        assert got == prepared and len(got) == 2 * len(set(got))  # each held-out question with both answers
+    cfg = dict(data=f"json:{src}", data_dir=str(tmp_path / "data"), tokenizer="bytes", max_tokens=None)
+    assert run_dataset(f"json:{src}", cfg) == d and run_dataset(f"json:{GSM8K}", cfg) is None
+    assert task_problems(f"json:{src}", "test", None, 1337, trained_on=d)
+    del manifest["qa_split"]  # as a dataset prepared before the rule
+    write_manifest(d, manifest)
+    with pytest.raises(EvalError, match="asks some questions more than once.*prepared before"):
+        task_problems(f"json:{src}", "test", None, 1337, trained_on=d)
+    assert len(task_problems(f"json:{src}", "all", None, 1337, trained_on=d)) == 600
+
+
 @pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
 def test_a_question_holding_the_text_endoftext_is_prompted_as_the_preparer_wrote_it(tokenizer):
     """The preparer encodes the text '<|endoftext|>' inside a document as text; evaluate.py's prompt did
