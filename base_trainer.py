@@ -136,6 +136,8 @@ class BaseTrainer:
         self.resume_ckpt = resume_ckpt = self.check_run_folder()
         if resume_ckpt is not None:
             self.adopt_saved_config(resume_ckpt)
+        else:
+            self.check_lr_schedule()
         self.log(trainer_console.set_cpu_threads(self.cfg, self.device_type, self.world_size))
         self.log(trainer_console.gpu_preset_note(self.cfg, self.device_type))  # before data and model take time
         speed.plan_micro_batch(self)
@@ -239,6 +241,15 @@ class BaseTrainer:
                 saved[key] = self.typed[key]
         saved["resume"] = True
         self.cfg = saved
+
+    def check_lr_schedule(self):
+        """The cosine schedule decays from --lr to --min-lr: a --min-lr above --lr (e.g. --lr 1e-4 with the tiny
+        preset's min_lr 3e-4) would make the learning rate rise to min_lr instead."""
+        lr, min_lr = self.cfg["lr"], self.cfg["min_lr"]
+        if min_lr > lr:
+            whose = "" if "min_lr" in self.typed else " (the preset's default)"
+            raise TrainError(f"--min-lr {min_lr:g}{whose} is above --lr {lr:g}: the schedule would raise the "
+                             f"learning rate instead of decaying it; give --min-lr {lr / 10:g} (or any value <= --lr)")
 
     # -- data --
     def setup_data(self):

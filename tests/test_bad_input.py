@@ -164,3 +164,26 @@ def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(module, model_name
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code in (1, 2) and len(lines) == 1 and "non-finite weights" in lines[0] and "ln_f.weight" in lines[0], lines
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def one_line(capsys, main, argv, *words):
+    """Run main(argv) in-process; assert exit 2 and one 'error:' line holding every word; return the line."""
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, lines)
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def test_min_lr_above_lr_is_refused(tmp_path, capsys):
+    """--lr 1e-4 with the tiny preset's min_lr 3e-4 made the cosine schedule climb from 1e-4 to 3e-4: refused."""
+    run = tmp_path / "run"
+    t = ["--preset", "tiny", "--out-dir", str(run), "--data-dir", str(tmp_path / "data")]
+    one_line(capsys, train_main, t + ["--lr", "1e-4"], "--min-lr 0.0003", "preset", "--lr 0.0001")
+    one_line(capsys, train_main, t + ["--lr", "1e-3", "--min-lr", "2e-3"], "--min-lr 0.002")
+    assert os.listdir(tmp_path) == []  # checked before any data or run folder
