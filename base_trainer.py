@@ -147,6 +147,7 @@ class BaseTrainer:
         self.step = 0
         self.tokens_seen = 0
         speed.choose_for_device(self)  # --micro-batch-size auto: a probe step (RNG and model untouched)
+        self.check_eval_splits()
         self.checkpoint_step = None  # the step of the last checkpoint written or resumed from
         self.nonfinite_skipped = 0   # optimizer steps skipped for a non-finite loss or gradient (--skip-nonfinite)
         if resume_ckpt is not None:
@@ -293,6 +294,13 @@ class BaseTrainer:
 
     def eval_loader(self, split, batch_size=None):
         return self.make_loader(split, batch_size)
+
+    def check_eval_splits(self):
+        """val is read at every --eval-interval and test only at the end: a split too small for one evaluation
+        batch must stop the run here, before any step (and before --overwrite clears the old run)."""
+        rows, _ = speed.eval_batches(self.cfg, self.world_size)
+        for split in ("val", "test"):
+            self.eval_loader(split, rows)  # DataError, one line, if the split cannot fill a batch
 
     def next_batch(self, loader):
         """(x, y, loss_mask or None, key_mask or None): the answer mask with --loss-on answer; with

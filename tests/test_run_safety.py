@@ -142,6 +142,23 @@ def test_overwrite_with_a_bad_option_leaves_the_old_run(finished_run, data_dir):
         assert files(finished_run) == before, bad
 
 
+def test_a_split_too_small_to_evaluate_is_refused_before_training(finished_run, data_dir, tmp_path):
+    """The test split is read only at the end: a context longer than it used to train every step, then stop
+    without the final checkpoint; with --overwrite it deleted the old run first. Now: refused at the start."""
+    manifest = json.loads(next(data_dir.glob("synthetic-math*__bytes")).joinpath("manifest.json").read_text())
+    val, test = (manifest["splits"][s]["tokens"] for s in ("val", "test"))
+    assert test < val  # this dataset; a context that fits val but not test
+    too_long = ("--micro-batch-size", 1, "--seq-len", test, "--total-batch-size", test, "--eval-batches", 1)
+    args = ("--n-layer", 1, "--n-head", 2, "--n-embd", 32, "--max-steps", 2, *too_long)
+    result = run_script("train_baseline_gpt2.py", *train_args(data_dir, tmp_path / "new", *args))
+    one_line_error(result, 2, "test split")
+    assert not (tmp_path / "new").exists()
+    before = files(finished_run)
+    result = run_script("train_baseline_gpt2.py", *train_args(data_dir, finished_run, "--overwrite", *args))
+    one_line_error(result, 2, "test split")
+    assert files(finished_run) == before
+
+
 def test_resume_refuses_metrics_shorter_than_the_checkpoint(finished_run, data_dir, tmp_path):
     run = tmp_path / "cut"
     run.mkdir()
