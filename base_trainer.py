@@ -188,6 +188,10 @@ class BaseTrainer:
         problem = cli.writable_dir_problem(self.cfg["out_dir"])  # also the default and finetune's derived one
         if problem:
             raise TrainError(f"--out-dir: {problem}")
+        out, data = os.path.realpath(self.cfg["out_dir"]), os.path.realpath(self.cfg["data_dir"])
+        if out == data or out.startswith(data + os.sep):  # a dataset folder's lock is .lock too: it would hang
+            raise TrainError(f"--out-dir {self.cfg['out_dir']} is inside --data-dir {self.cfg['data_dir']}, where "
+                             f"the prepared datasets live; choose a run folder outside it (default runs/<model>)")
         failure = None
         if self.master:
             try:

@@ -159,6 +159,17 @@ def test_a_split_too_small_to_evaluate_is_refused_before_training(finished_run, 
     assert files(finished_run) == before
 
 
+def test_an_out_dir_inside_the_data_dir_is_refused(tmp_path):
+    """--out-dir naming the dataset folder the run is about to prepare used to hang forever: the run folder's
+    lock and the dataset's are the same .lock file, taken twice by one process."""
+    data = tmp_path / "data"
+    out = data / "synthetic-math-400k__bytes"
+    result = run_script("train_baseline_gpt2.py", "--preset", "tiny", "--data-dir", data, "--max-tokens", "400k",
+                        "--out-dir", out, "--max-steps", 1, timeout=60)
+    one_line_error(result, 2, "--out-dir", "--data-dir")
+    assert not data.exists()
+
+
 def test_resume_refuses_metrics_shorter_than_the_checkpoint(finished_run, data_dir, tmp_path):
     run = tmp_path / "cut"
     run.mkdir()
