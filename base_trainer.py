@@ -64,6 +64,11 @@ from trainer_config import (COMMON_DEFAULTS, LOSS_ON, RESUME_MAY_CHANGE, TRAIN_P
 EXIT_WRITE_FAILED, EXIT_DIVERGED = 1, 3
 
 
+# What save_checkpoint() writes and --resume needs besides the model (a model-only checkpoint lacks it).
+RESUME_STATE = ("model_name", "config", "model_extra_state", "optimizer_state", "step", "tokens_seen",
+                "loader_state", "rng", "metrics_offset")
+
+
 class TrainError(Exception):
     """A problem with the command line or the run folder; the message says what to do."""
 
@@ -217,6 +222,11 @@ class BaseTrainer:
                 raise TrainError(f"nothing to resume: no checkpoint.pt in {self.cfg['out_dir']}; "
                                  f"run without --resume to start a new run")
             ckpt = AutoRegressiveModel.load_checkpoint_file(self.ckpt_path)
+            missing = [key for key in RESUME_STATE if key not in ckpt]
+            if missing:  # e.g. convert_hf.py from-hf's output: weights, but no optimizer, data position, RNG
+                raise CheckpointError(f"{self.ckpt_path} holds a model but no training state to resume (no "
+                                      f"{', '.join(missing)}); fine-tune from it instead: python finetune.py "
+                                      f"--checkpoint {self.ckpt_path} --out-dir ANOTHER_FOLDER")
             if ckpt.get("model_name") != self.model_name:
                 raise CheckpointError(f"{self.ckpt_path} holds a {ckpt.get('model_name')} run, not "
                                       f"{self.model_name}; resume it with train_{ckpt.get('model_name')}.py")

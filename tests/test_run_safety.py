@@ -170,6 +170,22 @@ def test_an_out_dir_inside_the_data_dir_is_refused(tmp_path):
     assert not data.exists()
 
 
+def test_resume_of_a_model_only_checkpoint_is_one_line(finished_run, data_dir, tmp_path):
+    """A checkpoint with weights but no training state (what convert_hf.py from-hf writes) ended --resume with a
+    KeyError traceback; now one line that points to finetune.py."""
+    full = checkpoint(finished_run)
+    run_dir = tmp_path / "weights_only"
+    run_dir.mkdir()
+    keep = ("format", "model_name", "model_config", "model_state", "model_extra_state", "config")
+    torch.save({k: full[k] for k in keep}, run_dir / "checkpoint.pt")
+    saved = (run_dir / "checkpoint.pt").read_bytes()
+    result = run_script("train_baseline_gpt2.py", *train_args(data_dir, run_dir, "--resume"))
+    one_line_error(result, 2, "no training state", "finetune.py --checkpoint")
+    result = run_script("finetune.py", "--out-dir", run_dir, "--resume", "--data-dir", data_dir)
+    one_line_error(result, 2, "no training state")
+    assert (run_dir / "checkpoint.pt").read_bytes() == saved and set(os.listdir(run_dir)) <= {"checkpoint.pt", ".lock"}
+
+
 def test_resume_refuses_metrics_shorter_than_the_checkpoint(finished_run, data_dir, tmp_path):
     run = tmp_path / "cut"
     run.mkdir()
