@@ -56,6 +56,7 @@ def cases(tmp):
              (["--data-seed", str(2 ** 32)], "--data-seed"), (["--device", "tpu"], "--device"),
              (["--max-tokens", "inf"], "--max-tokens"), (["--max-tokens", "0"], "--max-tokens"),
              (["--resume", "yes"], "--resume"), (["--skip-nonfinite", "-1"], "--skip-nonfinite"),
+             (["--threads", "0"], "--threads"), (["--threads", "-1"], "--threads"),
              (["--dropout", "1.5"], "--dropout"), (["--dropout", "nan"], "--dropout"),
              (["--out-dir", f], "--out-dir"), (["--out-dir", f + "/sub"], "--out-dir")]
     if NO_CUDA:
