@@ -155,8 +155,13 @@ class BaseTrainer:
         self.check_eval_splits()
         self.checkpoint_step = None  # the step of the last checkpoint written or resumed from
         self.nonfinite_skipped = 0   # optimizer steps skipped for a non-finite loss or gradient (--skip-nonfinite)
+        self.finished = False  # the checkpoint holds the final evaluation (val and test at max_steps)
         if resume_ckpt is not None:
             self.restore(resume_ckpt)
+            if self.step > self.cfg["max_steps"] and not self.finished:
+                raise TrainError(f"the checkpoint is at step {self.step}, past --max-steps {self.cfg['max_steps']}, "
+                                 f"and the run has no final evaluation yet; give --max-steps {self.step} to end it "
+                                 f"there, or more to train further")
         speed.setup_compile(self)      # FLOPs per token for MFU, then torch.compile with a warm-up step
 
     # -- processes and devices --
@@ -409,9 +414,10 @@ class BaseTrainer:
             torch.mps.set_rng_state(state["mps"])
 
     # -- checkpoints --
-    def save_checkpoint(self):
+    def save_checkpoint(self, finished=False):
         """Write checkpoint.pt atomically: a temporary file, fsync, then rename over the old one. Weights that
-        are not finite are never saved (every rank checks its identical copy, so all stop together)."""
+        are not finite are never saved (every rank checks its identical copy, so all stop together).
+        finished: the final checkpoint, after the val and test evaluation at max_steps."""
         if not all_finite(self.model.parameters()):
             if not self.master:
                 raise PeerFailed(EXIT_DIVERGED)
@@ -425,7 +431,7 @@ class BaseTrainer:
             "model_extra_state": self.model.extra_state(), "optimizer_state": self.optimizer.state_dict(),
             "step": self.step, "tokens_seen": self.tokens_seen, "loader_state": self.train_loader.state_dict(),
             "rng": self.rng_state(), "config": self.cfg, "metrics_offset": self.metrics_offset(),
-            "nonfinite_skipped": self.nonfinite_skipped,
+            "nonfinite_skipped": self.nonfinite_skipped, "finished": finished,
         }
         buffer = io.BytesIO()
         torch.save(ckpt, buffer)
@@ -465,6 +471,8 @@ class BaseTrainer:
         self.step, self.tokens_seen = ckpt["step"], ckpt["tokens_seen"]
         self.checkpoint_step, self.nonfinite_skipped = ckpt["step"], ckpt.get("nonfinite_skipped", 0)
         self.metrics_kept = ckpt["metrics_offset"]  # train() drops the rows logged after the checkpoint
+        # Checkpoints from before "finished" existed: the final one is the one at the run's own max_steps.
+        self.finished = ckpt.get("finished", ckpt["step"] >= ckpt["config"]["max_steps"])
 
     # -- metrics --
     def metrics_offset(self):
@@ -632,9 +640,10 @@ class BaseTrainer:
 
     def train_loop(self):
         cfg = self.cfg
-        if self.step >= cfg["max_steps"]:
+        if self.step >= cfg["max_steps"] and self.finished:
             self.log(f"run already finished at step {self.step}; raise --max-steps to train further")
             return
+        # An interrupted run resumed with --max-steps at its checkpoint's step: no step, just the final evaluation.
         if self.master:
             # Everything is validated and built: only now may a new run (or --overwrite) clear the folder.
             run_folder.remove_stale_temporaries(cfg["out_dir"])
@@ -653,7 +662,7 @@ class BaseTrainer:
             self.log(f"resuming at step {self.step} from {self.ckpt_path}")
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self.request_stop)
-        dts, evaluated = [], None
+        dts, evaluated = [], (self.step if self.finished else None)  # a finished run has its val row at this step
         while self.step < cfg["max_steps"]:
             if self.step % cfg["eval_interval"] == 0 and evaluated != self.step:
                 self.evaluate("val")
@@ -680,7 +689,7 @@ class BaseTrainer:
                 return code
         self.evaluate("val")
         self.evaluate("test")
-        self.save_checkpoint()
+        self.save_checkpoint(finished=True)
         self.log(f"done: {self.step} steps; checkpoint in {self.ckpt_path}")
         return 0
 

@@ -186,6 +186,24 @@ def test_resume_of_a_model_only_checkpoint_is_one_line(finished_run, data_dir, t
     assert (run_dir / "checkpoint.pt").read_bytes() == saved and set(os.listdir(run_dir)) <= {"checkpoint.pt", ".lock"}
 
 
+def test_resume_at_the_checkpoints_step_ends_the_run_with_its_final_evaluation(data_dir, tmp_path):
+    """A run interrupted after its step-2 checkpoint, resumed with --max-steps 2 (or Ctrl-C in the last step):
+    it said "run already finished", exit 0, with no test row and the killed process's rows left in metrics.jsonl.
+    Now it runs the final evaluation; a --max-steps below the checkpoint's step is refused."""
+    out = tmp_path / "cut"
+    args = train_args(data_dir, out, "--max-steps", 6, "--eval-interval", 2, "--checkpoint-interval", 2, *SMALL)
+    killed = run_script("train_baseline_gpt2.py", *args, env={"LMSMALL_FAULT": "kill_after_step:3"})
+    assert killed.returncode == -signal.SIGKILL and checkpoint(out)["step"] == 2
+    before = files(out)
+    one_line_error(run_script("train_baseline_gpt2.py", *args, "--resume", "--max-steps", 1), 2, "--max-steps 2")
+    assert files(out) == before
+    resumed = run_script("train_baseline_gpt2.py", *args, "--resume", "--max-steps", 2)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = [(r["step"], r["split"]) for r in metrics(out)]
+    assert rows == [(0, "val"), (0, "train"), (1, "train"), (2, "val"), (2, "test")]
+    assert checkpoint(out)["finished"]
+
+
 def test_resume_refuses_metrics_shorter_than_the_checkpoint(finished_run, data_dir, tmp_path):
     run = tmp_path / "cut"
     run.mkdir()
