@@ -64,7 +64,7 @@ def resume_mode(text):
 def build_parser(model_name):
     p = cli.ArgumentParser(description=f"Train {model_name}. Every default comes from --preset.")
     # Every option defaults to None so that we know what the user typed: preset < typed.
-    p.add_argument("--preset", choices=list(TRAIN_PRESETS), default="rtx3080",
+    p.add_argument("--preset", choices=list(TRAIN_PRESETS),  # None when not typed: --resume compares a typed one
                    help="default rtx3080: the seed's sizes, for a GPU (hours to days on a CPU); tiny: a laptop "
                    "CPU, offline, a few minutes")
     p.add_argument("--recipe", choices=list(RECIPES), help="gpt2 (default) | modern: --pos rope --norm rms --mlp relu2 "

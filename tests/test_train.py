@@ -170,6 +170,14 @@ def test_resume_refuses_a_changed_setting(reference_run, data_dir):
     assert_one_line_error(result, "--lr")
 
 
+def test_resume_refuses_another_preset(reference_run, data_dir):
+    """--preset had a parser default, so a typed --preset was never compared: resuming a tiny run with
+    --preset rtx3080 silently continued the tiny run."""
+    args = train_args(data_dir, reference_run, "--resume")
+    args[args.index("tiny")] = "rtx3080"
+    assert_one_line_error(run_script("train_baseline_gpt2.py", *args), "--preset rtx3080", "tiny")
+
+
 def test_generate_from_checkpoint(reference_run):
     long_prompt = "Question: what is 12 + 30?\n" * 5  # longer than the 64-token context: cropped
     result = run_script("generate.py", "--checkpoint", reference_run / "checkpoint.pt", "--prompt", long_prompt,
