@@ -83,7 +83,7 @@ def filler_data(tmp_path_factory):
     """A text dataset whose documents are full of filler: '~' runs inside ordinary sentences."""
     d = tmp_path_factory.mktemp("filler")
     rng = np.random.default_rng(0)
-    docs = [f"Item {i}: {FILLER * int(rng.integers(1, 6))} costs {i * 3} {FILLER * 3} dollars." for i in range(400)]
+    docs = [f"Item {i}: {FILLER * int(rng.integers(1, 6))} costs {i * 3} {FILLER * 3} dollars." for i in range(2000)]
     (d / "docs.txt").write_text("\n\n".join(docs) + "\n")
     return d
 
