@@ -43,13 +43,18 @@ def read_metrics(run_dir):
         raise PlotError(f"{run_dir} has no metrics.jsonl; pass run folders written by a train_<model>.py")
     rows = []
     with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+        lines = f.readlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines) and not line.endswith("\n"):  # a row being written (a live run), or cut by a kill
+                print(f"note: {path}: the last line is incomplete (a run still writing it?); plotted without it",
+                      file=sys.stderr)
                 continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise PlotError(f"{path} line {n} is not JSON; is it a metrics file of lmsmall?") from None
+            raise PlotError(f"{path} line {n} is not JSON; is it a metrics file of lmsmall?") from None
     if not any(r.get("split") in ("train", "val") for r in rows):
         raise PlotError(f"{path} has no train or val rows yet; let the run log at least one step")
     return rows

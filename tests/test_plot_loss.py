@@ -108,3 +108,18 @@ def test_an_out_without_extension_is_the_png_it_writes_and_an_unknown_format_is_
     assert result.returncode == 0 and f"wrote {tmp_path / 'fresh.png'}" in result.stdout, result.stdout
     assert (tmp_path / "fresh.png").read_bytes()[:4] == b"\x89PNG" and sorted(p.name for p in tmp_path.iterdir()) == \
         ["cmp.png", "fresh.png"]
+
+
+def test_a_run_still_writing_its_last_row_is_plotted_without_it(tmp_path, capsys):
+    """Users plot while a run trains: a last line without its newline (being written, or cut by a kill) is left
+    out with a note; a bad line anywhere else is still refused."""
+    import plot_loss
+    run = fake_run(tmp_path / "live", 0)
+    whole = plot_loss.read_metrics(run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 60, "split": "tra')
+    assert plot_loss.read_metrics(run) == whole
+    assert "last line is incomplete" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text('{"step": 0, "split": "tra\n' + (run / "metrics.jsonl").read_text())
+    with pytest.raises(plot_loss.PlotError, match="line 1 is not JSON"):
+        plot_loss.read_metrics(run)
