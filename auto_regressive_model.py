@@ -411,10 +411,15 @@ class AutoRegressiveModel(nn.Module):
     @staticmethod
     def load_checkpoint_file(path, map_location="cpu"):
         """Read and validate a checkpoint file; CheckpointError with a one-line reason otherwise.
-        hf:NAME_OR_DIR is a Hugging Face GPT-2 (the Hub or a local folder), converted by convert_hf.py."""
+        hf:NAME_OR_DIR is a Hugging Face GPT-2 (the Hub or a local folder), converted by convert_hf.py; a run
+        folder stands for its checkpoint.pt."""
         if str(path).startswith("hf:"):
             from convert_hf import checkpoint_from_hf
             return checkpoint_from_hf(str(path)[3:])
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "checkpoint.pt")):
+                raise CheckpointError(f"no checkpoint.pt in the folder {path}; give a run folder or a checkpoint file")
+            path = os.path.join(path, "checkpoint.pt")
         if not os.path.isfile(path):
             raise CheckpointError(f"no checkpoint at {path}")
         try:

@@ -43,8 +43,8 @@ import cli
 import synthetic_math
 from auto_regressive_model import AutoRegressiveModel, CheckpointError, left_pad, masked_cross_entropy
 from base_data_preparer import ensure_prepared, get_tokenizer
-from data_file_utils import (DataError, check_run_data, dataset_dir, qa_split_text, read_manifest, same_question,
-                             split_of_text)
+from data_file_utils import (DataError, atomic_write_bytes, check_run_data, dataset_dir, qa_split_text, read_manifest,
+                             same_question, split_of_text)
 from dataloader import TokenDataLoader
 from models import ModelConfigError
 
@@ -381,7 +381,7 @@ def main(argv=None):
         return 2
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode("utf-8"))  # never half a file
     return 0
 
 

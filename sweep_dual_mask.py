@@ -29,6 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import cli
+from data_file_utils import atomic_write_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DONE_FILE = "sweep_run.json"
@@ -98,8 +99,8 @@ def run_one(args, depth, width, p_bw, seed, env):
         import evaluate_layer_cuts
         try:
             result = evaluate_layer_cuts.evaluate_checkpoint(run_dir, "val", args.cut_batches, log=None)
-            with open(os.path.join(run_dir, evaluate_layer_cuts.CUTS_FILE), "w") as f:
-                json.dump(result, f, indent=1)
+            atomic_write_bytes(os.path.join(run_dir, evaluate_layer_cuts.CUTS_FILE),
+                               json.dumps(result, indent=1).encode("utf-8"))
         except Exception as e:  # noqa: BLE001 - reported, the run stays unfinished and is retried next time
             with open(log_path, "a") as log:
                 log.write(f"layer cuts failed: {type(e).__name__}: {e}\n")

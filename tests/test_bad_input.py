@@ -167,6 +167,31 @@ def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(module, model_name
     assert sorted(os.listdir(tmp_path)) == before
 
 
+def test_a_run_folder_stands_for_its_checkpoint_in_every_tool(tmp_path, capsys):
+    """evaluate/generate/embed said 'no checkpoint at RUN' for a run folder holding checkpoint.pt, while
+    evaluate_layer_cuts.py took folders: every tool now takes a run folder; one without checkpoint.pt: one line."""
+    import dataclasses
+    from auto_regressive_model import CHECKPOINT_FORMAT, AutoRegressiveModel, CheckpointError
+    from models import create_model
+    model = create_model("baseline_gpt2", preset="tiny", vocab_size=320, block_size=32, n_layer=1, n_head=2,
+                         n_embd=32)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"format": CHECKPOINT_FORMAT, "model_name": model.name, "model_config": dataclasses.asdict(model.config),
+                "model_state": model.state_dict(), "model_extra_state": model.extra_state(),
+                "config": {"tokenizer": "bytes"}}, run / "checkpoint.pt")
+    loaded, _ = AutoRegressiveModel.from_checkpoint(str(run))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert importlib.import_module("generate").main(["--checkpoint", str(run), "--prompt", "1 + 1 =",
+                                                     "--max-new-tokens", "3"]) == 0
+    with pytest.raises(CheckpointError, match="no checkpoint.pt in the folder"):
+        AutoRegressiveModel.load_checkpoint_file(str(tmp_path))
+    capsys.readouterr()
+    assert importlib.import_module("evaluate").main(["--checkpoint", str(tmp_path)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no checkpoint.pt in the folder" in lines[0], lines
+
+
 def one_line(capsys, main, argv, *words):
     """Run main(argv) in-process; assert exit 2 and one 'error:' line holding every word; return the line."""
     capsys.readouterr()
