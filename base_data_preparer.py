@@ -51,8 +51,8 @@ import tiktoken
 from tqdm import tqdm
 
 from data_file_utils import (FORMAT_VERSION, MANIFEST_NAME, MASK_DTYPE, OWNED_FILE, SPLITS, TOKEN_DTYPE, DataError,
-                             Split, data_hash, dataset_dir, mask_shard_name, read_manifest, shard_name, split_hash, split_of_hash,
-                             write_manifest)
+                             Split, data_hash, dataset_dir, mask_shard_name, read_manifest, shard_name, split_hash,
+                             split_of_hash, write_manifest)
 from data_sources import DATA_SPECS, DEFAULT_SEED, _json_docs, _synthetic_docs, open_source
 
 EOT = "<|endoftext|>"

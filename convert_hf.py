@@ -22,8 +22,9 @@ What can go to Hugging Face (as GPT2LMHeadModel): baseline_gpt2 and progressive_
 stage-1 or stage-2 model, whose blocks are shared, is unrolled into n_layer blocks), causal, with the tied head
 and learned positions (sinusoidal and none also: their positions become a fixed wpe table of block_size rows).
 Not ALiBi or RoPE, the CLAP heads, RMSNorm, relu2/SwiGLU, QK-norm, bidirectional encoders (MNTP), conv_attention
-or dual_mask_gpt: GPT-2 has no equivalent. The exported model's logits are checked against the checkpoint's. Tokenizer files go with it (vocab.json, merges.txt, tokenizer.json): GPT-2's, copied from tiktoken's
-cache, for gpt2 runs; for byte runs a byte-level vocabulary without merges (id = the byte, 256 = <|endoftext|>).
+or dual_mask_gpt: GPT-2 has no equivalent. The exported model's logits are checked against the checkpoint's.
+Tokenizer files go with it (vocab.json, merges.txt, tokenizer.json): GPT-2's, copied from tiktoken's cache, for
+gpt2 runs; for byte runs a byte-level vocabulary without merges (id = the byte, 256 = <|endoftext|>).
 """
 
 import argparse

@@ -61,7 +61,8 @@ def same_question(question: str) -> bytes:
 
 def split_hash(text: str) -> int:
     """The 64-bit hash that decides a document's split; twins (same text or key) have the same one."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"lmsmall-split").digest(), "little")
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"lmsmall-split").digest()
+    return int.from_bytes(digest, "little")
 
 
 def split_of_hash(h: int) -> Split:

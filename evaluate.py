@@ -237,7 +237,7 @@ def run_dataset(task, cfg, data_dir=None):
 # ---- generation ------------------------------------------------------------------------------
 
 def question_prompt(enc, question):
-    return [enc.eot_token] + enc.encode_ordinary(f"Question: {question}\nAnswer:")  # as the preparer: text, never special
+    return [enc.eot_token] + enc.encode_ordinary(f"Question: {question}\nAnswer:")  # as the preparer: never special
 
 
 @torch.no_grad()

@@ -124,8 +124,9 @@ def add_trainer_arguments(p, model_name="<model>"):
                    "data (the loader's loss mask)")
     p.add_argument("--filler-token", help="a string that is one token of the tokenizer (e.g. ' blah' with gpt2): "
                    "such tokens are neither attended to nor scored")
-    p.add_argument("--threads", type=cli.positive_int, help="CPU threads of torch (default: OMP_NUM_THREADS if set; with "
-                   "--preset tiny on a CPU 1 if the machine is busy, else one per core, at most 4; else torch's)")
+    p.add_argument("--threads", type=cli.positive_int, help="CPU threads of torch (default: OMP_NUM_THREADS if "
+                   "set; with --preset tiny on a CPU 1 if the machine is busy, else one per core, at most 4; else "
+                   "torch's)")
     return p
 
 
