@@ -17,6 +17,8 @@ The data must use the checkpoint's tokenizer (another --tokenizer is refused).
 LoRA (--lora-rank R, --lora-alpha default 2R): every nn.Linear inside a block's attention and MLP becomes a
 components.LoRALinear, W x + b + (alpha / R) B A x with W, b frozen; everything else is frozen as well
 (embeddings, LayerNorms). A model's own LoRA layers (progressive_diverging from stage 2) keep training.
+A progressive_diverging checkpoint is fine-tuned in the stage it was saved in (its stage schedule does not run
+again over the fine-tune's steps).
 Saving merges: checkpoint.pt's "model_state" is the merged weights in the base architecture, which evaluate.py,
 generate.py, embed.py and further fine-tunes load like any other checkpoint; the unmerged weights are stored
 as "train_model_state" for --resume only.
@@ -108,6 +110,8 @@ class FinetuneTrainer(BaseTrainer):
                                      self.resume_ckpt.get("model_extra_state", {}))
         else:
             self.model = self.load_base()
+        if getattr(self.model, "grows", False):  # progressive_diverging: keep the checkpoint's stage
+            self.model.grows = False
         self.model_cfg = self.model.config
         extra = getattr(model_module(self.model_name), "EXTRA_TOKENS", 0)
         if self.train_loader.vocab_size + extra > self.model_cfg.vocab_size:

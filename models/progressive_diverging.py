@@ -20,6 +20,8 @@ max_steps) and round(stage3_at * max_steps) it moves to the next stage and retur
 rebuilds AdamW over exactly the parameters that now require grad. (The seed created its new blocks inside
 forward(), after the optimizer was built, so they never trained.) The stage is in every metrics row and in
 every checkpoint; load_extra_state() rebuilds the stage's structure before the weights are loaded.
+A fine-tune (finetune.py, train_mntp.py) sets grows = False: it trains the checkpoint's stage as it is (its own
+max_steps would otherwise start the schedule again, and its LoRA wraps the layers of that stage).
 
 Options as baseline_gpt2 (components.py): pos = learned | sinusoidal | alibi | none | rope, head = tied | clap | clap-cosine,
 attention = causal | bidirectional (an encoder: no generate()), alibi_bidirectional = shifted | symmetric,
@@ -141,6 +143,7 @@ class Model(AutoRegressiveModel):
         self.config = config
         self.stage = 1
         self.merged = False
+        self.grows = True        # on_train_step follows the stage schedule; False: the stage stays
         self.supports_kv_cache = config.attention == "causal"
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = PositionEmbedding(config.pos, config.block_size, config.n_embd)
@@ -203,7 +206,7 @@ class Model(AutoRegressiveModel):
 
     def on_train_step(self, step, max_steps):
         target = self.stage_at(step, max_steps)
-        if target <= self.stage:
+        if not self.grows or target <= self.stage:
             return False
         self.set_stage(target)
         return True

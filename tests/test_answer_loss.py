@@ -172,3 +172,22 @@ def test_finetune_refuses_bad_input(base_run, tmp_path):
     assert_one_line_error(run_script("finetune.py", "--out-dir", tmp_path / "y"), "--checkpoint")
     assert_one_line_error(run_script("train_baseline_gpt2.py", "--out-dir", base_run, "--resume", "--loss-on",
                                      "answer"), "--loss-on answer differs")
+
+
+def test_lora_finetune_keeps_the_progressive_stage_of_its_checkpoint(data_dir, tmp_path):
+    """A checkpoint taken in stage 1 (here: stage 2 would start at step 2 of 2) is fine-tuned in stage 1:
+    the fine-tune's own max_steps must not restart the stage schedule (stage 2 at step 3 of 4 here), which
+    rebuilt the blocks under the LoRA wrappers and saved a checkpoint that fit no model."""
+    from auto_regressive_model import AutoRegressiveModel
+    base = tmp_path / "base"
+    assert trainer(data_dir, base, "--n-layer", 4, "--stage2-at", 0.75, "--stage3-at", 1.0, "--max-steps", 2,
+                   "--eval-interval", 2, model="progressive_diverging").train() == 0
+    ft = finetuner("--checkpoint", base / "checkpoint.pt", "--out-dir", tmp_path / "ft", "--lora-rank", 2,
+                   "--max-steps", 4, "--eval-interval", 4, "--lr", 1e-2)
+    assert ft.train() == 0 and ft.model.stage == 1
+    merged, ckpt = AutoRegressiveModel.from_checkpoint(tmp_path / "ft" / "checkpoint.pt")
+    assert merged.stage == 1 and not any("lora" in k for k in ckpt["model_state"])
+    x = torch.randint(0, 256, (2, 64))
+    ft.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x)[0], ft.model(x)[0], rtol=1e-4, atol=1e-4)
