@@ -200,6 +200,12 @@ def chunked_token_losses(h, w, targets, chunk_rows=None, token_fn=chunk_token_lo
     return torch.cat(losses).view(targets.shape), torch.cat(hits).view(targets.shape)
 
 
+def scored_tokens(targets, loss_mask=None):
+    """How many positions a masked mean (masked_mean, masked_cross_entropy, chunked_cross_entropy) averages
+    over: target != -1 and loss_mask 1. A float tensor on targets' device."""
+    return _scored_weights(targets.reshape(-1), loss_mask).sum()
+
+
 def masked_mean(values, targets, loss_mask=None):
     """Mean of per-position values over the positions that count (target != -1, loss_mask 1)."""
     weights = _scored_weights(targets.reshape(-1), loss_mask)

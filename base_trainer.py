@@ -49,7 +49,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import cli
 import run_folder
 import speed
-from auto_regressive_model import CHECKPOINT_FORMAT, AutoRegressiveModel, CheckpointError, masked_mean
+from auto_regressive_model import (CHECKPOINT_FORMAT, AutoRegressiveModel, CheckpointError, masked_mean,
+                                   scored_tokens)
 from base_data_preparer import ensure_prepared, get_tokenizer
 from data_file_utils import DataError, check_run_data
 from dataloader import TokenDataLoader
@@ -555,8 +556,8 @@ class BaseTrainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group: --muon-lr / --lr
         self.optimizer.zero_grad(set_to_none=True)
         totals, loss_sum = {}, 0.0
-        for micro_step in range(self.grad_accum):
-            x, y, loss_mask, key_mask = self.next_batch(self.train_loader)
+        batches = [self.next_batch(self.train_loader) for _ in range(self.grad_accum)]
+        for micro_step, ((x, y, loss_mask, key_mask), weight) in enumerate(zip(batches, self.micro_weights(batches))):
             last = micro_step == self.grad_accum - 1
             # Gradients are summed across ranks only on the last micro-step: one all-reduce per step.
             sync = self.step_module.no_sync() if (self.ddp and not last) else contextlib.nullcontext()
@@ -564,18 +565,18 @@ class BaseTrainer:
             with sync:
                 with self.autocast:
                     loss, metrics = self.step_module(x, y, loss_mask, self.step, key_mask)
-                (loss / self.grad_accum).backward()
+                (loss * weight).backward()
             # No .item() here: a GPU sync per micro-step stalls the queue; metrics stay on the device too.
-            loss_sum = loss_sum + loss.detach()
+            loss_sum = loss_sum + loss.detach() * weight
             if fault("nan_loss", self.step) and not self.nonfinite_skipped:  # test hook: one NaN step
                 loss_sum = loss_sum * float("nan")
             for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / self.grad_accum
+                totals[k] = totals.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) * weight
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])  # clip first, then step
         # The step's one host sync, before the update: every number of the row in one copy. The loss is then
         # averaged over the ranks and the norm is of the all-reduced gradients, so every rank decides alike.
-        totals = speed.to_floats({"loss": loss_sum / self.grad_accum, **totals, "grad_norm": grad_norm})
+        totals = speed.to_floats({"loss": loss_sum, **totals, "grad_norm": grad_norm})
         grad_norm = totals.pop("grad_norm")
         totals = self.all_reduce_mean(dict(totals, grad_norm_finite=float(math.isfinite(grad_norm))))
         finite_norm = totals.pop("grad_norm_finite") == 1.0
@@ -593,6 +594,22 @@ class BaseTrainer:
         self.write_metrics(row)
         self.step += 1
         return row
+
+    def micro_weights(self, batches):
+        """The weight of each micro-batch's (mean) loss in the step, so that the gradient, and the logged loss, are
+        the mean over every scored token of the optimizer step (all micro-steps, all ranks), as one large batch
+        would give. Without a loss mask every micro-batch scores B x T tokens: 1 / grad_accum each. With one
+        (--loss-on answer, --filler-token) micro-batches score different numbers of tokens, and an equal weight
+        would count a token of a sparse micro-batch more (one with none would add a loss of 0). So micro-batch
+        i weighs n_i / N, N the scored tokens of the whole step, times world_size (DDP averages the ranks'
+        gradients); the ranks' mean of the logged figures is then the token mean too."""
+        if all(loss_mask is None for _, _, loss_mask, _ in batches):
+            return [1.0 / self.grad_accum] * len(batches)
+        counts = [scored_tokens(y, loss_mask) for _, y, loss_mask, _ in batches]
+        total = torch.stack(counts).sum()
+        if self.ddp:
+            dist.all_reduce(total)  # SUM: the scored tokens of the step on every rank
+        return [n * self.world_size / total.clamp(min=1.0) for n in counts]
 
     def nonfinite_step(self, loss, grad_norm):
         """A step whose loss or gradient norm is not finite: skip it (--skip-nonfinite N, at most N times per run;

@@ -64,6 +64,29 @@ def test_answer_only_loss_equals_a_hand_masked_cross_entropy(data_dir, tmp_path,
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
 
 
+def test_accumulated_answer_gradient_is_the_token_mean_of_the_whole_step(data_dir, tmp_path):
+    """4 micro-steps with different numbers of answer tokens give the gradient (and the logged loss) of one big
+    batch's token mean, not a mean of the micro-batches' means (which made the gradient 32% off here)."""
+    import copy
+    from dataloader import TokenDataLoader
+    t = trainer(data_dir, tmp_path / "run", "--loss-on", "answer", "--micro-batch-size", 2, "--seq-len", 32,
+                "--total-batch-size", 256, "--grad-clip", 1e9)
+    assert t.grad_accum == 4
+    ref = copy.deepcopy(t.model)
+    x, y, mask = TokenDataLoader(t.dataset_dir, "train", 8, 32, with_loss_mask=True, score_answer_end=True).next_batch()
+    counts = mask.view(4, -1).sum(1)
+    assert counts.min() < counts.max()  # the micro-batches score different numbers of tokens
+    grads = {}
+    t.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in t.model.named_parameters()})
+    row = t.train_step()
+    losses = F.cross_entropy(ref(x)[0].flatten(0, 1), y.flatten(), reduction="none")
+    want = (losses * mask.flatten()).sum() / mask.sum()
+    want.backward()
+    assert row["loss"] == pytest.approx(want.item(), rel=1e-5)
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_loss_on_is_saved_and_kept_by_resume(data_dir, tmp_path):
     out = tmp_path / "run"
     t = trainer(data_dir, out, "--loss-on", "answer", "--max-steps", 2, "--eval-interval", 2)
