@@ -531,10 +531,18 @@ class BaseTrainer:
             speed.begin_micro_step(self)
             with self.autocast:
                 losses = self.evaluation_losses(x, y, loss_mask, key_mask)
+            # Each figure is a mean over tokens, not over batches: a batch's mean weighs as many tokens as it
+            # scored (with a loss mask a batch may score few answer tokens, or none). "loss_all" scores every
+            # non-filler token, the rest what the loss mask scores.
+            scored = scored_tokens(y, loss_mask)
+            scored_all = scored_tokens(y, None if self.filler_id is None else (y != self.filler_id).float())
             for k, v in losses.items():  # summed on the device: one sync per evaluation
-                sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / batches
+                n = scored_all if k == "loss_all" else scored
+                sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) * n
+                sums[f"{k} tokens"] = sums.get(f"{k} tokens", 0.0) + n
         self.model.train()
-        result = self.all_reduce_mean(speed.to_floats(sums))
+        sums = self.all_reduce_mean(speed.to_floats(sums))  # the ranks' means of sums and counts: same ratio
+        result = {k: sums[k] / max(1.0, sums[f"{k} tokens"]) for k in losses}
         # Bits per byte: tokenizer-independent, so byte-level and BPE runs compare.
         if self.reports_bpb:
             result["bpb"] = result.get("loss_all", result["loss"]) / math.log(2) * loader.tokens / max(1, loader.bytes)

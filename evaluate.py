@@ -5,9 +5,9 @@ Evaluate a checkpoint: test loss and bits per byte, or exact-match accuracy on m
     python evaluate.py --checkpoint runs/baseline_gpt2/checkpoint.pt --task synthetic-math --limit 200
     python evaluate.py --checkpoint runs/gsm8k/checkpoint.pt --task json:../shared/data/gsm8k/train.jsonl
 
-Loss (without --task, or with --loss): the mean next-token loss over the first --eval-batches batches (default:
-the run's own --eval-batches) of the --split (default test) of the checkpoint's own data (or --data), on every
-token, and bits per byte (tokenizer-independent). These are the batches, and the per-batch mean, of the
+Loss (without --task, or with --loss): the mean next-token loss over the tokens of the first --eval-batches batches
+(default: the run's own --eval-batches) of the --split (default test) of the checkpoint's own data (or --data), on
+every token, and bits per byte (tokenizer-independent). These are the tokens, and the token mean, of the
 trainer's final `test` row, so on one process the two numbers agree (with --loss-on answer the trainer's
 "loss" is this script's "answer_loss" and its "loss_all" this "loss"); --eval-batches all takes the whole split.
 Data with a loss mask also get "answer_loss" (answer tokens only, what --loss-on answer trains).
@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import cli
 import synthetic_math
-from auto_regressive_model import AutoRegressiveModel, CheckpointError, left_pad, masked_cross_entropy
+from auto_regressive_model import AutoRegressiveModel, CheckpointError, left_pad, masked_cross_entropy, scored_tokens
 from base_data_preparer import ensure_prepared, get_tokenizer
 from data_file_utils import (DataError, atomic_write_bytes, check_run_data, dataset_dir, qa_split_text, read_manifest,
                              same_question, split_of_text)
@@ -285,12 +285,12 @@ def accuracy(model, enc, problems, max_new_tokens, batch_size=32, show_progress=
 
 @torch.no_grad()
 def test_loss(model, loader, n_batches, filler_id=None, show_progress=True):
-    """The trainer's evaluation (base_trainer.evaluate on one process): the mean over the first n_batches
-    batches of each batch's mean loss, on every token ("loss", and its bpb) and, when the data have a loss
-    mask, on answer tokens only ("answer_loss"). With the run's --filler-token, filler keys are masked and
+    """The trainer's evaluation (base_trainer.evaluate on one process): the mean loss over the tokens of the
+    first n_batches batches, on every token ("loss", and its bpb) and, when the data have a loss mask, on
+    answer tokens only ("answer_loss"; a batch weighs as many answer tokens as it holds). With the run's --filler-token, filler keys are masked and
     filler targets not scored, as in training. n_batches past the split's end wraps around, as the trainer's
     loader does."""
-    sums = {}
+    sums, counts = {}, {}
     for _ in tqdm(range(n_batches), desc="loss", unit="batch", disable=not show_progress):
         x, y, *rest = loader.next_batch()
         answer_mask, key_mask, scored = (rest[0] if rest else None), None, None
@@ -298,13 +298,16 @@ def test_loss(model, loader, n_batches, filler_id=None, show_progress=True):
             key_mask, scored = x != filler_id, (y != filler_id).float()
             answer_mask = None if answer_mask is None else answer_mask * scored
         logits, _ = model(x) if key_mask is None else model(x, key_mask=key_mask)
-        losses = {"loss": masked_cross_entropy(logits, y, scored)}
+        losses = {"loss": (masked_cross_entropy(logits, y, scored), scored)}
         if answer_mask is not None:
-            losses["answer_loss"] = masked_cross_entropy(logits, y, answer_mask)
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v) / n_batches
-    sums["bpb"] = sums["loss"] / math.log(2) * loader.tokens / max(1, loader.bytes)
-    return {**sums, "batches": n_batches, "tokens": n_batches * loader.B * loader.T}
+            losses["answer_loss"] = (masked_cross_entropy(logits, y, answer_mask), answer_mask)
+        for k, (v, mask) in losses.items():  # token means: each batch weighs the tokens it scored
+            n = float(scored_tokens(y, mask))
+            sums[k] = sums.get(k, 0.0) + float(v) * n
+            counts[k] = counts.get(k, 0.0) + n
+    means = {k: sums[k] / max(1.0, counts[k]) for k in sums}
+    means["bpb"] = means["loss"] / math.log(2) * loader.tokens / max(1, loader.bytes)
+    return {**means, "batches": n_batches, "tokens": n_batches * loader.B * loader.T}
 
 
 def eval_batches(text):

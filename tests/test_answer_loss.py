@@ -87,6 +87,30 @@ def test_accumulated_answer_gradient_is_the_token_mean_of_the_whole_step(data_di
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_answer_only_evaluation_is_a_token_mean_not_a_mean_of_batch_means(data_dir, tmp_path):
+    """The trainer's val/test row and evaluate.py weigh each batch by the answer tokens it holds. The first 4
+    test batches of 2 x 32 hold 0, 64, 64 and 14: the mean of the batch means was 4.31 here (the empty
+    batch counted as a loss of 0) against a token mean of 5.77."""
+    from dataloader import TokenDataLoader
+    from evaluate import test_loss
+    t = trainer(data_dir, tmp_path / "run", "--loss-on", "answer", "--micro-batch-size", 2, "--seq-len", 32,
+                "--total-batch-size", 128, "--eval-batches", 4)
+    x, y, mask = TokenDataLoader(t.dataset_dir, "test", 8, 32, with_loss_mask=True, score_answer_end=True).next_batch()
+    counts = mask.view(4, -1).sum(1)
+    assert counts.min() < counts.max()
+    t.model.eval()
+    with torch.no_grad():
+        losses = F.cross_entropy(t.model(x)[0].flatten(0, 1), y.flatten(), reduction="none")
+    want = ((losses * mask.flatten()).sum() / mask.sum()).item()
+    row = t.evaluate("test")
+    assert row["loss"] == pytest.approx(want, rel=1e-5)
+    assert row["loss_all"] == pytest.approx(losses.mean().item(), rel=1e-5)
+    loader = TokenDataLoader(t.dataset_dir, "test", 2, 32, with_loss_mask=True, score_answer_end=True)
+    got = test_loss(t.model, loader, 4, show_progress=False)
+    assert got["answer_loss"] == pytest.approx(want, rel=1e-5)
+    assert got["loss"] == pytest.approx(row["loss_all"], rel=1e-5)
+
+
 def test_loss_on_is_saved_and_kept_by_resume(data_dir, tmp_path):
     out = tmp_path / "run"
     t = trainer(data_dir, out, "--loss-on", "answer", "--max-steps", 2, "--eval-interval", 2)
