@@ -402,7 +402,10 @@ def run_loss(args, model, cfg):
     split = "test" if args.split == "all" else args.split
     offset = getattr(model.config, "target_offset", 1)
     masked = bool(read_manifest(directory).get("has_loss_mask"))
-    loader = TokenDataLoader(directory, split, cfg["micro_batch_size"], cfg["seq_len"], target_offset=offset,
+    # --eval-batches counts batches of the run's base micro batch (speed.eval_batches), not of the micro batch it
+    # trained with (auto on a GPU, or another one given to --resume): so these are the trainer's tokens.
+    rows = cfg.get("base_micro_batch_size", cfg["micro_batch_size"])
+    loader = TokenDataLoader(directory, split, rows, cfg["seq_len"], target_offset=offset,
                              with_loss_mask=masked, device=args.device, score_answer_end=True)
     n = args.eval_batches or cfg.get("eval_batches", "all")
     n = loader.chunks_per_epoch if n == "all" else n

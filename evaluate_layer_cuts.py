@@ -51,7 +51,7 @@ def validation_batches(run_config, split="val", n_batches=None, batch_size=None,
                                                      run_data_hash=run_config.get("data_hash"))
     check_run_data(dataset_dir, run_config)  # the data must not have changed since training
     seq_len = int(run_config.get("seq_len") or run_config.get("block_size"))
-    batch_size = batch_size or int(run_config.get("micro_batch_size", 8))
+    batch_size = batch_size or int(run_config.get("base_micro_batch_size", run_config.get("micro_batch_size", 8)))
     n_batches = n_batches or int(run_config.get("eval_batches", 8))
     loader = TokenDataLoader(dataset_dir, split, batch_size, seq_len,
                              target_offset=int(run_config.get("target_offset", 1)),

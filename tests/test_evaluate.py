@@ -265,6 +265,27 @@ def test_loss_of_an_answer_only_run_names_both_figures(data_dir, tmp_path):
     assert loss["loss"] == pytest.approx(row["loss_all"], abs=1e-5)           # every token
 
 
+def test_loss_reads_the_trainers_tokens_when_the_micro_batch_is_not_the_base_one(data_dir, tmp_path, monkeypatch):
+    """--eval-batches counts batches of the base micro batch (8, the tiny preset's) whatever micro batch the run
+    trained with (here auto picks 16 with a fake memory budget): evaluate.py read 2 x 16 rows, twice the
+    trainer's tokens, and so gave another figure than the final test row."""
+    import speed
+    from test_answer_loss import trainer
+    monkeypatch.setattr(speed, "device_measures_memory", lambda trainer: True)
+    monkeypatch.setattr(speed, "memory_budget", lambda device, cap: 20_000)
+    monkeypatch.setattr(speed, "measure_function", lambda trainer, probe, step_module, adam: (lambda b: 1000 * b))
+    run = tmp_path / "auto"
+    t = trainer(data_dir, run, "--micro-batch-size", "auto", "--seq-len", 32, "--total-batch-size", 512,
+                "--max-steps", 1, "--eval-batches", 2, "--data-dir", data_dir)
+    assert t.cfg["micro_batch_size"] == 16 and t.cfg["base_micro_batch_size"] == 8
+    assert t.train() == 0
+    from evaluate import main
+    out = tmp_path / "loss.json"
+    assert main(["--checkpoint", str(run / "checkpoint.pt"), "--out", str(out), "--quiet"]) == 0
+    loss, row = json.loads(out.read_text())["loss"], final_row(run, "test")
+    assert loss["tokens"] == 2 * 8 * 32 and loss["loss"] == pytest.approx(row["loss"], abs=1e-5)
+
+
 def test_evaluate_command_line(tiny_run, tmp_path, capsys):
     out = tmp_path / "result.json"
     result = run_script("evaluate.py", "--checkpoint", tiny_run / "checkpoint.pt", "--task", "synthetic-math",
