@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 import cli
 import synthetic_math
-from auto_regressive_model import AutoRegressiveModel, CheckpointError, left_pad, masked_cross_entropy, scored_tokens
+from auto_regressive_model import (AutoRegressiveModel, CheckpointError, left_pad, masked_cross_entropy,
+                                   scored_tokens)
 from base_data_preparer import ensure_prepared, get_tokenizer
 from data_file_utils import (DataError, atomic_write_bytes, check_run_data, dataset_dir, qa_split_text, read_manifest,
                              same_question, split_of_text)
@@ -287,9 +288,9 @@ def accuracy(model, enc, problems, max_new_tokens, batch_size=32, show_progress=
 def test_loss(model, loader, n_batches, filler_id=None, show_progress=True):
     """The trainer's evaluation (base_trainer.evaluate on one process): the mean loss over the tokens of the
     first n_batches batches, on every token ("loss", and its bpb) and, when the data have a loss mask, on
-    answer tokens only ("answer_loss"; a batch weighs as many answer tokens as it holds). With the run's --filler-token, filler keys are masked and
-    filler targets not scored, as in training. n_batches past the split's end wraps around, as the trainer's
-    loader does."""
+    answer tokens only ("answer_loss"; a batch weighs as many answer tokens as it holds). With the run's
+    --filler-token, filler keys are masked and filler targets not scored, as in training. n_batches past the
+    split's end wraps around, as the trainer's loader does."""
     sums, counts = {}, {}
     for _ in tqdm(range(n_batches), desc="loss", unit="batch", disable=not show_progress):
         x, y, *rest = loader.next_batch()
