@@ -110,8 +110,7 @@ def run_one(args, depth, width, p_bw, seed, env):
             n_params = json.load(f).get("n_params")
         info = dict(depth=depth, width=width, p_bw=p_bw, seed=seed, **run_settings(args, width),
                     num_params=n_params, seconds=round(time.time() - t0, 1))
-        with open(os.path.join(run_dir, DONE_FILE), "w") as f:
-            json.dump(info, f, indent=1)
+        atomic_write_bytes(os.path.join(run_dir, DONE_FILE), json.dumps(info, indent=1).encode("utf-8"))
     return run_dir, ok, time.time() - t0, log_path
 
 
@@ -151,8 +150,8 @@ def main(argv=None):
                   f"with this command: use another --out-dir, or the settings it was trained with", file=sys.stderr)
             return 2
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "sweep.json"), "w") as f:
-        json.dump({k: v for k, v in vars(args).items()}, f, indent=1)
+    atomic_write_bytes(os.path.join(args.out_dir, "sweep.json"),
+                       json.dumps({k: v for k, v in vars(args).items()}, indent=1).encode("utf-8"))
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)

@@ -350,6 +350,39 @@ def test_sweep_refuses_to_skip_a_finished_run_trained_with_other_settings(tmp_pa
     assert "finished, skipped" in capsys.readouterr().out
 
 
+def test_sweep_writes_its_files_by_rename_never_in_place(tmp_path, monkeypatch):
+    """layer_cuts.json, sweep_run.json (the marker that makes the next sweep skip the run) and sweep.json were
+    written in place: a kill mid-write left half a file under the name (a half marker: the next sweep refuses
+    the run as unreadable). Now each goes to a temporary file in its folder, then os.replace names it."""
+    import evaluate_layer_cuts
+    import sweep_dual_mask as sw
+    out = tmp_path / "sweep"
+    run = out / sw.run_name(2, 32, 0.0, 0)
+    cuts = {"cuts": [{"layers": 2, "loss_fw": 1.0, "loss_bw": 2.0}]}
+
+    def train(cmd, **kwargs):  # stands in for train_dual_mask_gpt.py: the config.json run_one reads afterwards
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"n_params": 123}))
+        return 0
+    renamed, real_replace = {}, os.replace
+
+    def replace(src, dst):
+        assert os.path.dirname(os.path.abspath(src)) == os.path.dirname(os.path.abspath(dst))
+        with open(src) as f:
+            renamed[os.path.relpath(dst, out)] = json.load(f)
+        real_replace(src, dst)
+    monkeypatch.setattr(sw.subprocess, "call", train)
+    monkeypatch.setattr(evaluate_layer_cuts, "evaluate_checkpoint", lambda *args, **kwargs: cuts)
+    monkeypatch.setattr(os, "replace", replace)
+    assert sw.main(["--out-dir", str(out), "--depths", "2", "--widths", "32", "--p-bw", "0", "--seeds", "0",
+                    "--head-size", "16"]) == 0
+    assert sorted(renamed) == sorted(["sweep.json", f"{run.name}/layer_cuts.json", f"{run.name}/{sw.DONE_FILE}"])
+    assert renamed[f"{run.name}/layer_cuts.json"] == cuts
+    assert renamed[f"{run.name}/{sw.DONE_FILE}"]["num_params"] == 123
+    assert sorted(os.listdir(run)) == sorted(["config.json", "layer_cuts.json", sw.DONE_FILE])  # no .tmp left
+    assert sorted(os.listdir(out)) == sorted(["sweep.json", run.name, run.name + ".log"])
+
+
 def test_analysis_writes_every_plot(tmp_path):
     """Fake run folders (2 sizes x p_bw {0, 0.05} x 2 seeds) -> every PNG and the summary."""
     import analyze_dual_mask as an

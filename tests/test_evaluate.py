@@ -2,6 +2,7 @@
 accuracy per family, the loss (the trainer's final test figure), the command line."""
 
 import json
+import os
 import re
 import subprocess
 
@@ -250,6 +251,28 @@ def test_loss_is_the_trainers_final_test_loss(tiny_run, tmp_path):
     loss, row = json.loads(out.read_text())["loss"], final_row(tiny_run, "test")
     assert loss["batches"] == 3
     assert loss["loss"] == pytest.approx(row["loss"], abs=1e-5) and loss["bpb"] == pytest.approx(row["bpb"], abs=1e-5)
+
+
+def test_out_is_replaced_by_rename_never_written_in_place(tiny_run, tmp_path, monkeypatch):
+    """--out was written in place: a kill or a full disk mid-write left half a JSON file under the name. Now
+    the whole file goes to a temporary file in the same folder, then os.replace puts it under the name."""
+    from pathlib import Path
+
+    from evaluate import main
+    out = tmp_path / "result.json"
+    out.write_text("old\n")
+    seen, real_replace = [], os.replace
+
+    def replace(src, dst):
+        if os.path.abspath(dst) == str(out):  # the old file is still whole, the new one complete beside it
+            seen.append((os.path.dirname(os.path.abspath(src)), out.read_text(), json.loads(Path(src).read_text())))
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    assert main(["--checkpoint", str(tiny_run / "checkpoint.pt"), "--eval-batches", "1", "--out", str(out),
+                 "--overwrite", "--quiet"]) == 0
+    assert [(folder, old) for folder, old, _ in seen] == [(str(tmp_path), "old\n")]
+    assert json.loads(out.read_text()) == seen[0][2] and seen[0][2]["loss"]["batches"] == 1
+    assert os.listdir(tmp_path) == ["result.json"]  # no temporary file left
 
 
 def test_loss_of_an_answer_only_run_names_both_figures(data_dir, tmp_path):
