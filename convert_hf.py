@@ -348,7 +348,8 @@ def main(argv=None):
     a.add_argument("--out", required=True, help="the checkpoint file to write, e.g. gpt2.pt")
     a.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     b = sub.add_parser("to-hf", help="an lmsmall checkpoint -> a folder transformers loads")
-    b.add_argument("--checkpoint", required=True, help="an lmsmall checkpoint.pt")
+    b.add_argument("--checkpoint", required=True,
+                   help="an lmsmall checkpoint file or a run folder (its checkpoint.pt)")
     b.add_argument("--out", required=True, help="the folder to write")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = p.parse_args(argv)

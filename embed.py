@@ -250,7 +250,8 @@ def read_texts(path, field=None):
 
 def main(argv=None):
     p = cli.ArgumentParser(description="Embed texts with an lmsmall checkpoint (causal, MNTP encoder, dual).")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint file, a run folder (its checkpoint.pt) or hf:NAME_OR_DIR")
     p.add_argument("--input", required=True, help="a text per line, or JSON lines with --field")
     p.add_argument("--field", help="take this string field of each JSON line")
     p.add_argument("--out", type=cli.output_file, help=".npy (pooled, N x D) or, with --tokens, .npz (default runs/embeddings.npy, "

@@ -323,7 +323,8 @@ def eval_batches(text):
 
 def main(argv=None):
     p = cli.ArgumentParser(description="Test loss, bits per byte and math accuracy of an lmsmall checkpoint.")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint file, a run folder (its checkpoint.pt) or hf:NAME_OR_DIR")
     p.add_argument("--data", help="data for the loss (default: the checkpoint's own)")
     p.add_argument("--data-dir", help="where prepared data live (default: the run's)")
     p.add_argument("--split", default="test", choices=["val", "test", "all"],

@@ -151,7 +151,8 @@ def build_model(model_name, model_config, extra_state):
 
 def build_parser(description=None, kind="finetune", lora_rank=0):
     p = cli.ArgumentParser(description=description or "Fine-tune an lmsmall checkpoint (any model).")
-    p.add_argument("--checkpoint", help="the trained checkpoint to start from (not needed with --resume)")
+    p.add_argument("--checkpoint", help="the trained checkpoint to start from: a file, a run folder (its "
+                   "checkpoint.pt) or hf:NAME_OR_DIR (not needed with --resume)")
     add_trainer_arguments(p, f"{kind}_<model>")
     p.add_argument("--lora-rank", type=cli.nonnegative_int, help=f"LoRA on attention and MLP with this rank (default: "
                    f"{lora_rank or 'none, every weight trains'})")

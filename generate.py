@@ -21,7 +21,8 @@ from models import ModelConfigError
 
 def main(argv=None):
     p = cli.ArgumentParser(description="Sample text from a trained lmsmall checkpoint.")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint file, a run folder (its checkpoint.pt) or hf:NAME_OR_DIR")
     p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
     p.add_argument("--max-new-tokens", type=cli.nonnegative_int, default=200)
     p.add_argument("--temperature", type=cli.nonnegative_float, default=0.8, help="0 = greedy")
