@@ -438,6 +438,26 @@ class AutoRegressiveModel(nn.Module):
             raise CheckpointError(f"{path} is not an lmsmall checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
         return ckpt
 
+    @staticmethod
+    def checkpoint_tokenizer(model, ckpt, path):
+        """The tokenizer a checkpoint's run used (its config's "tokenizer"), checked against the model built from
+        it: every token id needs an embedding row below the model's own extra tokens (dual_mask_gpt's task
+        tokens), or generate, evaluate and embed end in an IndexError mid-run. CheckpointError otherwise."""
+        from base_data_preparer import get_tokenizer
+        from models import model_module
+        name = ckpt.get("config", {}).get("tokenizer")
+        if name is None:
+            raise CheckpointError(f"checkpoint {path} records no tokenizer (its config has no 'tokenizer'); "
+                                  f"use a checkpoint written by an lmsmall training script")
+        enc = get_tokenizer(name)
+        extra = getattr(model_module(ckpt["model_name"]), "EXTRA_TOKENS", 0)
+        if enc.n_vocab + extra > model.config.vocab_size:
+            needed = f"{enc.n_vocab} tokens" + (f" + {extra} task tokens" if extra else "")
+            raise CheckpointError(f"checkpoint {path} records the {name} tokenizer ({needed}) but its model has "
+                                  f"only {model.config.vocab_size} token rows: weights and tokenizer do not belong "
+                                  f"together; use the checkpoint as its training run wrote it")
+        return enc
+
     @classmethod
     def from_checkpoint(cls, path, device="cpu", for_inference=True):
         """Rebuild the model stored in an lmsmall checkpoint (any registered model)."""

@@ -311,9 +311,8 @@ def export_hf(checkpoint, out, overwrite=False):
     reason = why_not_exportable(model)
     if reason:
         raise CheckpointError(f"{checkpoint} cannot go to Hugging Face as GPT-2: {reason}")
-    from base_data_preparer import get_tokenizer
+    enc = AutoRegressiveModel.checkpoint_tokenizer(model, ckpt, checkpoint)
     tokenizer_name = ckpt["config"]["tokenizer"]
-    enc = get_tokenizer(tokenizer_name)
     c = model.config
     config = transformers.GPT2Config(
         vocab_size=enc.n_vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,

@@ -47,7 +47,6 @@ from tqdm import tqdm
 
 import cli
 from auto_regressive_model import AutoRegressiveModel, CheckpointError
-from base_data_preparer import get_tokenizer
 from data_file_utils import DataError
 
 KINDS = ("causal", "mntp", "dual")
@@ -273,7 +272,7 @@ def main(argv=None):
             raise EmbedError(f"{out} already exists; add --overwrite to replace it or choose another --out")
         texts = read_texts(args.input, args.field)  # cheap, so before the model is loaded
         model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
-        enc = get_tokenizer(ckpt["config"]["tokenizer"])
+        enc = AutoRegressiveModel.checkpoint_tokenizer(model, ckpt, args.checkpoint)
         items = feature_batches(model, enc, texts, args.kind, args.batch_size, progress=True)
         first = next(items)
         width = (token_vectors(first[1])).shape[-1]

@@ -43,7 +43,7 @@ import cli
 import synthetic_math
 from auto_regressive_model import (AutoRegressiveModel, CheckpointError, left_pad, masked_cross_entropy,
                                    scored_tokens)
-from base_data_preparer import ensure_prepared, get_tokenizer
+from base_data_preparer import ensure_prepared
 from data_file_utils import (DataError, atomic_write_bytes, check_run_data, dataset_dir, qa_split_text, read_manifest,
                              same_question, split_of_text)
 from dataloader import TokenDataLoader
@@ -364,7 +364,7 @@ def main(argv=None):
             raise EvalError(f"{args.checkpoint} is an encoder ({model.config.attention} attention, e.g. MNTP): it "
                             f"predicts no next token; embed with embed.py instead")
         cfg = ckpt["config"]
-        enc = get_tokenizer(cfg["tokenizer"])
+        enc = AutoRegressiveModel.checkpoint_tokenizer(model, ckpt, args.checkpoint)
         problems = None
         if args.task:  # validated before any loss is computed
             problems = task_problems(args.task, args.split, args.limit, cfg.get("data_seed", 1337),

@@ -102,6 +102,7 @@ def evaluate_checkpoint(path, split="val", n_batches=None, batch_size=None, data
     if not hasattr(model, "keep_first_blocks"):
         raise CheckpointError(f"{ckpt_file} holds a {ckpt.get('model_name')} model; layer cuts need "
                               f"dual_mask_gpt")
+    AutoRegressiveModel.checkpoint_tokenizer(model, ckpt, ckpt_file)  # every token id has a row
     run_config = ckpt.get("config", {})
     num_params = model.num_params()
     n_layer = len(model.blocks)

@@ -14,7 +14,6 @@ import torch
 
 import cli
 from auto_regressive_model import AutoRegressiveModel, CheckpointError
-from base_data_preparer import get_tokenizer
 from data_file_utils import DataError
 from models import ModelConfigError
 
@@ -40,7 +39,7 @@ def main(argv=None):
         return 2
     try:
         model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
-        enc = get_tokenizer(ckpt["config"]["tokenizer"])
+        enc = AutoRegressiveModel.checkpoint_tokenizer(model, ckpt, args.checkpoint)
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -167,6 +167,38 @@ def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(module, model_name
     assert sorted(os.listdir(tmp_path)) == before
 
 
+@pytest.mark.parametrize("module,model_name,vocab_size", [
+    ("evaluate", "baseline_gpt2", 200), ("generate", "baseline_gpt2", 200), ("embed", "baseline_gpt2", 200),
+    ("convert_hf", "baseline_gpt2", 200), ("evaluate_layer_cuts", "dual_mask_gpt", 258)])
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_at_load(module, model_name, vocab_size, tmp_path,
+                                                                           capsys):
+    """A checkpoint whose recorded tokenizer has more ids than the model has token rows (bytes: 257; dual_mask_gpt
+    also needs its 2 task tokens) ended in an IndexError traceback mid-run in generate, evaluate and embed (to-hf:
+    a size-mismatch traceback). Now one line when the tools resolve the tokenizer, before any work."""
+    import dataclasses
+    from auto_regressive_model import CHECKPOINT_FORMAT
+    from models import create_model
+    model = create_model(model_name, preset="tiny", vocab_size=vocab_size, block_size=32, n_layer=2, n_head=2,
+                         n_embd=32)
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "model_name": model.name, "model_config": dataclasses.asdict(model.config),
+                "model_state": model.state_dict(), "model_extra_state": model.extra_state(),
+                "config": {"tokenizer": "bytes"}}, ckpt)
+    (tmp_path / "in.txt").write_text("What is 2 + 3?\n")
+    argv = {"evaluate": ["--checkpoint", str(ckpt), "--out", str(tmp_path / "r.json")],
+            "generate": ["--checkpoint", str(ckpt)],  # the empty prompt starts with <|endoftext|>: id 256
+            "embed": ["--checkpoint", str(ckpt), "--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "e.npy")],
+            "convert_hf": ["to-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")],
+            "evaluate_layer_cuts": [str(ckpt)]}[module]
+    before = sorted(os.listdir(tmp_path))
+    capsys.readouterr()
+    code = importlib.import_module(module).main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code in (1, 2) and len(lines) == 1 and "257 tokens" in lines[0] and f"only {vocab_size} token rows" in \
+        lines[0], lines
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 def test_a_run_folder_stands_for_its_checkpoint_in_every_tool(tmp_path, capsys):
     """evaluate/generate/embed said 'no checkpoint at RUN' for a run folder holding checkpoint.pt, while
     evaluate_layer_cuts.py took folders: every tool now takes a run folder; one without checkpoint.pt: one line."""
