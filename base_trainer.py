@@ -254,6 +254,8 @@ class BaseTrainer:
         for key, value in self.typed.items():
             name = key[len("model."):] if key.startswith("model.") else key
             saved_value = saved["model_overrides"].get(name) if key.startswith("model.") else saved.get(key)
+            if key == "data" and saved_value:  # runs from before --data paths were made absolute
+                saved_value = cli.data_spec(saved_value)
             if name not in RESUME_MAY_CHANGE and value != saved_value:
                 raise TrainError(f"--{name.replace('_', '-')} {value} differs from the run being resumed "
                                  f"({saved_value}); drop it to resume exactly, or start a new --out-dir")

@@ -133,6 +133,15 @@ def count(text):
     return int(value)
 
 
+def data_spec(text):
+    """--data: json:PATH and text:PATH with the path made absolute (config.json records it, and --resume or
+    evaluate.py may run from another folder); the other sources as given."""
+    kind, sep, path = text.partition(":")
+    if sep and kind in ("json", "text") and path:
+        return f"{kind}:{os.path.abspath(os.path.expanduser(path))}"
+    return text
+
+
 def window(text):
     """'start:stop', fractions with 0 <= start < stop <= 1 (a part of training); returned as given."""
     try:

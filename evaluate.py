@@ -325,7 +325,7 @@ def main(argv=None):
     p = cli.ArgumentParser(description="Test loss, bits per byte and math accuracy of an lmsmall checkpoint.")
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint file, a run folder (its checkpoint.pt) or hf:NAME_OR_DIR")
-    p.add_argument("--data", help="data for the loss (default: the checkpoint's own)")
+    p.add_argument("--data", type=cli.data_spec, help="data for the loss (default: the checkpoint's own)")
     p.add_argument("--data-dir", help="where prepared data live (default: the run's)")
     p.add_argument("--split", default="test", choices=["val", "test", "all"],
                    help="which split (all: every record of a json --task; the loss then uses test)")
@@ -394,7 +394,7 @@ def run_loss(args, model, cfg):
     """The loss of the checkpoint on its own data (or --data), as the trainer's final evaluation computes it."""
     from base_trainer import TrainError, filler_token_id
     data = args.data or cfg["data"]
-    same = data == cfg["data"]
+    same = cli.data_spec(data) == cli.data_spec(cfg["data"])  # older runs recorded json:/text: paths as typed
     directory = ensure_prepared(data, cfg["tokenizer"], data_dir=args.data_dir or cfg["data_dir"],
                                 max_tokens=cfg.get("max_tokens") if same else None,
                                 seed=cfg.get("data_seed", 1337), quiet=True,

@@ -84,7 +84,7 @@ def build_parser(model_name):
 
 def add_trainer_arguments(p, model_name="<model>"):
     """The options of the training loop, shared by train_<model>.py, finetune.py and train_mntp.py."""
-    p.add_argument("--data", help="synthetic-math | math-reasoning | json:PATH | text:PATH")
+    p.add_argument("--data", type=cli.data_spec, help="synthetic-math | math-reasoning | json:PATH | text:PATH")
     p.add_argument("--tokenizer", choices=["gpt2", "bytes"])
     p.add_argument("--max-tokens", type=cli.count, help="token budget when preparing the data, e.g. 10M")
     p.add_argument("--data-dir", help="where prepared token shards live (default data/)")

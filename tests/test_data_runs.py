@@ -85,6 +85,27 @@ def test_changed_data_under_a_run_is_refused_in_one_line(tmp_path):
         validation_batches(config, n_batches=1)
 
 
+def test_a_relative_json_path_is_recorded_absolute_so_the_run_resumes_from_anywhere(tmp_path, monkeypatch):
+    """config.json kept `--data json:qa.jsonl` as typed: --resume (or evaluate.py) from another folder said
+    "no such file". The path is made absolute when parsed; typing it again, relative, is the same data."""
+    from base_trainer import BaseTrainer, resolve_config
+    (tmp_path / "here").mkdir()
+    jsonl(tmp_path / "here" / "qa.jsonl", 3000)
+    data, run = tmp_path / "data", tmp_path / "run"
+    monkeypatch.chdir(tmp_path / "here")
+    cfg, typed = resolve_config("baseline_gpt2", train_args(data, run, 100_000, "--data", "json:qa.jsonl",
+                                                            "--max-steps", 2, "--eval-interval", 2))
+    assert BaseTrainer("baseline_gpt2", cfg, typed).train() == 0
+    assert json.loads((run / "config.json").read_text())["data"] == f"json:{tmp_path / 'here' / 'qa.jsonl'}"
+    cfg, typed = resolve_config("baseline_gpt2", train_args(data, run, 100_000, "--data", "json:qa.jsonl",
+                                                            "--max-steps", 3, "--eval-interval", 2, "--resume"))
+    assert BaseTrainer("baseline_gpt2", cfg, typed).train() == 0  # typed again, relative: the same data
+    monkeypatch.chdir(tmp_path)
+    cfg, typed = resolve_config("baseline_gpt2", ["--out-dir", str(run), "--resume", "--max-steps", "4"])
+    assert BaseTrainer("baseline_gpt2", cfg, typed).train() == 0  # from another folder
+    assert [s for s, _ in losses(metrics(run), "train")] == [0, 1, 2, 3]
+
+
 # ----------------------------------------------------------------------------- Ctrl-C
 
 def live_processes_in_group(pgid: int):
