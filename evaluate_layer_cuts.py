@@ -27,7 +27,7 @@ import sys
 import torch
 
 import cli
-from auto_regressive_model import AutoRegressiveModel, CheckpointError
+from auto_regressive_model import AutoRegressiveModel, CheckpointError, scored_tokens
 from data_file_utils import DataError, check_run_data
 
 CUTS_FILE = "layer_cuts.json"
@@ -66,16 +66,18 @@ def validation_batches(run_config, split="val", n_batches=None, batch_size=None,
 
 @torch.no_grad()
 def evaluate_directions(model, batches, device="cpu"):
-    """Mean fw/bw loss and accuracy over batches, and ppl = exp(mean loss)."""
-    totals, n = {}, 0
+    """Mean fw/bw loss and accuracy over the batches' scored tokens (a batch weighs as many as it scores, as in
+    the trainer's val rows: with a loss mask they differ), and ppl = exp(mean loss)."""
+    totals, n = {}, 0.0
     for x, y, mask in batches:
         x, y = x.to(device), y.to(device)
         mask = None if mask is None else mask.to(device)
         out = model.evaluation_losses(x, y, mask)
+        scored = float(scored_tokens(y, mask))
         for k in ("loss_fw", "loss_bw", "acc_fw", "acc_bw"):
-            totals[k] = totals.get(k, 0.0) + float(out[k])
-        n += 1
-    res = {k: v / n for k, v in totals.items()}
+            totals[k] = totals.get(k, 0.0) + float(out[k]) * scored
+        n += scored
+    res = {k: v / max(n, 1.0) for k, v in totals.items()}
     res["ppl_fw"] = math.exp(res["loss_fw"])
     res["ppl_bw"] = math.exp(res["loss_bw"])
     return res

@@ -255,6 +255,24 @@ def test_layer_cut_curve_goes_from_all_blocks_to_one():
     assert all(math.isclose(r["ppl_fw"], math.exp(r["loss_fw"])) for r in rows)
 
 
+def test_layer_cuts_weigh_each_batch_by_the_tokens_it_scores():
+    """As the trainer's val rows (a token mean): with a loss mask, two batches scoring 6 and 1 answer tokens
+    weigh 6 : 1, so the full-depth cut equals the token mean over both; it used to be the mean of the two means."""
+    from evaluate_layer_cuts import evaluate_directions
+    m = tiny(n_layer=2).eval()
+    torch.manual_seed(1)
+    x = torch.randint(0, V - 2, (2, 2, 10))
+    y = x.roll(-1, 2)
+    mask = torch.zeros(2, 2, 10)
+    mask[0, :, 2:5] = 1
+    mask[1, 0, 7] = 1
+    got = evaluate_directions(m, [(x[i], y[i], mask[i]) for i in range(2)])
+    whole = m.evaluation_losses(x.view(4, 10), y.view(4, 10), mask.view(4, 10))
+    assert math.isclose(got["loss_fw"], float(whole["loss_fw"]), rel_tol=1e-5)
+    per_batch = [float(m.evaluation_losses(x[i], y[i], mask[i])["loss_fw"]) for i in range(2)]
+    assert not math.isclose(got["loss_fw"], sum(per_batch) / 2, rel_tol=1e-3)
+
+
 def test_ratio_averages_match_hand_computed_values():
     num = [[1.0, 2.0], [3.0, 4.0]]
     den = [[2.0, 2.0], [1.0, 4.0]]
