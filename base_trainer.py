@@ -566,8 +566,13 @@ class BaseTrainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group: --muon-lr / --lr
         self.optimizer.zero_grad(set_to_none=True)
         totals, loss_sum = {}, 0.0
-        batches = [self.next_batch(self.train_loader) for _ in range(self.grad_accum)]
-        for micro_step, ((x, y, loss_mask, key_mask), weight) in enumerate(zip(batches, self.micro_weights(batches))):
+        # With a loss mask the weights need every micro-batch's scored tokens first; without one, each batch is
+        # read when its turn comes (the prefetcher's copy of the next overlaps the GPU's work on this one).
+        masked = self.with_loss_mask or self.filler_id is not None
+        batches = [self.next_batch(self.train_loader) for _ in range(self.grad_accum)] if masked else None
+        weights = self.micro_weights(batches) if masked else [1.0 / self.grad_accum] * self.grad_accum
+        for micro_step, weight in enumerate(weights):
+            x, y, loss_mask, key_mask = batches[micro_step] if masked else self.next_batch(self.train_loader)
             last = micro_step == self.grad_accum - 1
             # Gradients are summed across ranks only on the last micro-step: one all-reduce per step.
             sync = self.step_module.no_sync() if (self.ddp and not last) else contextlib.nullcontext()
@@ -613,8 +618,6 @@ class BaseTrainer:
         would count a token of a sparse micro-batch more (one with none would add a loss of 0). So micro-batch
         i weighs n_i / N, N the scored tokens of the whole step, times world_size (DDP averages the ranks'
         gradients); the ranks' mean of the logged figures is then the token mean too."""
-        if all(loss_mask is None for _, _, loss_mask, _ in batches):
-            return [1.0 / self.grad_accum] * len(batches)
         counts = [scored_tokens(y, loss_mask) for _, y, loss_mask, _ in batches]
         total = torch.stack(counts).sum()
         if self.ddp:
