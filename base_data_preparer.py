@@ -504,15 +504,17 @@ def _damage(directory: Path, manifest: dict):
     return None
 
 
-def _existing_dataset(out: Path, request: dict, replace_command: str):
+def _existing_dataset(out: Path, request: dict, replace_command: str, outdated=None):
     """The manifest of the complete dataset in `out` if it is the one requested; None if `out` holds none
     (absent, or a preparation that was interrupted: that one is started over). A complete dataset that
-    differs from the request, or is damaged, is refused in one line and left as it is: runs may depend on it."""
+    differs from the request, or is damaged, is refused in one line and left as it is: runs may depend on it.
+    outdated(manifest): the source's own check (DIFFERENCE keys) of a dataset prepared by an older rule."""
     if not (out / MANIFEST_NAME).exists():
         return None
     manifest = read_manifest(out)  # an unreadable manifest: DataError, the folder untouched
     way_out = f"delete that folder, use another --data-dir, or replace it with: {replace_command}"
     differs = [k for k, v in request.items() if manifest.get(k) != v and not (k == "seed" and v is None)]
+    differs += outdated(manifest) if outdated and not differs else []
     if differs:
         what = "; ".join(DIFFERENCE.get(k, k) for k in differs)
         raise DataError(f"{out} holds a complete dataset prepared from {what}; a prepared dataset is never changed "
@@ -555,13 +557,13 @@ def prepare(data_spec: str, tokenizer_name: str, data_dir="data", max_tokens=Non
     out = dataset_dir(data_dir, data_spec, tokenizer_name, seed=seed if uses_seed else None, max_tokens=budget)
     request = {"format_version": FORMAT_VERSION, "source": source["spec"], "tokenizer": tokenizer_name,
                "vocab_size": enc.n_vocab, "source_fingerprint": _jsonable(source["fingerprint"]),
-               "seed": seed if uses_seed else None, "max_tokens": budget, **source.get("request", {})}
+               "seed": seed if uses_seed else None, "max_tokens": budget}
     replace_command = (f"python base_data_preparer.py --data {shlex.quote(data_spec)} --tokenizer {tokenizer_name} "
                        f"--data-dir {shlex.quote(str(data_dir))}" + (f" --max-tokens {budget}" if max_tokens else "")
                        + (f" --seed {seed}" if uses_seed and seed != DEFAULT_SEED else "") + " --replace")
     if run_data_hash and not replace and _holds(out, run_data_hash):
         return out
-    if not replace and _existing_dataset(out, request, replace_command) is not None:  # fast path, no lock
+    if not replace and _existing_dataset(out, request, replace_command, source.get("outdated")) is not None:  # fast path, no lock
         return out
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -569,7 +571,7 @@ def prepare(data_spec: str, tokenizer_name: str, data_dir="data", max_tokens=Non
     except OSError as e:
         raise DataError(f"cannot write to {out} ({e.strerror or e}); choose another --data-dir") from None
     with lock:
-        if not replace and _existing_dataset(out, request, replace_command) is not None:
+        if not replace and _existing_dataset(out, request, replace_command, source.get("outdated")) is not None:
             return out  # another process finished it while we waited
         _build(out, source, enc, tokenizer_name, budget, num_workers or os.cpu_count() or 1, quiet,
                shard_tokens, request)
@@ -660,7 +662,7 @@ def _build(out: Path, source: dict, enc, tokenizer_name, budget, num_workers, qu
     for s in SPLITS:
         content.update(writers[s].hash.digest())
         masks.update(writers[s].mask_hash.digest())
-    manifest = dict(request)
+    manifest = dict(request, **source.get("manifest", {}))
     manifest.update({
         "source_kind": source["kind"], "eot_token": enc.eot_token, "dtype": TOKEN_DTYPE, "mask_dtype": MASK_DTYPE,
         "has_loss_mask": source["with_mask"], "shard_size": shard_tokens, "content_hash": content.hexdigest(),

@@ -22,6 +22,7 @@ import synthetic_math
 from data_file_utils import DataError, qa_split_text, same_question, split_hash
 
 DATA_SPECS = ("synthetic-math", "math-reasoning", "json:PATH", "text:PATH")
+QA_SPLIT = "by first question"  # json:PATH: every answer to a question takes the split of its first record
 DEFAULT_SEED = 1337
 OFFLINE_CHOICES = "offline choices: --data synthetic-math, --data json:PATH (JSON lines), --data text:PATH"
 
@@ -178,14 +179,19 @@ def _json_source(path):
         raise DataError(f"json:{path}: the file has no records (only blank lines)")
     probe = _json_docs(path, [first], {}, with_mask=True)
     with_mask = bool(probe) and probe[0][0] != ""
-    repeats = _repeated_questions(path)
-    tasks = (("json", (str(path), batch, {n: repeats[n] for n, _, _ in batch if n in repeats}), with_mask)
-             for batch in _batched(_read_lines(path), lambda x: len(x[2])))
-    # the rule for repeated questions is part of the request: a dataset of such a file prepared before it (its
-    # answers split apart) is refused, not reused; files without repeated questions come out as always
+
+    def parts():  # the file is read for repeated questions only when a dataset is built
+        repeats = _repeated_questions(path)
+        tasks = (("json", (str(path), batch, {n: repeats[n] for n, _, _ in batch if n in repeats}), with_mask)
+                 for batch in _batched(_read_lines(path), lambda x: len(x[2])))
+        return [(path.name, tasks, 1.0)]
+
+    # The manifest records the rule for repeated questions. A dataset prepared before it (no "qa_split") is
+    # still the same data when the file asks no question twice; otherwise its answers were split apart, and it
+    # is refused (outdated), not reused.
     return dict(kind="json", spec=f"json:{path}", fingerprint=_fingerprint(path), with_mask=with_mask,
-                parts=lambda: [(path.name, tasks, 1.0)],
-                request=dict(qa_split="by first question") if repeats else {})
+                parts=parts, manifest=dict(qa_split=QA_SPLIT),
+                outdated=lambda m: ["qa_split"] if "qa_split" not in m and _repeated_questions(path) else [])
 
 
 def _text_documents(path: Path):

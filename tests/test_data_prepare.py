@@ -166,7 +166,7 @@ def test_gsm8k_json_gpt2(tmp_path):
     d = bdp.prepare(f"json:{GSM8K}", "gpt2", tmp_path, num_workers=2, quiet=True)
     m = read_manifest(d)
     assert d.name.startswith("json-train-") and m["has_loss_mask"] is True and m["vocab_size"] == 50257
-    assert m["max_tokens"] is None and m["source"] == f"json:{GSM8K.resolve()}" and "qa_split" not in m
+    assert m["max_tokens"] is None and m["source"] == f"json:{GSM8K.resolve()}" and m["qa_split"] == "by first question"
     enc = bdp.get_tokenizer("gpt2")
     expected = {f"Question: {r['question']}\nAnswer: {r['answer']}": r for r in records}
     seen = {}
@@ -211,6 +211,14 @@ def test_every_answer_to_one_question_lands_in_the_split_of_its_first(tmp_path):
     (d / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="the old rule for repeated questions.*--replace"):
         bdp.prepare(f"json:{src}", "bytes", tmp_path / "data", num_workers=1, quiet=True)
+    # one of a file that asks no question twice is the same data under either rule: still used
+    once = tmp_path / "asked_once.jsonl"
+    once.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in pairs[:400]))
+    d = bdp.prepare(f"json:{once}", "bytes", tmp_path / "data", num_workers=1, quiet=True)
+    manifest = read_manifest(d)
+    del manifest["qa_split"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    assert bdp.prepare(f"json:{once}", "bytes", tmp_path / "data", num_workers=1, quiet=True) == d
 
 
 def test_json_records_without_question_answer(tmp_path):
