@@ -166,10 +166,11 @@ def assert_stopped_at_once(code, stderr, reaction, gone):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads process groups from /proc")
 def test_ctrl_c_during_preparation_ends_at_once_and_the_next_run_starts_clean(tmp_path):
+    # 40M tokens: several seconds even on a quiet machine (5M took 0.7 s, done before the 1.0 s Ctrl-C)
     for i, delay in enumerate((0.0, 0.4, 1.0)):  # while the workers start, and while they work
-        folder = tmp_path / str(i) / "synthetic-math-5M__bytes"
+        folder = tmp_path / str(i) / "synthetic-math-40M__bytes"
         cmd = [*PREPARER, "--data", "synthetic-math", "--tokenizer", "bytes", "--data-dir", folder.parent,
-               "--max-tokens", "5M", "--num-workers", 2]
+               "--max-tokens", "40M", "--num-workers", 2]
         assert_stopped_at_once(*interrupt(cmd, folder, delay))
         assert not (folder / "manifest.json").exists()
     again = subprocess.run([str(c) for c in cmd] + ["--quiet"], capture_output=True, text=True, timeout=300)
