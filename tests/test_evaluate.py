@@ -1,4 +1,4 @@
-"""evaluate.py: the scorer (the README's table, row by row), batched greedy answers with their stop rule,
+"""evaluate.py: the scorer (the table in docs/evaluation.md, row by row), batched greedy answers with their stop rule,
 accuracy per family, the loss (the trainer's final test figure), the command line."""
 
 import json
@@ -16,9 +16,10 @@ GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
 def readme_scorer_table():
-    """The rows of the README's "How answers are scored" table: (rule, generated, reference, strict, flexible)."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("#### How answers are scored", 1)[1]
+    """The rows of the "How answers are scored" table in docs/evaluation.md: (rule, generated, reference, strict,
+    flexible)."""
+    text = (REPO / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    section = re.split(r"^#+ How answers are scored$", text, maxsplit=1, flags=re.M)[1]
     rows = []
     for line in section.splitlines()[1:]:
         if rows and not line.startswith("|"):
