@@ -27,10 +27,15 @@ What it guarantees:
     If its source changed since, preparing it again is refused in one line; --replace rebuilds it explicitly
     (into out/.replacing: the old dataset is removed only once the new one is complete).
     The manifest records data_hash (see data_file_utils.data_hash); every run records it and checks it.
+  - never under a reader: runs and tools hold a shared lock on the dataset while they read it (see
+    data_file_utils); --replace is refused in one line while another process holds one, before it builds anything.
+  - bounded: --max-tokens beyond what a json/text source can give, or shards that would not fit on the disk
+    (synthetic-math and math-reasoning have no end), are refused in one line before anything is written.
   - crash safe: shards are written under a temporary name and renamed when complete; manifest.json is
     written last (atomically). A folder without a manifest is not a dataset; a rerun starts it over.
   - Ctrl-C stops it at once (one line, exit 130): the worker processes never see SIGINT; the parent kills them.
-  - concurrent callers (e.g. every DDP rank) are serialised by a lock file; one prepares, the others reuse.
+  - concurrent callers (e.g. every DDP rank) are serialised by the same lock file; one prepares, the others wait
+    and reuse it.
 """
 import contextlib
 import hashlib
@@ -50,9 +55,10 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from data_file_utils import (FORMAT_VERSION, MANIFEST_NAME, MASK_DTYPE, OWNED_FILE, SPLITS, TOKEN_DTYPE, DataError,
-                             Split, data_hash, dataset_dir, mask_shard_name, read_manifest, shard_name, split_hash,
-                             split_of_hash, write_manifest)
+from data_file_utils import (FORMAT_VERSION, LOCK_NAME, MANIFEST_NAME, MASK_DTYPE, OWNED_FILE, SPLITS, TOKEN_DTYPE,
+                             DataError, Split, data_hash, dataset_dir, describe_pids, fcntl, lock_holders, lock_shared,
+                             mask_shard_name, os_error_advice, os_error_reason, own_holds, read_manifest, shard_name,
+                             split_hash, split_of_hash, write_manifest)
 from data_sources import DATA_SPECS, DEFAULT_SEED, _json_docs, _synthetic_docs, open_source
 
 EOT = "<|endoftext|>"
@@ -388,6 +394,7 @@ class ShardWriter:
             self._finish()
 
     def abort(self):
+        """Remove every file this writer made: the shard being written and the ones it completed."""
         if self._files is not None:
             for f in self._files[:2]:
                 if f is not None:
@@ -395,6 +402,9 @@ class ShardWriter:
             for temp in self._files[2]:
                 temp.unlink(missing_ok=True)
             self._files = None
+        for name in self.shards + self.mask_shards:
+            (self.directory / name).unlink(missing_ok=True)
+        self.shards, self.mask_shards, self.shard_sizes = [], [], []
 
     def summary(self) -> dict:
         return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes, "shards": self.shards,
@@ -468,15 +478,80 @@ class SplitRouter:
 
 # ----------------------------------------------------------------------------- prepare
 
-def _lock(directory: Path):
-    """An exclusive lock on the dataset folder (released when the process ends, even by kill -9)."""
-    f = open(directory / ".lock", "a")
+@contextlib.contextmanager
+def _shared(out: Path):
+    """A shared lock on `out` while it is looked at: waits while another process prepares or replaces it, so
+    that a half-swapped folder is never taken for a damaged one. No lock file yet: nothing was ever prepared."""
     try:
-        import fcntl
-        fcntl.flock(f, fcntl.LOCK_EX)
-    except ImportError:  # no fcntl (Windows): no cross-process lock
-        pass
-    return f
+        f = open(out / LOCK_NAME, "rb") if (out / LOCK_NAME).is_file() else None
+    except OSError:
+        f = None
+    if f is None:
+        yield
+        return
+    with f:
+        lock_shared(f, out)
+        yield
+
+
+def _in_use(out: Path, readers) -> str:
+    who = f" ({describe_pids(readers)})" if readers else ""
+    return (f"{out} is being read by a running process{who}; wait for it to end (a run, or a tool reading this "
+            f"data), or prepare into another --data-dir; nothing was changed")
+
+
+def _lock_exclusive(f, out: Path, replace: bool, complete) -> bool:
+    """Take the exclusive lock on `out` (f: its open lock file) to build the dataset there. Never waits for a
+    reader: refused in one line (DataError) while another process reads it, and --replace never waits at all.
+    Without --replace it waits while another process prepares the same dataset (every DDP rank asks for it);
+    returns False if that one completed it meanwhile. (/proc/locks only names the pids in the messages.)"""
+    if fcntl is None:
+        return True
+    said, tries = False, 0
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        holders = [(pid, kind) for pid, kind in lock_holders(out / LOCK_NAME) if pid != os.getpid()]
+        readers = [pid for pid, kind in holders if kind == "READ"]
+        preparers = [pid for pid, kind in holders if kind == "WRITE"]
+        who = f" ({describe_pids(preparers)})" if preparers else ""
+        with open(out / LOCK_NAME, "rb") as probe:  # a shared lock: granted unless another process writes
+            try:
+                fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                writing = False
+            except BlockingIOError:
+                writing = True
+            if not writing:  # only readers: held like this, the folder cannot change while we look
+                if not replace and complete():
+                    return False
+                tries += 1
+                if tries > 20:  # for 0.4 s: not just a look (another command finding this dataset complete)
+                    raise DataError(_in_use(out, readers))
+        if writing and replace:
+            raise DataError(f"{out} is being prepared by another process{who}; wait for it to end, then run this "
+                            f"again; nothing was changed")
+        if writing and not said:
+            print(f"waiting: {out} is being prepared by another process{who}", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(0.1 if writing else 0.02)
+
+
+@contextlib.contextmanager
+def _own_readers_step_aside(out: Path):
+    """This process's own readers of `out` (a notebook or a test that reads and then replaces) unlock it while
+    it is built: no process locks itself out. Their loaders keep the files they opened (an unlinked file stays
+    readable), and their data hash stays: a new loader of this process refuses other data while one is open."""
+    holds = [h for h in own_holds(out) if h.file is not None] if fcntl is not None else []
+    for h in holds:
+        fcntl.flock(h.file, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        for h in holds:
+            fcntl.flock(h.file, fcntl.LOCK_SH)
 
 
 def _jsonable(x):
@@ -534,6 +609,47 @@ def _holds(out: Path, run_data_hash: str) -> bool:
     return data_hash(manifest) == run_data_hash and _damage(out, manifest) is None
 
 
+MAX_WORKERS = max(64, 8 * (os.cpu_count() or 1))  # each is a process; more than this only exhausts the machine
+
+
+def _count(n: int) -> str:
+    return f"{n:,}" if n < 10 ** 15 else f"{n:.3g}"
+
+
+def _size(nbytes) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
+def _free_bytes(path: Path):
+    """Free space on the disk that holds `path` (or would: its nearest existing parent); None if unknown."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def _check_bounds(out: Path, data_dir, source: dict, budget, data_spec: str):
+    """Before anything is written: the budget must be one the source can give (a file has so many bytes) and
+    the shards must fit on the disk. synthetic-math and math-reasoning have no end: only the disk bounds them."""
+    size, bound = source.get("size_bytes"), source.get("token_bound")
+    if budget is not None and bound is not None and budget > bound:
+        raise DataError(f"--max-tokens {_count(budget)} is more than {data_spec} can give: at most {bound:,} tokens "
+                        f"from its {size:,} bytes; leave --max-tokens out to take the whole file, or give less")
+    tokens = budget if size is None else min(budget or size, size)  # a file: about a token a byte at most
+    per_token = np.dtype(TOKEN_DTYPE).itemsize + (np.dtype(MASK_DTYPE).itemsize if source["with_mask"] else 0)
+    free = _free_bytes(out)
+    if tokens is not None and free is not None and tokens * per_token > free:
+        raise DataError(f"{out.name} needs about {_size(tokens * per_token)} of shards ({_count(tokens)} tokens x "
+                        f"{per_token} bytes a token), but only {_size(free)} are free under {data_dir}; free some "
+                        f"space, choose another --data-dir, or a smaller --max-tokens")
+
+
 def prepare(data_spec: str, tokenizer_name: str, data_dir="data", max_tokens=None, seed: int = DEFAULT_SEED,
             num_workers=None, quiet: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS,
             replace: bool = False, run_data_hash: str | None = None) -> Path:
@@ -542,6 +658,7 @@ def prepare(data_spec: str, tokenizer_name: str, data_dir="data", max_tokens=Non
     seed: generator seed of synthetic-math (other sources do not use it).
     Each request (source, seed, budget, tokenizer) has its own folder. A complete one is returned as it is;
     one that no longer matches its request (the source file changed) is refused unless replace=True.
+    replace=True is refused while another process reads the dataset (see data_file_utils: the lock).
     run_data_hash: the data hash a run recorded (resume, evaluate): a complete dataset with that hash is the
     run's data and is returned even if its source has changed since."""
     enc = get_tokenizer(tokenizer_name)
@@ -549,8 +666,9 @@ def prepare(data_spec: str, tokenizer_name: str, data_dir="data", max_tokens=Non
         raise DataError(f"--max-tokens must be a positive whole number, got {max_tokens}")
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens must be positive, got {shard_tokens}")
-    if num_workers is not None and num_workers < 1:
-        raise DataError(f"--num-workers must be positive, got {num_workers}")
+    if num_workers is not None and not 1 <= num_workers <= MAX_WORKERS:
+        raise DataError(f"--num-workers must be 1..{MAX_WORKERS} (each is a process; this machine has "
+                        f"{os.cpu_count()} cores), got {num_workers}")
     source = open_source(data_spec, seed)  # checks the input before anything on disk changes
     uses_seed = source["kind"] == "synthetic-math"
     budget = int(max_tokens) if max_tokens is not None else DEFAULT_MAX_TOKENS.get(source["kind"])
@@ -561,18 +679,28 @@ def prepare(data_spec: str, tokenizer_name: str, data_dir="data", max_tokens=Non
     replace_command = (f"python base_data_preparer.py --data {shlex.quote(data_spec)} --tokenizer {tokenizer_name} "
                        f"--data-dir {shlex.quote(str(data_dir))}" + (f" --max-tokens {budget}" if max_tokens else "")
                        + (f" --seed {seed}" if uses_seed and seed != DEFAULT_SEED else "") + " --replace")
-    if run_data_hash and not replace and _holds(out, run_data_hash):
-        return out
-    if not replace and _existing_dataset(out, request, replace_command, source.get("outdated")) is not None:  # fast path, no lock
-        return out
+
+    def complete():
+        return _existing_dataset(out, request, replace_command, source.get("outdated")) is not None
+
+    if not replace:
+        with _shared(out):  # a preparation of it in progress: wait for it
+            if run_data_hash and _holds(out, run_data_hash):
+                return out
+            if complete():
+                return out
+    _check_bounds(out, data_dir, source, budget, data_spec)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock = _lock(out)
+        lock = open(out / LOCK_NAME, "ab")
     except OSError as e:
-        raise DataError(f"cannot write to {out} ({e.strerror or e}); choose another --data-dir") from None
-    with lock:
-        if not replace and _existing_dataset(out, request, replace_command, source.get("outdated")) is not None:
-            return out  # another process finished it while we waited
+        raise DataError(f"cannot write to {e.filename or out} ({os_error_reason(e)}); {os_error_advice(e)}") from None
+    with _own_readers_step_aside(out), lock:
+        try:
+            if not _lock_exclusive(lock, out, replace, complete) or (not replace and complete()):
+                return out  # another process completed it meanwhile
+        except OSError as e:
+            raise DataError(f"cannot lock {out / LOCK_NAME} ({os_error_reason(e)}); {os_error_advice(e)}") from None
         _build(out, source, enc, tokenizer_name, budget, num_workers or os.cpu_count() or 1, quiet,
                shard_tokens, request)
     return out
@@ -602,8 +730,28 @@ def _clear(folder: Path):
     then shards and the temporary files an interrupted preparation left behind. Files we did not write stay."""
     (folder / MANIFEST_NAME).unlink(missing_ok=True)
     for p in folder.iterdir():
-        if OWNED_FILE.match(p.name):
+        if OWNED_FILE.match(p.name) and (p.is_file() or p.is_symlink()):
             p.unlink()
+
+
+STAGING = ".replacing"  # inside the dataset folder: where --replace builds the new dataset
+
+
+def _clear_staging(staging: Path):
+    """Remove the staging folder an interrupted --replace left behind. Only what a preparation writes there is
+    removed; anything else in the way is refused in one line and left as it is."""
+    if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
+        raise DataError(f"{staging} is in the way: --replace builds the new dataset in a folder of that name, and "
+                        f"this is no folder it made; move it away, then run again")
+    if not staging.exists():
+        return
+    foreign = sorted(p.name for p in staging.iterdir() if not (OWNED_FILE.match(p.name) and p.is_file()))
+    if foreign:
+        names = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise DataError(f"{staging} (where --replace builds the new dataset) holds files the preparer did not write: "
+                        f"{names}; move them away, then run again")
+    _clear(staging)
+    staging.rmdir()
 
 
 def _build(out: Path, source: dict, enc, tokenizer_name, budget, num_workers, quiet, shard_tokens, request):
@@ -611,14 +759,17 @@ def _build(out: Path, source: dict, enc, tokenizer_name, budget, num_workers, qu
     # --replace: the complete dataset stays as it is until the new one is complete (a bad line found halfway,
     # Ctrl-C or a full disk leave it intact): the new shards go into out/.replacing and are moved in at the end.
     # Otherwise start over in `out` itself.
-    staging = out / ".replacing"
-    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted --replace
-    if (out / MANIFEST_NAME).exists():
-        staging.mkdir()
-        target = staging
-    else:
-        _clear(out)
-        target = out
+    staging = out / STAGING
+    _clear_staging(staging)  # left by an interrupted --replace
+    try:
+        if (out / MANIFEST_NAME).exists():
+            staging.mkdir()
+            target = staging
+        else:
+            _clear(out)
+            target = out
+    except OSError as e:
+        raise DataError(f"preparing {out} failed ({os_error_reason(e)}); {os_error_advice(e)}") from None
     t0 = time.time()
     writers = {s: ShardWriter(target, s, shard_tokens, source["with_mask"]) for s in SPLITS}
     router = SplitRouter(writers)
@@ -647,14 +798,15 @@ def _build(out: Path, source: dict, enc, tokenizer_name, budget, num_workers, qu
             total += used
         router.finish()
     except BaseException as e:
-        for w in writers.values():
-            w.abort()
         bar.close()
-        if target is staging:
-            shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(e, OSError):  # disk full, permissions, ...
-            raise DataError(f"writing {out} failed ({e.strerror or e}); free some space or choose another "
-                            f"--data-dir, then run again") from None
+        with contextlib.suppress(OSError):  # what this command wrote goes; a complete old dataset stays
+            for w in writers.values():
+                w.abort()
+            if target is staging:
+                _clear(staging)
+                staging.rmdir()
+        if isinstance(e, OSError):  # named by its errno: a full disk, a permission, or whatever it was
+            raise DataError(f"preparing {out} failed ({os_error_reason(e)}); {os_error_advice(e)}") from None
         raise
     bar.close()
     seconds = time.time() - t0
@@ -671,12 +823,16 @@ def _build(out: Path, source: dict, enc, tokenizer_name, budget, num_workers, qu
         "splits": {s.value: writers[s].summary() for s in SPLITS},
     })
     manifest["data_hash"] = data_hash(manifest)  # what runs record; recomputed from the fields when checked
-    if target is staging:  # the old dataset goes only now (a crash in between: no manifest, prepared again)
-        _clear(out)
-        for p in staging.iterdir():
-            os.replace(p, out / p.name)
-        staging.rmdir()
-    write_manifest(out, manifest)  # last: from now on the folder is a complete dataset
+    try:
+        if target is staging:  # the old dataset goes only now (a crash in between: no manifest, prepared again)
+            _clear(out)
+            for p in staging.iterdir():
+                os.replace(p, out / p.name)
+            staging.rmdir()
+        write_manifest(out, manifest)  # last: from now on the folder is a complete dataset
+    except OSError as e:
+        raise DataError(f"completing {out} failed ({os_error_reason(e)}); it holds no complete dataset now: "
+                        f"{os_error_advice(e)}") from None
     if not quiet:
         n = {s.value: writers[s].tokens for s in SPLITS}
         total = sum(n.values())
@@ -694,15 +850,16 @@ def main(argv=None):
     parser.add_argument("--data-dir", default="data", help="where dataset folders go (default: data)")
     parser.add_argument("--max-tokens", type=cli.count, default=None,
                         help="token budget over all splits, e.g. 100M (default: synthetic-math 10M, "
-                             "math-reasoning 100M, json/text the whole file)")
+                             "math-reasoning 100M, json/text the whole file); at most what a file can give and "
+                             "what fits on the disk")
     parser.add_argument("--seed", type=cli.seed, default=DEFAULT_SEED, help="synthetic-math generator seed")
     parser.add_argument("--num-workers", type=cli.positive_int, default=None, help="tokenizer processes (default: all cores)")
     parser.add_argument("--shard-tokens", type=cli.count, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--replace", action="store_true",
                         help="prepare the complete dataset of this request again and replace it (the old one stays "
-                             "until the new one is complete; runs trained on it then refuse to resume or be "
-                             "evaluated if the data came out different)")
+                             "until the new one is complete; refused while a run or tool reads it; runs trained on "
+                             "it then refuse to resume or be evaluated if the data came out different)")
     args = parser.parse_args(argv)
     try:
         out = prepare(args.data, args.tokenizer, args.data_dir, args.max_tokens, args.seed, args.num_workers,

@@ -10,15 +10,33 @@ On-disk layout of one prepared dataset (one folder per request: source, seed, bu
         train_000000.bin         flat uint16 token ids, <|endoftext|> before every document
         train_000000.mask.bin    optional uint8 loss mask, one byte per token (1 = answer token)
         val_000000.bin ...
+        .lock                    the lock file: readers hold a shared lock on it, the preparer an exclusive one
+
+Readers and the preparer meet on .lock (fcntl.flock: the kernel drops a lock when its process ends, however it
+ends). Whoever reads a prepared dataset holds a SHARED lock for as long as it reads (hold_dataset: a
+TokenDataLoader from its creation until it is closed or collected, check_run_data until the run's first loader
+takes over). base_data_preparer.py takes the EXCLUSIVE lock without waiting before it builds anything, so
+--replace is refused while anyone reads the dataset, and a reader that starts while a preparation runs waits
+until the dataset is complete. Within one process, every reader of a folder must see the same data_hash:
+data changed under a reader (by a command that ignores the lock) stops the next one in one line.
 """
 import enum
+import errno
 import hashlib
 import json
 import os
 import re
+import sys
+import weakref
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, nothing is locked there
+    fcntl = None
+
 MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".lock"
 FORMAT_VERSION = 1
 TOKEN_DTYPE = "uint16"  # every supported vocabulary is < 65536 tokens: 2 bytes per token
 MASK_DTYPE = "uint8"
@@ -185,14 +203,168 @@ def read_manifest(directory) -> dict:
     """The manifest of a prepared dataset, checked; DataError when it is missing, unreadable or malformed."""
     path = Path(directory) / MANIFEST_NAME
     hint = "prepare it with: python base_data_preparer.py --data SPEC --tokenizer NAME"
-    if not path.is_file():
+    try:
+        raw = path.read_bytes() if path.is_file() else None
+    except FileNotFoundError:
+        raw = None
+    except OSError as e:  # permissions, I/O: the data may be fine, so no advice to delete them
+        raise DataError(f"cannot read {path} ({os_error_reason(e)}); {os_error_advice(e, 'read')}") from None
+    if raw is None:
+        if path.exists() or path.is_symlink():
+            raise DataError(f"{path} is not a file; a dataset's manifest is a JSON file: move that away and {hint}")
         raise DataError(f"no prepared dataset in {directory} ({MANIFEST_NAME} is missing); {hint}")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is unreadable ({type(e).__name__}); delete that folder and {hint}") from None
+        manifest = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text (damaged); delete that folder and {hint}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is unreadable (not JSON: {e.msg}, damaged or cut short); delete that folder and "
+                        f"{hint}") from None
     _check_manifest(path, manifest, hint)
     return manifest
+
+
+# ----------------------------------------------------------------------------- OSError, by its cause
+
+def os_error_reason(e: OSError) -> str:
+    """The system's words for an OSError: 'No space left on device', 'Permission denied', ..."""
+    return e.strerror or str(e) or type(e).__name__
+
+
+def os_error_advice(e: OSError, doing: str = "write") -> str:
+    """What to do about an OSError, from its errno: a full disk, a permission, or else whatever it says."""
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return "free some space or choose another --data-dir, then run again"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ("check that path's permissions (or choose another --data-dir), then run again" if doing == "write"
+                else "check that path's permissions, then run again")
+    if e.errno in (errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+        return "the system is short of processes, files or memory: run again with fewer --num-workers"
+    return "check that path or choose another --data-dir, then run again" if doing == "write" else \
+        "check that path, then run again"
+
+
+# ----------------------------------------------------------------------------- readers and the preparer
+#
+# See the top of this file. A hold is one shared lock (one open file of .lock) with the data hash seen under it.
+
+def lock_holders(path) -> list:
+    """(pid, "READ" or "WRITE") of the processes holding a flock on `path`, from /proc/locks; [] where there is
+    none (not Linux) or none holds it. Requests still waiting ("->") are not holders."""
+    try:
+        st = os.stat(path)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    found, anywhere = [], []
+    for line in lines:  # "1: FLOCK  ADVISORY  READ 1234 fe:00:2147489 0 EOF"
+        f = line.split()
+        if len(f) < 6 or f[1] != "FLOCK":
+            continue
+        try:
+            major, minor, inode = f[5].split(":")
+            if int(inode) != st.st_ino:
+                continue
+            same_device = (int(major, 16), int(minor, 16)) == (os.major(st.st_dev), os.minor(st.st_dev))
+            (found if same_device else anywhere).append((int(f[4]), f[3]))
+        except ValueError:
+            continue
+    return found or anywhere  # some filesystems (overlays) report another device number there
+
+
+def describe_pids(pids) -> str:
+    pids = sorted(set(pids))
+    return "pid " + str(pids[0]) if len(pids) == 1 else "pids " + ", ".join(map(str, pids))
+
+
+def lock_shared(f, directory) -> None:
+    """A shared flock on the open lock file f; waits (and says so) while a preparation of `directory` runs."""
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    except OSError:  # no locks on this filesystem: nothing to coordinate with
+        return
+    who = describe_pids(pid for pid, kind in lock_holders(f.name) if kind == "WRITE") if sys.platform == "linux" else ""
+    print(f"waiting: {directory} is being prepared by another process{f' ({who})' if who else ''}; it is read "
+          f"once complete", file=sys.stderr, flush=True)
+    fcntl.flock(f, fcntl.LOCK_SH)
+
+
+def open_lock_for_reading(directory):
+    """The dataset's lock file opened for a shared lock, or None where there is none to take: not a dataset
+    (read_manifest then says so), or a folder this process may not write that has no lock file yet."""
+    path = Path(directory) / LOCK_NAME
+    try:
+        if path.is_file():
+            return open(path, "rb")
+        if (Path(directory) / MANIFEST_NAME).is_file():  # a dataset copied without its hidden lock file
+            return open(path, "ab")
+    except OSError:
+        pass
+    return None
+
+
+class DatasetHold:
+    """This process reads the dataset in `directory`: a shared lock on its lock file (None: no lock possible)
+    and the data hash it saw under that lock. The lock is released when the hold is closed or collected."""
+
+    def __init__(self, directory, file, data_hash_seen: str):
+        self.key = str(Path(directory).resolve())
+        self.file, self.data_hash, self.open = file, data_hash_seen, True
+        _live_holds.add(self)
+
+    def close(self):
+        self.open = False
+        if self.file is not None:
+            self.file.close()  # closing the file drops its flock
+            self.file = None
+
+    def __del__(self):
+        self.close()
+
+
+_live_holds = weakref.WeakSet()  # every hold of this process that is still open
+_run_holds = {}  # folder -> the hold check_run_data took for a run, until the run's first loader has its own
+
+
+def own_holds(directory) -> list:
+    """The open holds of this process on `directory` (the preparer lets them through: no process locks itself out)."""
+    key = str(Path(directory).resolve())
+    return [h for h in list(_live_holds) if h.key == key and h.open]
+
+
+def hold_dataset(directory):
+    """Start reading the prepared dataset in `directory`: returns (hold, manifest), the manifest read under a
+    shared lock. Keep the hold for as long as you read; while it is open, --replace is refused. DataError if the
+    data differ from what another open reader of this process saw (changed under it)."""
+    f = open_lock_for_reading(directory)
+    try:
+        if f is not None:
+            lock_shared(f, directory)
+        manifest = read_manifest(directory)
+    except BaseException:
+        if f is not None:
+            f.close()
+        raise
+    found = data_hash(manifest)
+    seen = {h.data_hash for h in own_holds(directory)} - {found}
+    if seen:
+        if f is not None:
+            f.close()
+        raise DataError(f"the data under this run changed: {directory} now holds dataset {found}, but this process "
+                        f"has been reading dataset {seen.pop()} from it (replaced by a command that ignores its "
+                        f"lock?); what it computed so far belongs to the old data: start again (with --resume, if "
+                        f"the old data come back) or start a new run")
+    return DatasetHold(directory, f, found), manifest
+
+
+def release_run_hold(directory) -> None:
+    """The run's first loader of `directory` holds it now: check_run_data's hold may go."""
+    _run_holds.pop(str(Path(directory).resolve()), None)
 
 
 # ----------------------------------------------------------------------------- the identity of a dataset
@@ -213,12 +385,15 @@ def data_hash(manifest: dict) -> str:
 def check_run_data(directory, run_config: dict) -> dict:
     """What a run records about its data: {"max_tokens": the budget actually used, "data_hash": ...}.
     If run_config already holds a data_hash (a resumed run, a checkpoint being evaluated), the data in
-    `directory` must have that hash: otherwise DataError, in one line, before any work is done."""
-    manifest = read_manifest(directory)
-    found = data_hash(manifest)
+    `directory` must have that hash: otherwise DataError, in one line, before any work is done.
+    From here on the data are held (see hold_dataset) until the run's first TokenDataLoader holds them itself:
+    nothing can replace them between this check and the loaders."""
+    hold, manifest = hold_dataset(directory)
+    found = hold.data_hash
     recorded = run_config.get("data_hash")
     if recorded is not None and recorded != found:
         raise DataError(f"the data under this run changed: {directory} holds dataset {found}, the run was trained on "
                         f"{recorded} (folder replaced, or the source file changed?); point --data-dir at the run's "
                         f"data (synthetic-math prepares again identically into a new --data-dir) or start a new run")
+    _run_holds[hold.key] = hold
     return {"max_tokens": manifest.get("max_tokens"), "data_hash": found}

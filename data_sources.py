@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import synthetic_math
-from data_file_utils import DataError, qa_split_text, same_question, split_hash
+from data_file_utils import DataError, os_error_advice, os_error_reason, qa_split_text, same_question, split_hash
 
 DATA_SPECS = ("synthetic-math", "math-reasoning", "json:PATH", "text:PATH")
 QA_SPLIT = "by first question"  # json:PATH: every answer to a question takes the split of its first record
@@ -113,11 +113,20 @@ def _is_unicode(text: str) -> bool:
 # ----------------------------------------------------------------------------- sources
 #
 # A source is a dict: kind, spec (as stored in the manifest), fingerprint (changes when the input changes),
-# with_mask, and parts() -> [(label, tasks, share of the budget)]. Opening a source checks what is cheap to
-# check (file exists, not empty, ...); parts() opens the rest (the Hub); both before anything on disk changes.
+# with_mask, and parts() -> [(label, tasks, share of the budget)]; a finite source (a file, a folder) also has
+# size_bytes and token_bound (no tokenizer gives more tokens than that). Opening a source checks what is cheap
+# to check (file exists, not empty, ...); parts() opens the rest (the Hub); both before anything on disk changes.
 
 def _unreadable(path, e: OSError):
-    return DataError(f"cannot read {path} ({e.strerror or type(e).__name__}); check that file")
+    advice = os_error_advice(e, "read") if e.errno is not None else "check that file"
+    return DataError(f"cannot read {path} ({os_error_reason(e)}); {advice.replace('that path', 'that file')}")
+
+
+def _token_bound(size: int, documents: int) -> int:
+    """At most this many tokens: a document's text has no more bytes than its line(s) in the file (JSON
+    quoting, a question's "Question: ...\nAnswer:" and blank-line separators only add bytes), a token is at
+    least one byte, and each document adds one <|endoftext|>."""
+    return size + documents
 
 
 def _read_lines(path):
@@ -189,7 +198,9 @@ def _json_source(path):
     # The manifest records the rule for repeated questions. A dataset prepared before it (no "qa_split") is
     # still the same data when the file asks no question twice; otherwise its answers were split apart, and it
     # is refused (outdated), not reused.
+    size = path.stat().st_size
     return dict(kind="json", spec=f"json:{path}", fingerprint=_fingerprint(path), with_mask=with_mask,
+                size_bytes=size, token_bound=_token_bound(size, size // 2 + 1),  # a record: "{}" and a newline
                 parts=parts, manifest=dict(qa_split=QA_SPLIT),
                 outdated=lambda m: ["qa_split"] if "qa_split" not in m and _repeated_questions(path) else [])
 
@@ -236,11 +247,15 @@ def _text_source(path):
             raise DataError(f"text:{path}: the folder has no *.txt files")
         st = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
         fingerprint = {"path": str(path), "files": hashlib.sha1(json.dumps(st).encode()).hexdigest()}
+        size = sum(n for _, n, _ in st)
+        bound = _token_bound(size, len(files))  # a file is one document
     else:
         fingerprint = _fingerprint(path)
+        size = path.stat().st_size
+        bound = _token_bound(size, size // 2 + 1)  # documents are apart by a blank line
     tasks = (("docs", batch, False) for batch in _batched(_text_documents(path), lambda d: len(d[1])))
     return dict(kind="text", spec=f"text:{path}", fingerprint=fingerprint, with_mask=False,
-                parts=lambda: [(path.name, tasks, 1.0)])
+                size_bytes=size, token_bound=bound, parts=lambda: [(path.name, tasks, 1.0)])
 
 
 def _synthetic_source(seed):

@@ -16,6 +16,11 @@ Loss mask (with_loss_mask=True, datasets that have one): a float32 (B, T) tensor
 1.0 where the target token y is part of an answer, 0.0 for question/prompt tokens and <|endoftext|>.
 With score_answer_end=True the <|endoftext|> that directly follows an answer token is 1.0 as well: the end of
 the answer is part of it, so an answer-only loss still teaches the model to stop (the trainer's --loss-on answer).
+
+A loader holds its dataset (data_file_utils.hold_dataset: a shared lock) from its creation until close() or until
+it is collected: base_data_preparer.py --replace is refused meanwhile, so the shards under its memory maps and
+the manifest the next loader reads are the ones it was made with. A new loader whose data differ from those an
+open loader of this process reads stops in one line.
 """
 import bisect
 import mmap
@@ -24,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_file_utils import DataError, Split, read_manifest
+from data_file_utils import DataError, Split, hold_dataset, os_error_advice, os_error_reason, release_run_hold
 
 RELEASE_BYTES = 32 << 20  # give back memory-mapped pages we have read past, every 32 MB
 
@@ -89,7 +94,7 @@ class TokenDataLoader:
         if not 0 <= self.rank < self.world_size:
             raise DataError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
 
-        self.manifest = read_manifest(self.dataset_dir)
+        self._hold, self.manifest = hold_dataset(self.dataset_dir)  # held for as long as this loader lives
         info = self.manifest["splits"][self.split.value]
         self.vocab_size = int(self.manifest["vocab_size"])
         self.eot_token = int(self.manifest["eot_token"])
@@ -122,16 +127,33 @@ class TokenDataLoader:
         self.chunks_per_epoch = (self.tokens - self.offset) // self.chunk_tokens  # whole chunks that fit
         self.pin = self.device.type == "cuda"
         self.reset()
+        release_run_hold(self.dataset_dir)  # the run's data are held by its loader now
+
+    def close(self):
+        """Done reading: drop the memory maps and the hold on the dataset (another command may replace it now)."""
+        self._shards, self._masks = [], []
+        if self._hold is not None:
+            self._hold.close()
+            self._hold = None
 
     def _open(self, name, dtype, count):
         path = self.dataset_dir / name
         expected = count * np.dtype(dtype).itemsize
-        actual = path.stat().st_size if path.is_file() else None
-        if actual != expected:
-            what = "is missing" if actual is None else f"has {actual:,} bytes, the manifest says {expected:,}"
-            raise DataError(f"shard {path} {what}; the dataset is damaged: delete {self.dataset_dir} and prepare "
-                            f"the data again")
-        return _Shard(path, dtype, count)
+        damaged = f"the dataset is damaged: delete {self.dataset_dir} and prepare the data again"
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise DataError(f"shard {path} is missing; {damaged}") from None
+        except OSError as e:
+            raise DataError(f"cannot read shard {path} ({os_error_reason(e)}); {os_error_advice(e, 'read')}") from None
+        if not path.is_file():
+            raise DataError(f"shard {path} is not a file; {damaged}")
+        if st.st_size != expected:
+            raise DataError(f"shard {path} has {st.st_size:,} bytes, the manifest says {expected:,}; {damaged}")
+        try:
+            return _Shard(path, dtype, count)
+        except OSError as e:
+            raise DataError(f"cannot read shard {path} ({os_error_reason(e)}); {os_error_advice(e, 'read')}") from None
 
     # ------------------------------------------------------------------ position
 
