@@ -25,6 +25,8 @@ Output PNGs (x = the p_bw compared with 0, default 0.05):
 and summary.md: final numbers per size (means over seeds, with the spread).
 """
 
+import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+
 import argparse
 import json
 import math
@@ -34,6 +36,7 @@ import sys
 import numpy as np
 
 import cli
+from plot_loss import PlotError, is_number, read_metrics
 
 
 # ---- the two averages (pure) --------------------------------------------------------------------
@@ -58,25 +61,41 @@ AVERAGES = {"mean_then_ratio": mean_then_ratio, "ratio_then_mean": ratio_then_me
 # ---- loading runs -------------------------------------------------------------------------------
 
 def load_run(run_dir):
-    with open(os.path.join(run_dir, "config.json")) as f:
-        cfg = json.load(f)
-    mc = cfg.get("model_config", {})
-    val = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                if row.get("split") == "val" and "loss_bw" in row:
-                    val[row["step"]] = row
+    """A run folder's settings, val rows and layer cuts; ValueError (find_runs skips the folder with a note) when
+    its files are not those of a train_dual_mask_gpt.py run."""
+    cfg = read_json_object(os.path.join(run_dir, "config.json"))
+    mc = cfg.get("model_config")
+    if not (isinstance(mc, dict) and all(isinstance(mc.get(k), int) for k in ("n_layer", "n_embd"))
+            and is_number(mc.get("p_bw")) and isinstance(cfg.get("seed"), int) and isinstance(cfg.get("n_params"), int)):
+        raise ValueError("its config.json is not that of a train_dual_mask_gpt.py run (model_config's n_layer, "
+                         "n_embd, p_bw; seed; n_params)")
+    try:
+        rows = read_metrics(run_dir)  # plot_loss.py's reader: a live run's incomplete last line is left out
+    except PlotError as e:
+        raise ValueError(str(e)) from None
+    val = {r["step"]: r for r in rows if r.get("split") == "val" and "loss_fw" in r and "loss_bw" in r}
     cuts = None
     cut_file = os.path.join(run_dir, "layer_cuts.json")
     if os.path.exists(cut_file):
-        with open(cut_file) as f:
-            cuts = {c["layers"]: c for c in json.load(f)["cuts"]}
+        cuts = read_json_object(cut_file).get("cuts")
+        if not (isinstance(cuts, list) and all(isinstance(c, dict) and isinstance(c.get("layers"), int) and
+                                               is_number(c.get("loss_fw")) and is_number(c.get("loss_bw"))
+                                               for c in cuts)):
+            raise ValueError(f"{cut_file} is not the output of evaluate_layer_cuts.py; make it again (--overwrite)")
+        cuts = {c["layers"]: c for c in cuts}
     return {"dir": run_dir, "depth": mc["n_layer"], "width": mc["n_embd"], "p_bw": float(mc["p_bw"]),
             "bw_mode": mc.get("bw_mode", "additional"), "dynamic": bool(mc.get("dynamic_p_bw", False)),
             "seed": cfg.get("seed"), "num_params": cfg.get("n_params"), "max_steps": cfg.get("max_steps"),
             "val": val, "cuts": cuts}
+
+
+def read_json_object(path):
+    """The JSON object in the file `path`; ValueError (UnicodeDecodeError and JSONDecodeError are ones) otherwise."""
+    with open(path, encoding="utf-8") as f:
+        value = json.load(f)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def find_runs(roots):
@@ -387,14 +406,30 @@ def main(argv=None):
     if not usable:
         print("error: no size has runs at both p_bw = 0 and --p-bw; nothing to compare", file=sys.stderr)
         return 1
-    os.makedirs(args.out, exist_ok=True)
-    out = lambda name: os.path.join(args.out, name)
+    try:
+        written, summary = write_analysis(groups, x, args.windows, args.out)
+    except OSError as e:  # e.g. a full disk: the figures written before stay; the last one may be cut short
+        print(f"error: could not write into {args.out} ({e.strerror or e}); free some space or choose another "
+              f"--out", file=sys.stderr)
+        return 1
+    print(summary)
+    print("wrote " + ", ".join(written) + " and summary.md to " + args.out)
+    stale = sorted(set(os.listdir(args.out)) - set(written) - {"summary.md"})
+    if stale:  # from an earlier analysis (another --p-bw or --windows): said, not deleted
+        print(f"note: {args.out} also holds files this run did not write: {', '.join(stale)}")
+    return 0
+
+
+def write_analysis(groups, x, windows, folder):
+    """Every figure and summary.md into `folder`; returns the names of the figures written and the summary."""
+    os.makedirs(folder, exist_ok=True)
+    out = lambda name: os.path.join(folder, name)
     written = []
     plot_fw_bw_losses(groups, x, out(f"val_loss_fw_bw_p{x:g}.png"))
     written.append(f"val_loss_fw_bw_p{x:g}.png")
     plot_ratio1_over_steps(groups, x, out(f"ratio1_val_loss_over_steps_p{x:g}.png"))
     written.append(f"ratio1_val_loss_over_steps_p{x:g}.png")
-    for w in args.windows:
+    for w in windows:
         window = parse_window(w)
         name = f"violin_ratio1_by_params_p{x:g}_{window[0]:g}-{window[1]:g}.png"
         if plot_violin(groups, x, window, out(name)):
@@ -411,12 +446,7 @@ def main(argv=None):
         written.append(f"cut_ratio2_loss_p{x:g}.png")
     if plot_cut_losses(groups, x, out(f"cut_losses_p{x:g}.png")):
         written.append(f"cut_losses_p{x:g}.png")
-    print(write_summary(summary_rows(groups, x), x, out("summary.md")))
-    print("wrote " + ", ".join(written) + " and summary.md to " + args.out)
-    stale = sorted(set(os.listdir(args.out)) - set(written) - {"summary.md"})
-    if stale:  # from an earlier analysis (another --p-bw or --windows): said, not deleted
-        print(f"note: {args.out} also holds files this run did not write: {', '.join(stale)}")
-    return 0
+    return written, write_summary(summary_rows(groups, x), x, out("summary.md"))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CHECKPOINT_FORMAT = "lmsmall-checkpoint-v1"
+# What every reader of a checkpoint uses, and its type (training runs and convert_hf.py write them all).
+CHECKPOINT_FIELDS = {"model_name": str, "model_config": dict, "model_state": dict, "config": dict}
 
 
 class CheckpointError(Exception):
@@ -436,6 +438,17 @@ class AutoRegressiveModel(nn.Module):
                                   f"lmsmall checkpoint") from None
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} is not an lmsmall checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+        for key, kind in CHECKPOINT_FIELDS.items():  # an edited or damaged file: one line here, not a KeyError later
+            if key not in ckpt:
+                problem = f"has no '{key}'"
+            elif not isinstance(ckpt[key], kind):
+                problem = f"has a {type(ckpt[key]).__name__} as '{key}', not a {kind.__name__}"
+            elif key == "model_state" and not all(torch.is_tensor(t) for t in ckpt[key].values()):
+                problem = "has a 'model_state' that holds something other than tensors"
+            else:
+                continue
+            raise CheckpointError(f"checkpoint {path} {problem}: it is damaged or was not written by lmsmall; use "
+                                  f"the checkpoint as its training run wrote it")
         return ckpt
 
     @staticmethod
@@ -467,8 +480,13 @@ class AutoRegressiveModel(nn.Module):
             if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise CheckpointError(f"checkpoint {path} holds non-finite weights ({name} has nan or inf); "
                                       f"nothing it computes would mean anything: use an earlier checkpoint")
-        model = create_model(ckpt["model_name"], preset=None, **ckpt["model_config"])
-        model.load_extra_state(ckpt.get("model_extra_state", {}))
+        try:  # an unknown model name, a config or extra state value of the wrong kind
+            model = create_model(ckpt["model_name"], preset=None, **ckpt["model_config"])
+            model.load_extra_state(ckpt.get("model_extra_state", {}))
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"checkpoint {path} does not describe a model this code can build "
+                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); use a checkpoint "
+                                  f"written by an lmsmall training script") from None
         try:
             model.load_state_dict(ckpt["model_state"])
         except RuntimeError as e:

@@ -37,6 +37,8 @@ What it guarantees:
   - concurrent callers (e.g. every DDP rank) are serialised by the same lock file; one prepares, the others wait
     and reuse it.
 """
+import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+
 import contextlib
 import hashlib
 import json

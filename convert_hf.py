@@ -30,6 +30,8 @@ Tokenizer files go with it (vocab.json, merges.txt, tokenizer.json): GPT-2's, co
 gpt2 runs; for byte runs a byte-level vocabulary without merges (id = the byte, 256 = <|endoftext|>).
 """
 
+import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+
 import argparse
 import contextlib
 import dataclasses

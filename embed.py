@@ -30,6 +30,9 @@ passes (no real token sees later positions), left padding for dual's bw pass (it
 BW token at the end), a key mask for the bidirectional encoder.
 """
 
+import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+
+import contextlib
 import io
 import itertools
 import json
@@ -105,13 +108,15 @@ def feature_batches(model, enc, texts, kind=None, batch_size=32, progress=False)
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     starts = range(0, len(order), batch_size)
-    for b in tqdm(starts, desc="embedding", unit="batch", disable=not progress, file=sys.stderr):
-        batch = order[b:b + batch_size]
-        passes = ("fw", "bw") if kind == "dual" else (None,)
-        feats = [_pass(model, kind, [rows[i] for i in batch], d) for d in passes]
-        for j, i in enumerate(batch):
-            per_pass = [h[j, spans[j]].cpu() for h, spans in feats]
-            yield i, (tuple(per_pass) if kind == "dual" else per_pass[0])
+    # leave=False: the bar is wiped when it closes, so a failure mid-way ends with its one error line alone
+    with tqdm(starts, desc="embedding", unit="batch", disable=not progress, file=sys.stderr, leave=False) as bar:
+        for b in bar:
+            batch = order[b:b + batch_size]
+            passes = ("fw", "bw") if kind == "dual" else (None,)
+            feats = [_pass(model, kind, [rows[i] for i in batch], d) for d in passes]
+            for j, i in enumerate(batch):
+                per_pass = [h[j, spans[j]].cpu() for h, spans in feats]
+                yield i, (tuple(per_pass) if kind == "dual" else per_pass[0])
     model.train(was_training)
 
 
@@ -158,6 +163,14 @@ def token_embeddings(model, enc, texts, kind=None, batch_size=32):
 
 # ---- writing as it goes: memory does not grow with the number of texts ---------------------------------
 
+def own_temporary(path):
+    """A new, empty file beside `path` for writing it (a hidden name with this process's id), created here and
+    never an existing file: so removing it after a failure removes nothing that was there before."""
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    open(tmp, "xb").close()
+    return tmp
+
+
 def open_npy(path, shape):
     """A .npy file of float32 `shape` whose rows are written in any order with write_rows (no memmap: pages
     written through a file handle do not count toward this process's memory)."""
@@ -185,7 +198,7 @@ def write_tokens(path, items, lengths, width):
     (text i is tokens[offsets[i]:offsets[i+1]]), as np.savez writes it; the tokens go through a temporary .npy
     that is copied into the zip in chunks."""
     offsets = np.cumsum([0] + list(lengths))
-    tmp = path + ".tokens.tmp"
+    tmp = own_temporary(path + ".tokens")
     try:
         f, header = open_npy(tmp, (int(offsets[-1]), width))
         with f:
@@ -198,9 +211,29 @@ def write_tokens(path, items, lengths, width):
             np.save(buffer, offsets)
             z.writestr("offsets.npy", buffer.getvalue())
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
     return int(offsets[-1])
+
+
+def write_output(out, items, tokens, lengths, width):
+    """items -> `out`: pooled (.npy) or, with tokens, token embeddings (.npz), written into a temporary file that
+    is renamed at the end, so `out` appears whole or not at all. Whatever stops it (a full disk, Ctrl-C, bad
+    input found mid-way), the temporary file is removed. Returns the shape in words."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    tmp = own_temporary(out)
+    try:
+        if tokens:
+            shape = f"{write_tokens(tmp, items, lengths, width)} tokens x {width}"
+        else:
+            write_pooled(tmp, items, len(lengths), width)
+            shape = f"{len(lengths)} x {width}"
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return shape
 
 
 def maxsim(queries, documents):
@@ -273,19 +306,17 @@ def main(argv=None):
         texts = read_texts(args.input, args.field)  # cheap, so before the model is loaded
         model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
         enc = AutoRegressiveModel.checkpoint_tokenizer(model, ckpt, args.checkpoint)
-        items = feature_batches(model, enc, texts, args.kind, args.batch_size, progress=True)
-        first = next(items)
-        width = (token_vectors(first[1])).shape[-1]
-        items = itertools.chain([first], items)
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        tmp = out + ".tmp"   # the finished file appears at once, by rename
-        if args.tokens:
+        batches = feature_batches(model, enc, texts, args.kind, args.batch_size, progress=True)
+        try:
+            first = next(batches)
+            width = (token_vectors(first[1])).shape[-1]
             lengths = [len(r) - 2 for r in encode(enc, texts, model.config.block_size)]
-            shape = f"{write_tokens(tmp, items, lengths, width)} tokens x {width}"
-        else:
-            write_pooled(tmp, items, len(texts), width)
-            shape = f"{len(texts)} x {width}"
-        os.replace(tmp, out)
+            shape = write_output(out, itertools.chain([first], batches), args.tokens, lengths, width)
+        except OSError as e:  # e.g. a full disk
+            batches.close()  # the progress bar goes before the message
+            print(f"error: could not write {out} ({e.strerror or e}); no file was changed: free some space or "
+                  f"choose another --out", file=sys.stderr)
+            return 1
     except (EmbedError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

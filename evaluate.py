@@ -28,11 +28,16 @@ The rules are in the README's table ("How answers are scored"), each with a test
 --limit N evaluates the first N problems.
 """
 
+import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+
 import argparse
+import contextlib
 import json
 import math
+import os
 import re
 import sys
+import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -50,6 +55,8 @@ from dataloader import TokenDataLoader
 from models import ModelConfigError
 
 DEFAULT_LIMIT = {"synthetic-math": 200}  # json: every record of the split
+# What the loss and json tasks read of the run's settings (its config.json, also in the checkpoint).
+RUN_SETTINGS = {"data": str, "data_dir": str, "tokenizer": str, "seq_len": int, "micro_batch_size": int}
 
 
 class EvalError(Exception):
@@ -190,26 +197,28 @@ def task_problems(task, split, limit, data_seed, trained_on=None):
     if not Path(path).is_file():
         raise EvalError(f"--task {task}: no such file")
     problems, first_of_question, repeated = [], {}, False
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
-            q, a = (record.get("question"), record.get("answer")) if isinstance(record, dict) else (None, None)
-            if not (isinstance(q, str) and isinstance(a, str)) or extract_answer(a) is None:
-                raise EvalError(f"{path}: line {lineno} is not a GSM8K record (string 'question' and 'answer' "
-                                f"ending in '#### <number>')")
-            # the data preparer's split of this record: that of the first record with its question
-            key = first_of_question.setdefault(same_question(q), qa_split_text(q, a))
-            repeated = repeated or key != qa_split_text(q, a)
-            if split != "all" and split_of_text(key).value != split:
-                continue
-            problems.append({"question": q, "final": extract_answer(a), "family": "all", "solution": a})
-            if limit and len(problems) == limit:
-                break
+    for lineno, line in enumerate(_task_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+        q, a = (record.get("question"), record.get("answer")) if isinstance(record, dict) else (None, None)
+        if not (isinstance(q, str) and isinstance(a, str)) or extract_answer(a) is None:
+            raise EvalError(f"{path}: line {lineno} is not a GSM8K record (string 'question' and 'answer' "
+                            f"ending in '#### <number>')")
+        if any("\ud800" <= c <= "\udfff" for c in q + a):  # "\ud800" in JSON: not text, no tokenizer takes it
+            raise EvalError(f"{path}: line {lineno} holds a lone surrogate escape (such as \"\\ud800\"), which is "
+                            f"not text; fix or remove that record")
+        # the data preparer's split of this record: that of the first record with its question
+        key = first_of_question.setdefault(same_question(q), qa_split_text(q, a))
+        repeated = repeated or key != qa_split_text(q, a)
+        if split != "all" and split_of_text(key).value != split:
+            continue
+        problems.append({"question": q, "final": extract_answer(a), "family": "all", "solution": a})
+        if limit and len(problems) == limit:
+            break
     if repeated and split != "all" and trained_on is not None and "qa_split" not in _manifest_or_none(trained_on):
         raise EvalError(f"{path} asks some questions more than once, and the run's data ({trained_on}) was prepared "
                         f"before all answers to one question were kept in one split: some {split} questions were "
@@ -219,6 +228,20 @@ def task_problems(task, split, limit, data_seed, trained_on=None):
     return problems
 
 
+def _task_lines(path):
+    """The lines of a --task file, one at a time (read as far as --limit needs); EvalError for a line that is not
+    UTF-8 text or a file that cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    yield raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise EvalError(f"{path}: line {lineno} is not valid UTF-8; convert the file to UTF-8") from None
+    except OSError as e:
+        raise EvalError(f"--task {path} cannot be read ({e.strerror or e})") from None
+
+
 def _manifest_or_none(directory):
     try:
         return read_manifest(directory)
@@ -226,11 +249,21 @@ def _manifest_or_none(directory):
         return {}
 
 
+def check_run_settings(cfg, checkpoint):
+    """EvalError unless the run settings a checkpoint records (its config.json) hold what the loss and json tasks
+    read, with the right types: a checkpoint edited by hand or written by another program fails here, in one line."""
+    for key, kind in RUN_SETTINGS.items():
+        if not isinstance(cfg.get(key), kind):
+            raise EvalError(f"checkpoint {checkpoint} has no usable '{key}' (a {kind.__name__}) in its run settings, "
+                            f"which the loss and json tasks read; use a checkpoint written by an lmsmall training script")
+
+
 def run_dataset(task, cfg, data_dir=None):
     """The folder of the run's prepared data if the run trained on the json file of --task, else None."""
+    if not task.startswith("json:"):
+        return None
     kind, _, path = cfg["data"].partition(":")
-    same = task.startswith("json:") and kind == "json" and \
-        Path(path).expanduser().resolve() == Path(task[5:]).expanduser().resolve()
+    same = kind == "json" and Path(path).expanduser().resolve() == Path(task[5:]).expanduser().resolve()
     return dataset_dir(data_dir or cfg["data_dir"], cfg["data"], cfg["tokenizer"], max_tokens=cfg.get("max_tokens")) \
         if same else None
 
@@ -357,7 +390,7 @@ def main(argv=None):
         do_loss = (args.loss or not args.task) and not args.no_loss
         if not do_loss and not args.task:
             raise EvalError("nothing to do: --no-loss without a --task")
-        if args.out and Path(args.out).exists() and not args.overwrite:
+        if args.out and os.path.exists(args.out) and not args.overwrite:
             raise EvalError(f"{args.out} already exists; add --overwrite to replace it or choose another --out")
         model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
         if getattr(model.config, "attention", "causal") != "causal":
@@ -365,10 +398,14 @@ def main(argv=None):
                             f"predicts no next token; embed with embed.py instead")
         cfg = ckpt["config"]
         enc = AutoRegressiveModel.checkpoint_tokenizer(model, ckpt, args.checkpoint)
+        if do_loss or (args.task or "").startswith("json:"):
+            check_run_settings(cfg, args.checkpoint)
         problems = None
         if args.task:  # validated before any loss is computed
             problems = task_problems(args.task, args.split, args.limit, cfg.get("data_seed", 1337),
                                      run_dataset(args.task, cfg, args.data_dir))
+        if args.out:  # now, not after the whole evaluation
+            check_output(args.out)
         result = {"checkpoint": str(args.checkpoint), "model": ckpt["model_name"], "step": ckpt.get("step")}
         if do_loss:
             result["loss"] = run_loss(args, model, cfg)
@@ -385,9 +422,34 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode("utf-8"))  # never half a file
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode("utf-8"))  # never half a file
+        except OSError as e:  # e.g. a full disk
+            print(f"error: could not write {args.out} ({e.strerror or e}); the figures are printed above: free some "
+                  f"space or choose another --out", file=sys.stderr)
+            return 1
     return 0
+
+
+def check_output(path):
+    """EvalError unless a file can be created where --out goes, found before a long evaluation: its missing
+    folders are made and a nameless file is opened there; then the folders made here are removed again (the
+    result and its folders are written at the end)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    made, parent = [], folder
+    while not os.path.isdir(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise EvalError(f"--out {path} cannot be written ({e.strerror or e}); choose another --out") from None
+    finally:
+        for d in made:  # deepest first; only the folders made here, and only while empty
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 def run_loss(args, model, cfg):

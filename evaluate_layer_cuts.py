@@ -18,6 +18,8 @@ loss_bw are the run's final val loss_fw and loss_bw (tests/test_dual_mask_gpt.py
 Perplexity is exp(mean loss over all batches).
 """
 
+import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+
 import argparse
 import json
 import math
@@ -28,9 +30,11 @@ import torch
 
 import cli
 from auto_regressive_model import AutoRegressiveModel, CheckpointError, scored_tokens
-from data_file_utils import DataError, check_run_data
+from data_file_utils import DataError, atomic_write_bytes, check_run_data
 
 CUTS_FILE = "layer_cuts.json"
+# What validation_batches reads of the run's settings (its config.json, also in the checkpoint).
+RUN_SETTINGS = {"data": str, "tokenizer": str, "seq_len": int}
 
 
 def checkpoint_path(path):
@@ -105,7 +109,11 @@ def evaluate_checkpoint(path, split="val", n_batches=None, batch_size=None, data
         raise CheckpointError(f"{ckpt_file} holds a {ckpt.get('model_name')} model; layer cuts need "
                               f"dual_mask_gpt")
     AutoRegressiveModel.checkpoint_tokenizer(model, ckpt, ckpt_file)  # every token id has a row
-    run_config = ckpt.get("config", {})
+    run_config = ckpt["config"]
+    for key, kind in RUN_SETTINGS.items():  # a checkpoint edited by hand or written by another program
+        if not isinstance(run_config.get(key), kind):
+            raise CheckpointError(f"{ckpt_file} has no usable '{key}' (a {kind.__name__}) in its run settings, which "
+                                  f"the validation batches need; use a checkpoint written by train_dual_mask_gpt.py")
     num_params = model.num_params()
     n_layer = len(model.blocks)
     batches = validation_batches(run_config, split, n_batches, batch_size, data_dir)
@@ -153,11 +161,15 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
-        tmp = out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, out)
-        print(f"wrote {out}")
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            atomic_write_bytes(out, json.dumps(result, indent=1).encode("utf-8"))  # never half a file
+        except OSError as e:  # e.g. a full disk
+            print(f"error: could not write {out} ({e.strerror or e}); no file was changed: free some space or "
+                  f"choose another --out", file=sys.stderr)
+            failed += 1
+        else:
+            print(f"wrote {out}")
     return 1 if failed else 0
 
 

@@ -8,6 +8,8 @@ A sample ends at <|endoftext|> (the end of a document in the training data; not 
 ("Question: ...\nAnswer:", as the data preparer writes question/answer documents) get answers.
 """
 
+import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+
 import sys
 
 import torch

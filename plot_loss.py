@@ -12,6 +12,9 @@ where a run's "stage" changes (progressive_diverging). --x time is training time
 summed; evaluation not counted). An existing --out is kept unless --overwrite.
 """
 
+import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+
+import contextlib
 import glob
 import itertools
 import json
@@ -34,30 +37,62 @@ import cli  # noqa: E402
 
 
 class PlotError(Exception):
-    pass
+    """Bad input; printed as one line (exit 2)."""
+
+
+class WriteFailed(Exception):
+    """The image could not be written (a full disk, say); printed as one line (exit 1)."""
 
 
 def read_metrics(run_dir):
+    """The rows of a run's metrics.jsonl; PlotError (one line) for a file that is not one. A last line without its
+    newline (a live run writing it, or one cut by a kill) is left out with a note, whatever it holds."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise PlotError(f"{run_dir} has no metrics.jsonl; pass run folders written by a train_<model>.py")
+    try:
+        with open(path, "rb") as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise PlotError(f"cannot read {path} ({e.strerror or e})") from None
     rows = []
-    with open(path) as f:
-        lines = f.readlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n == len(lines) and not line.endswith("\n"):  # a row being written (a live run), or cut by a kill
-                print(f"note: {path}: the last line is incomplete (a run still writing it?); plotted without it",
-                      file=sys.stderr)
-                continue
-            raise PlotError(f"{path} line {n} is not JSON; is it a metrics file of lmsmall?") from None
+            row = json.loads(line.decode("utf-8"))
+            problem = row_problem(row)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            problem = "is not JSON text"
+        if problem is None:
+            rows.append(row)
+        elif n == len(lines) and not line.endswith(b"\n"):
+            print(f"note: {path}: the last line is incomplete (a run still writing it?); plotted without it",
+                  file=sys.stderr)
+        else:
+            raise PlotError(f"{path} line {n} {problem}; is it a metrics file of lmsmall?")
     if not any(r.get("split") in ("train", "val") for r in rows):
         raise PlotError(f"{path} has no train or val rows yet; let the run log at least one step")
     return rows
+
+
+def row_problem(row):
+    """None for a metrics row this script can plot, else what is wrong with it: a train or val row needs a whole
+    "step", and its losses, "tokens" and "dt_ms" must be numbers."""
+    if not isinstance(row, dict):
+        return f"is a JSON {type(row).__name__}, not an object"
+    if row.get("split") not in ("train", "val"):
+        return None  # test rows and others are not plotted
+    if not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
+        return "has no whole number as its \"step\""
+    for key, value in row.items():
+        if (key.startswith("loss") or key in ("tokens", "dt_ms")) and not is_number(value):
+            return f"has {json.dumps(value)} as its \"{key}\", not a number"
+    return None
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def series_style(i):
@@ -119,14 +154,25 @@ def image_path(out):
 def plot_runs(run_dirs, out, x="tokens", smooth=1, fields=("loss",), log_y=True):
     out = image_path(out)
     fig = make_figure(run_dirs, x, smooth, fields, log_y)
-    tmp = out + ".tmp"  # the finished image appears at once, by rename
-    try:  # "tight": the legend outside the axes is kept
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=os.path.splitext(out)[1].lstrip(".").lower())
+    # The finished image appears at once, by rename, from a temporary file of our own (a hidden name with this
+    # process's id, created here: removing it on failure removes nothing that was there before).
+    tmp = os.path.join(os.path.dirname(out) or ".", f".{os.path.basename(out)}.{os.getpid()}.tmp")
+    made = False
+    try:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(tmp, "xb") as f:
+            made = True  # "tight": the legend outside the axes is kept
+            fig.savefig(f, dpi=120, bbox_inches="tight", format=os.path.splitext(out)[1].lstrip(".").lower())
         os.replace(tmp, out)
+        made = False
+    except OSError as e:  # e.g. a full disk; an existing --out is left as it was
+        raise WriteFailed(f"could not write {out} ({e.strerror or e}); no file was changed: free some space or "
+                          f"choose another --out") from None
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if made:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def make_figure(run_dirs, x="tokens", smooth=1, fields=("loss",), log_y=True):
@@ -140,6 +186,10 @@ def make_figure(run_dirs, x="tokens", smooth=1, fields=("loss",), log_y=True):
         for field in fields:
             color, linestyle, marker = series_style(next(count))
             label = name if list(fields) == ["loss"] else f"{name} {field}"
+            odd = [r for r in rows if r.get("split") in ("train", "val") and field in r and not is_number(r[field])]
+            if odd:
+                raise PlotError(f"{run_dir}: the row of step {odd[0]['step']} has {json.dumps(odd[0][field])} as "
+                                f"\"{field}\", not a number; choose --fields that hold numbers")
             train = [(xv, r[field]) for xv, r in zip(xs, rows) if r.get("split") == "train" and field in r]
             val = [(xv, r[field]) for xv, r in zip(xs, rows) if r.get("split") == "val" and field in r]
             found = found or bool(train or val)
@@ -195,11 +245,13 @@ def main(argv=None):
         out = image_path(args.out)  # "runs/cmp" is written as runs/cmp.png: that is the file not to replace
         if os.path.exists(out) and not args.overwrite:
             raise PlotError(f"{out} already exists; add --overwrite to replace it or choose another --out")
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         plot_runs(runs, out, args.x, args.smooth, args.fields, not args.linear)
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WriteFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {out} ({len(runs)} run(s))")
     return 0
 

@@ -19,6 +19,8 @@ The run folder ends with the trainer's config.json, metrics.jsonl, checkpoint.pt
 sweep_run.json (depth, width, p_bw, seed, num_params, ...).
 """
 
+import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+
 import argparse
 import itertools
 import json
@@ -74,10 +76,12 @@ def settings_differ(args, run_dir, width):
     """None when the finished run in run_dir was trained with this command's settings, else the first
     difference in words."""
     try:
-        with open(os.path.join(run_dir, DONE_FILE)) as f:
+        with open(os.path.join(run_dir, DONE_FILE), encoding="utf-8") as f:
             done = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8 or not JSON
         return f"its {DONE_FILE} cannot be read ({e})"
+    if not isinstance(done, dict):
+        return f"its {DONE_FILE} holds a JSON {type(done).__name__}, not the object this script writes"
     for key, now in run_settings(args, width).items():
         if key in done and done[key] != now:
             return f"it was trained with {key} {done[key]!r}, this command asks for {now!r}"
@@ -106,8 +110,11 @@ def run_one(args, depth, width, p_bw, seed, env):
                 log.write(f"layer cuts failed: {type(e).__name__}: {e}\n")
             ok = False
     if ok:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            n_params = json.load(f).get("n_params")
+        try:  # the trainer's, written just now; a number the summary shows, so no reason to fail the run
+            with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+                n_params = json.load(f).get("n_params")
+        except (OSError, ValueError, AttributeError):
+            n_params = None
         info = dict(depth=depth, width=width, p_bw=p_bw, seed=seed, **run_settings(args, width),
                     num_params=n_params, seconds=round(time.time() - t0, 1))
         atomic_write_bytes(os.path.join(run_dir, DONE_FILE), json.dumps(info, indent=1).encode("utf-8"))
@@ -149,9 +156,14 @@ def main(argv=None):
             print(f"error: {run_dir} is finished, but {problem}; it would be skipped and analysed as if trained "
                   f"with this command: use another --out-dir, or the settings it was trained with", file=sys.stderr)
             return 2
-    os.makedirs(args.out_dir, exist_ok=True)
-    atomic_write_bytes(os.path.join(args.out_dir, "sweep.json"),
-                       json.dumps({k: v for k, v in vars(args).items()}, indent=1).encode("utf-8"))
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        atomic_write_bytes(os.path.join(args.out_dir, "sweep.json"),
+                           json.dumps({k: v for k, v in vars(args).items()}, indent=1).encode("utf-8"))
+    except OSError as e:
+        print(f"error: could not write into {args.out_dir} ({e.strerror or e}); free some space or choose another "
+              f"--out-dir", file=sys.stderr)
+        return 1
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
@@ -171,7 +183,12 @@ def main(argv=None):
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             futures = [pool.submit(run_one, args, *r, env) for r in todo]
             for fut in as_completed(futures):
-                run_dir, ok, seconds, log_path = fut.result()
+                try:
+                    run_dir, ok, seconds, log_path = fut.result()
+                except OSError as e:  # a full disk: a run's log or marker could not be written
+                    print(f"    a run FAILED: could not write {e.filename} ({e.strerror or e})", flush=True)
+                    failed.append(e.filename)
+                    continue
                 print(f"    {run_dir}: {'done' if ok else 'FAILED, see ' + log_path} ({seconds:.0f} s)", flush=True)
                 if not ok:
                     failed.append(run_dir)
