@@ -133,8 +133,10 @@ class BaseTrainer:
 
     def start(self):
         """Everything before the first step: devices, the run folder, data, model, optimizer, --resume.
-        Nothing in the run folder is written or deleted here: train() does that, once all this succeeded."""
+        Nothing in the run folder is written or deleted here: train_loop() does that after the first step
+        (take_over_run_folder)."""
         cfg = self.cfg
+        self.held_lines = []  # metrics rows kept in memory until the run takes over its folder
         self.setup_distributed()
         self.ckpt_path = os.path.join(cfg["out_dir"], "checkpoint.pt")
         self.metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
@@ -217,12 +219,14 @@ class BaseTrainer:
 
     def check_run_folder(self):
         """Refuse to clobber a run; return the checkpoint to resume from, if --resume (or --resume auto and
-        there is one)."""
+        there is one). A new run needs a folder without run files, or --overwrite and files a run wrote."""
+        out_dir = self.cfg["out_dir"]
         has_ckpt = os.path.exists(self.ckpt_path)
-        if self.cfg["resume"] == "auto":
+        auto = self.cfg["resume"] == "auto"
+        if auto:
             self.cfg["resume"] = has_ckpt
             if not has_ckpt:
-                self.log(f"--resume auto: no checkpoint in {self.cfg['out_dir']}; starting a new run")
+                self.log(f"--resume auto: no checkpoint in {out_dir}; starting a new run")
         if self.cfg["resume"]:
             if not has_ckpt:
                 raise TrainError(f"nothing to resume: no checkpoint.pt in {self.cfg['out_dir']}; "
@@ -244,10 +248,34 @@ class BaseTrainer:
             if problem:
                 raise TrainError(problem)
             return ckpt
+        leftover = run_folder.leftover_run_files(out_dir)
+        # --overwrite deletes only what a training run wrote: never, e.g., a convert_hf.py export's config.json
+        foreign = [name for name in leftover if not self.written_by_a_run(os.path.join(out_dir, name))]
+        if foreign:
+            raise TrainError(f"{out_dir} holds {' and '.join(foreign)} that no training run wrote (or that cannot "
+                             f"be read); a run replaces only its own files: move them away or choose another "
+                             f"--out-dir")
         if has_ckpt and not self.cfg["overwrite"]:
-            raise TrainError(f"{self.cfg['out_dir']} already holds a run (checkpoint.pt); add --resume to "
+            raise TrainError(f"{out_dir} already holds a run (checkpoint.pt); add --resume to "
                              f"continue it, --overwrite to start over, or choose another --out-dir")
+        if leftover and not self.cfg["overwrite"]:
+            if not auto:  # --resume auto restarts its own attempt that saved no checkpoint (a requeued job)
+                raise TrainError(f"{out_dir} holds {' and '.join(leftover)} of a run that saved no checkpoint; "
+                                 f"add --overwrite to start over, or choose another --out-dir")
+            self.log(f"--resume auto: replacing {' and '.join(leftover)} of the attempt that saved no checkpoint")
         return None
+
+    @staticmethod
+    def written_by_a_run(path):
+        """True if path is a file a training run writes: a checkpoint with training state (not, e.g., the
+        weights-only one convert_hf.py from-hf writes), or a run's metrics.jsonl or config.json."""
+        if os.path.basename(path) != "checkpoint.pt":
+            return run_folder.written_by_a_run(path)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: reads no tensor
+        except Exception:  # noqa: BLE001 - unreadable: not known to be a run's, so not deleted
+            return False
+        return isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT and "optimizer_state" in ckpt
 
     def adopt_saved_config(self, ckpt):
         saved = {**COMMON_DEFAULTS, **ckpt["config"]}  # runs from before later options had their defaults
@@ -342,10 +370,27 @@ class BaseTrainer:
         vocab_size = -(-(self.train_loader.vocab_size + extra) // 64) * 64  # round up: faster matmuls
         overrides = dict(cfg["model_overrides"], vocab_size=vocab_size, block_size=cfg["seq_len"])
         self.model_cfg = model_config(self.model_name, cfg["preset"], **overrides)
+        self.check_model_fits(module.Model, self.model_cfg)  # sizes checked before any memory is taken
         self.model = module.Model(self.model_cfg).to(self.device)
         self.check_filler_support()
         self.optimizer = None
         self.build_optimizer()
+
+    def check_model_fits(self, model_class, model_cfg):
+        """Build the model on the meta device (shapes, no memory: the model's own size checks run) in the state
+        that needs the most memory, and refuse it if its weights, gradients and AdamW moments (16 bytes per
+        parameter) exceed this device's memory: one line now rather than an out-of-memory kill later."""
+        with torch.device("meta"):
+            model = model_class(model_cfg).memory_probe_model()
+        n = sum(p.numel() for p in model.parameters())
+        processes = self.world_size if self.device_type == "cpu" else 1  # CPU ranks share the machine's memory
+        need, have = 16 * n * processes, device_memory(self.device)
+        if have and need > have:
+            sizes = ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(model_cfg).items()
+                              if k.startswith("n_") or k in ("block_size", "vocab_size"))
+            raise TrainError(f"the model has {n:,} parameters: training it needs about {need / 2**30:,.1f} GiB (16 "
+                             f"bytes per parameter{' x %d processes' % processes if processes > 1 else ''}), more "
+                             f"than the {have / 2**30:,.1f} GiB of {self.device}; choose smaller sizes ({sizes})")
 
     def check_filler_support(self):
         """--filler-token needs a model that takes a key mask and trains with the plain next-token loss."""
@@ -428,6 +473,7 @@ class BaseTrainer:
                            f"{self.last_good_checkpoint()}. {self.what_to_try()}")
         if not self.master:
             return
+        self.take_over_run_folder()  # a checkpoint before the first step (a signal): the folder is the run's now
         ckpt = {
             "format": CHECKPOINT_FORMAT, "model_name": self.model_name,
             "model_config": dataclasses.asdict(self.model_cfg), **self.model_states(),
@@ -447,6 +493,8 @@ class BaseTrainer:
         self.checkpoint_step = self.step
 
     def last_good_checkpoint(self):
+        if self.held_lines is not None and not self.cfg["resume"]:
+            return f"{self.cfg['out_dir']} as it was (this run wrote nothing there)"
         if self.checkpoint_step is None:
             return "no checkpoint was saved yet"
         return f"the last good checkpoint (step {self.checkpoint_step}, {self.ckpt_path})"
@@ -469,6 +517,12 @@ class BaseTrainer:
         self.optimizer = None
         self.build_optimizer()  # the stage may have changed the trainable set
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        # Saving refuses non-finite weights, but a checkpoint from elsewhere (or older code) may hold them: it
+        # would only diverge again, so say so now instead of calling it a good checkpoint later.
+        if not all_finite([*self.model.state_dict().values(), *tensors_in(self.optimizer.state_dict())]):
+            raise CheckpointError(f"{self.ckpt_path} (step {ckpt['step']}) holds non-finite weights or optimizer "
+                                  f"state, so it cannot be resumed; start over with --overwrite (or from a copy of an "
+                                  f"earlier checkpoint)")
         self.train_loader.load_state_dict(ckpt["loader_state"])
         self.set_rng_state(ckpt["rng"])
         self.step, self.tokens_seen = ckpt["step"], ckpt["tokens_seen"]
@@ -483,8 +537,11 @@ class BaseTrainer:
 
     def write_metrics(self, row):
         if self.master:
-            row = {**row, **self.model.log_fields()}
-            run_folder.append_line(self.metrics_path, json.dumps(row) + "\n")
+            line = json.dumps({**row, **self.model.log_fields()}) + "\n"
+            if self.held_lines is not None:  # the folder is not the run's yet (take_over_run_folder)
+                self.held_lines.append(line)
+            else:
+                run_folder.append_line(self.metrics_path, line)
 
     def write_config(self):
         if not self.master:
@@ -674,16 +731,6 @@ class BaseTrainer:
             self.log(f"run already finished at step {self.step}; raise --max-steps to train further")
             return
         # An interrupted run resumed with --max-steps at its checkpoint's step: no step, just the final evaluation.
-        if self.master:
-            # Everything is validated and built: only now may a new run (or --overwrite) clear the folder.
-            run_folder.remove_stale_temporaries(cfg["out_dir"])
-            if cfg["resume"] and os.path.exists(self.metrics_path):
-                # rows the interrupted process logged after its last checkpoint are dropped (check_run_folder
-                # made sure the file is not shorter than the checkpoint says)
-                os.truncate(self.metrics_path, self.metrics_kept)
-            else:
-                run_folder.clear_run_files(cfg["out_dir"])
-        self.write_config()
         self.log(f"{self.model_name}: {self.model.num_params():,} parameters | {self.world_size} process(es) on "
                  f"{self.device} | {cfg['total_batch_size']:,} tokens/step = {cfg['micro_batch_size']} x "
                  f"{cfg['seq_len']} x {self.grad_accum} accum x {self.world_size} | data {self.dataset_dir}")
@@ -698,6 +745,7 @@ class BaseTrainer:
                 self.evaluate("val")
                 evaluated = self.step
             row = self.train_step()
+            self.take_over_run_folder()  # after the first step: nothing before it touched the folder
             if row is not None:  # None: a non-finite step was skipped (--skip-nonfinite), the step count stays
                 dts.append(row["dt_ms"])
                 eta = trainer_console.eta_seconds(dts, cfg["max_steps"] - self.step)
@@ -723,6 +771,28 @@ class BaseTrainer:
         self.log(f"done: {self.step} steps; checkpoint in {self.ckpt_path}")
         return 0
 
+    def take_over_run_folder(self):
+        """Make the run folder this run's, once: clear the old run (a new run; --overwrite), or drop the rows the
+        interrupted process logged after its checkpoint (--resume); then write config.json and the metrics rows
+        held back so far. Called after the first step (or by the first checkpoint), not at the start: the checks
+        at the start cannot foresee everything that fails only when the model first runs (a layer of width 0,
+        threads the machine cannot start, an optimizer overflow, a crash or an out-of-memory kill), and whatever
+        happens before this point leaves the folder byte for byte as the command found it."""
+        if self.held_lines is None:
+            return
+        if self.master:
+            out_dir = self.cfg["out_dir"]
+            run_folder.remove_stale_temporaries(out_dir)  # only our own *.tmp names (run_folder.TEMPORARIES)
+            if self.cfg["resume"] and os.path.exists(self.metrics_path):
+                # check_run_folder made sure the file is not shorter than the checkpoint says
+                os.truncate(self.metrics_path, self.metrics_kept)
+            elif not self.cfg["resume"]:
+                run_folder.clear_run_files(out_dir)  # check_run_folder: only files a run wrote, --overwrite given
+        lines, self.held_lines = self.held_lines, None
+        self.write_config()
+        for line in lines:
+            run_folder.append_line(self.metrics_path, line)
+
     def release_run_folder(self):
         if self.lock is not None:
             self.lock.release()
@@ -737,6 +807,24 @@ class BaseTrainer:
             if finished:
                 dist.barrier()
             dist.destroy_process_group()
+
+
+def device_memory(device):
+    """Bytes of memory on `device` (a CUDA GPU's, else this machine's RAM), or None if unknown."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def tensors_in(value):
+    """Every tensor inside nested dicts, lists and tuples (an optimizer's state_dict)."""
+    if torch.is_tensor(value):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else []
+    return [t for item in items for t in tensors_in(item)]
 
 
 def all_finite(tensors):

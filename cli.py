@@ -4,7 +4,8 @@ Command-line checks shared by every script: bad input ends before any work with 
     from cli import ArgumentParser, positive_int, finite_float, probability, device, output_file
     p = ArgumentParser(description="...")           # argparse, but an error is one line (no usage block)
     p.add_argument("--steps", type=positive_int)      # 0, -1, "x" -> error: argument --steps: ...
-    p.add_argument("--lr", type=positive_float)       # nan, inf, 0, -1 refused
+    p.add_argument("--lr", type=learning_rate)        # nan, inf, 0, -1, 1e7 refused (0 < lr <= 1e6)
+    p.add_argument("--threads", type=thread_count)    # 1 .. 4 x the CPUs of this machine
     p.add_argument("--device", type=device, default="auto")   # unusable here (no CUDA GPU) -> refused
     p.add_argument("--out", type=output_file)         # a folder, or under a file / read-only folder -> refused
     args = p.parse_args(argv)
@@ -12,7 +13,8 @@ Command-line checks shared by every script: bad input ends before any work with 
 
 Each type is a plain function for argparse's type=: it returns the parsed value or raises
 argparse.ArgumentTypeError, whose text argparse puts after "argument --flag: ". Checks that are not about
-one flag raise UsageError (also one line, exit 2, via fail()).
+one flag raise UsageError (also one line, exit 2, via fail()). Every number must also fit what torch computes
+with: whole numbers an int64, other numbers a float32 (1e39 would become inf there).
 """
 
 import argparse
@@ -21,6 +23,15 @@ import os
 import sys
 
 DEVICES = ("auto", "cpu", "cuda", "mps")  # plus cuda:N
+# Every number must fit what torch computes with: whole numbers an int64, other numbers a float32.
+INT64_MAX = 2 ** 63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+# Learning rates and weight decays: no model trains beyond this, and it keeps what the optimizers compute from
+# them (lr / bias correction, lr x weight decay, Muon's per-matrix scale) far inside float32, which overflows
+# (a RuntimeError inside the optimizer) near 1e38.
+MAX_RATE = 1e6
+# --threads: more threads than cores only slow torch down, and thousands fail to start (a crash, not an error).
+THREADS_PER_CPU = 4
 
 
 class UsageError(Exception):
@@ -44,9 +55,12 @@ def fail(message, code=2):
 
 def _int(text):
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if abs(value) > INT64_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is too large (at most 2**63 - 1)")
+    return value
 
 
 def _float(text):
@@ -56,6 +70,8 @@ def _float(text):
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    if abs(value) > FLOAT32_MAX:  # torch computes in float32: such a number becomes inf there
+        raise argparse.ArgumentTypeError(f"{text} is beyond float32's range (at most 3.4e38)")
     return value
 
 
@@ -104,6 +120,40 @@ def nonnegative_float(text):
     return value
 
 
+def learning_rate(text):
+    """A learning rate: 0 < lr <= MAX_RATE (1e6)."""
+    value = _float(text)
+    if not 0 < value <= MAX_RATE:
+        raise argparse.ArgumentTypeError(f"must lie in (0, {MAX_RATE:g}], got {value:g} (no model trains at a larger "
+                                         f"rate, and the optimizer's float32 arithmetic overflows near 1e38)")
+    return value
+
+
+def rate_or_zero(text):
+    """A minimum learning rate or a weight decay: 0 <= value <= MAX_RATE (1e6)."""
+    value = _float(text)
+    if not 0 <= value <= MAX_RATE:
+        raise argparse.ArgumentTypeError(f"must lie in [0, {MAX_RATE:g}], got {value:g} (the optimizer multiplies it "
+                                         f"by the learning rate in float32)")
+    return value
+
+
+def max_threads():
+    """The most CPU threads --threads may ask for on this machine: THREADS_PER_CPU per CPU."""
+    return THREADS_PER_CPU * (os.cpu_count() or 1)
+
+
+def thread_count(text):
+    """--threads: 1 .. max_threads(); thousands of threads crash torch when they start."""
+    value = _int(text)
+    limit = max_threads()
+    if not 1 <= value <= limit:
+        raise argparse.ArgumentTypeError(f"must lie in 1 .. {limit} ({THREADS_PER_CPU} x the {os.cpu_count() or 1} "
+                                         f"CPUs of this machine; more only slow torch down, thousands crash it), "
+                                         f"got {value}")
+    return value
+
+
 def probability(text):
     """A probability: 0 <= p <= 1."""
     value = _float(text)
@@ -128,8 +178,8 @@ def count(text):
         value = float(t[:-1] if scale != 1 else t) * scale
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a count: {text!r} (examples: 1000000, 1e6, 100M)") from None
-    if not math.isfinite(value) or value != int(value) or value < 1:
-        raise argparse.ArgumentTypeError(f"not a positive whole count: {text!r}")
+    if not math.isfinite(value) or value != int(value) or value < 1 or value > INT64_MAX:
+        raise argparse.ArgumentTypeError(f"not a positive whole count (at most 2**63 - 1): {text!r}")
     return int(value)
 
 

@@ -24,6 +24,7 @@ generate.py, embed.py and further fine-tunes load like any other checkpoint; the
 as "train_model_state" for --resume only.
 """
 
+import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
 import os
 import sys
 
@@ -33,6 +34,7 @@ from auto_regressive_model import AutoRegressiveModel, CheckpointError
 import base_trainer
 import cli
 from base_trainer import COMMON_DEFAULTS, BaseTrainer, TrainError, add_trainer_arguments
+from trainer_config import check_resume_overwrite
 from components import MLP, LoRALinear, SelfAttention
 from convert_hf import absolute_checkpoint
 from models import create_model, model_module
@@ -64,6 +66,12 @@ def add_lora(model, rank, alpha):
                 setattr(module, child_name, LoRALinear(child, rank, alpha))
                 wrapped.append(f"{name}.{child_name}")
     return wrapped
+
+
+def lora_targets(model):
+    """The nn.Linear layers add_lora wraps: those directly inside a SelfAttention or MLP."""
+    return [child for module in model.modules() if isinstance(module, (SelfAttention, MLP))
+            for child in module.children() if isinstance(child, nn.Linear)]
 
 
 def merged_state_dict(model, wrapped):
@@ -120,6 +128,11 @@ class FinetuneTrainer(BaseTrainer):
         if cfg["seq_len"] > self.model_cfg.block_size:
             raise TrainError(f"--seq-len {cfg['seq_len']} is longer than the model's context "
                              f"({self.model_cfg.block_size}); use --seq-len <= {self.model_cfg.block_size}")
+        if cfg["lora_rank"]:
+            narrowest = min(min(m.in_features, m.out_features) for m in lora_targets(self.model))
+            if cfg["lora_rank"] > narrowest:  # a rank above a layer's width adds weights but no directions
+                raise TrainError(f"--lora-rank {cfg['lora_rank']} is above the width of the narrowest layer LoRA "
+                                 f"adapts ({narrowest}); use --lora-rank <= {narrowest}")
         self.lora_layers = add_lora(self.model, cfg["lora_rank"], cfg["lora_alpha"]) if cfg["lora_rank"] else []
         self.model.to(self.device)
         self.check_filler_support()
@@ -167,12 +180,13 @@ def resolve_config(argv, parser=None, defaults=FINETUNE_DEFAULTS, entry_point="f
     `defaults` < typed; then finish(name, cfg, typed) adds a subclass's own settings."""
     ns = (parser or build_parser()).parse_args(argv)
     typed = {k: v for k, v in vars(ns).items() if v is not None}
-    if typed.get("resume") == "auto":  # continue the run in --out-dir if it has a checkpoint, else start one
-        if typed.get("out_dir") and os.path.exists(os.path.join(typed["out_dir"], "checkpoint.pt")):
-            typed["resume"] = True
-        else:
-            del typed["resume"]
-    if typed.get("resume"):
+    check_resume_overwrite(typed)
+    # --resume auto: continue the run in --out-dir if it has a checkpoint, else start one (the trainer, given
+    # resume "auto", says so and may replace what an attempt without a checkpoint left there)
+    if typed.get("resume") == "auto" and typed.get("out_dir") and os.path.exists(
+            os.path.join(typed["out_dir"], "checkpoint.pt")):
+        typed["resume"] = True
+    if typed.get("resume") is True:
         out_dir = typed.get("out_dir")
         if not out_dir:
             raise TrainError("--resume needs --out-dir (the run folder to continue)")

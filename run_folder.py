@@ -5,8 +5,10 @@ The run folder (--out-dir) on disk: one writer at a time, writes that fail clean
     atomic_write(path, data)                  # temp file, fsync, rename; WriteError (one line) if it fails,
                                               #   with the temp file removed and the old file intact
     append_line(path, text)                   # a metrics row; a failed append leaves the file as it was
+    leftover_run_files(out_dir)               # which of checkpoint.pt, metrics.jsonl, config.json are there
+    written_by_a_run(path)                    # a metrics.jsonl / config.json a run wrote (--overwrite may replace)
     remove_stale_temporaries(out_dir)         # *.tmp left by a crash
-    clear_run_files(out_dir)                  # --overwrite, once the new run is known to start
+    clear_run_files(out_dir)                  # --overwrite, once the new run has made its first step
     lock.release()
 
 The lock is fcntl.flock on out_dir/.lock: the kernel drops it when the process ends, however it ends (kill -9
@@ -17,6 +19,7 @@ It keeps other processes out; within one process (e.g. tests that build several 
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import shutil
 
@@ -99,8 +102,9 @@ class RunFolderLock:
         self.fd = None
 
 
-def _write_error(path, error, nbytes=None):
-    """WriteError naming the file, the reason and, when known, the bytes needed and free."""
+def _write_error(path, error, nbytes=None, existed=True):
+    """WriteError naming the file, the reason and, when known, the bytes needed and free; then what is left
+    (the previous file, if there was one) and what to do next: --resume only if the folder has a checkpoint."""
     need = ""
     if nbytes is not None:
         try:
@@ -109,14 +113,19 @@ def _write_error(path, error, nbytes=None):
         except OSError:
             need = f" ({nbytes:,} bytes needed)"
     hint = "free some disk space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder"
-    return WriteError(f"could not write {path}: {error.strerror or error}{need}; the previous file is intact: "
-                      f"{hint}, then continue with --resume")
+    kept = "the previous file is intact" if existed else "nothing was written"
+    if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), "checkpoint.pt")):
+        then = "continue with --resume"
+    else:
+        then = "start the run again (with --overwrite: no checkpoint was saved yet)"
+    return WriteError(f"could not write {path}: {error.strerror or error}{need}; {kept}: {hint}, then {then}")
 
 
 def atomic_write(path, data):
     """Replace `path` by `data` (bytes) all at once: a temporary file, fsync, rename. On failure the temporary
     file is removed, `path` keeps its old content, and WriteError says what happened."""
     tmp = path + ".tmp"
+    existed = os.path.exists(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -130,7 +139,7 @@ def atomic_write(path, data):
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise _write_error(path, e, len(data)) from None
+        raise _write_error(path, e, len(data), existed) from None
 
 
 def append_line(path, text):
@@ -148,7 +157,35 @@ def append_line(path, text):
     except OSError as e:
         with contextlib.suppress(OSError):
             os.truncate(path, size)
-        raise _write_error(path, e, len(data)) from None
+        raise _write_error(path, e, len(data), existed=size > 0) from None
+
+
+def leftover_run_files(folder):
+    """The RUN_FILES that exist in folder."""
+    return [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
+
+
+def written_by_a_run(path):
+    """True if path is a metrics.jsonl or config.json as a training run writes them (rows with "step" and
+    "split"; the resolved settings with "model_name", "model_config" and "out_dir"). An empty file holds
+    nothing to lose. checkpoint.pt is checked by the trainer, which can read it."""
+    try:
+        with open(path, "rb") as f:
+            if os.path.basename(path) == "metrics.jsonl":
+                first = f.readline(1 << 20)
+                return not first or _has_keys(first, ("step", "split"))
+            data = f.read(1 << 26)
+            return not data or _has_keys(data, ("model_name", "model_config", "out_dir"))
+    except OSError:
+        return False
+
+
+def _has_keys(text, keys):
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and all(k in value for k in keys)
 
 
 def remove_stale_temporaries(folder):
@@ -159,7 +196,8 @@ def remove_stale_temporaries(folder):
 
 
 def clear_run_files(folder):
-    """Delete a previous run's checkpoint, metrics and config (--overwrite, after everything was validated)."""
+    """Delete a previous run's checkpoint, metrics and config (--overwrite), once the new run has made its first
+    step; the trainer checked before that each is a run's own file (written_by_a_run, a training checkpoint)."""
     for name in RUN_FILES + TEMPORARIES:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(folder, name))

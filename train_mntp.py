@@ -24,6 +24,7 @@ run's peak lr. Val rows hold the masked-token "loss" and "acc" (top-1 accuracy o
 drawn from a fixed seed, so evaluations at different steps compare.
 """
 
+import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
 import sys
 
 import torch

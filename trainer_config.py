@@ -41,9 +41,14 @@ RESUME_MAY_CHANGE = {"max_steps", "eval_interval", "eval_batches", "checkpoint_i
 # next-token model see its targets (only train_mntp.py switches it, for an encoder).
 NOT_FLAGS = {"vocab_size", "block_size", "attention"}
 LOSS_ON = ("all", "answer")
-# Model options checked at the command line beyond their type (the model files check sizes themselves).
+# Every numeric model option has a range at the command line. Whole numbers are sizes and counts >= 1 unless
+# named here; other numbers any finite float32 unless named here. What depends on other sizes (n_head divides
+# n_embd, conv_attention's levels fit the context, the model fits the device's memory) is checked when the
+# model is built, before anything is written.
 MODEL_FLAG_TYPES = {"dropout": cli.probability, "p_bw": cli.probability, "stage2_at": cli.probability,
-                    "stage3_at": cli.probability}
+                    "stage3_at": cli.probability, "lora_alpha": cli.positive_float,
+                    "n_full_blocks": cli.nonnegative_int, "n_level_blocks": cli.nonnegative_int,
+                    "bw_seed": cli.seed}
 
 def str2bool(text):
     if text.lower() in ("1", "true", "yes", "on"):
@@ -74,8 +79,14 @@ def build_parser(model_name):
     for field in dataclasses.fields(model_module(model_name).Config):
         if field.name in NOT_FLAGS:
             continue
-        kind = str2bool if field.type in (bool, "bool") else type(field.default)
-        kind = MODEL_FLAG_TYPES.get(field.name, cli.finite_float if kind is float else kind)
+        if field.type in (bool, "bool"):
+            kind = str2bool
+        elif field.type in (int, "int"):
+            kind = MODEL_FLAG_TYPES.get(field.name, cli.positive_int)
+        elif field.type in (float, "float"):
+            kind = MODEL_FLAG_TYPES.get(field.name, cli.finite_float)
+        else:
+            kind = str
         group.add_argument("--" + field.name.replace("_", "-"), dest="model." + field.name, type=kind,
                            help=f"(preset default: see models/{model_name}.py)")
     trainer_console.describe_options(p, model_name, list(TRAIN_PRESETS), lambda k: preset_defaults(model_name, k))
@@ -105,10 +116,10 @@ def add_trainer_arguments(p, model_name="<model>"):
                    "largest power of two that fits the GPU's memory (default on CUDA; elsewhere the preset's)")
     p.add_argument("--seq-len", type=cli.positive_int)
     p.add_argument("--total-batch-size", type=cli.positive_int, help="tokens per optimizer step")
-    p.add_argument("--lr", type=cli.positive_float)
-    p.add_argument("--min-lr", type=cli.nonnegative_float)
+    p.add_argument("--lr", type=cli.learning_rate)
+    p.add_argument("--min-lr", type=cli.rate_or_zero)
     p.add_argument("--warmup-steps", type=cli.nonnegative_int)
-    p.add_argument("--weight-decay", type=cli.nonnegative_float)
+    p.add_argument("--weight-decay", type=cli.rate_or_zero)
     p.add_argument("--grad-clip", type=cli.positive_float, help="clip the gradient norm to this before each step")
     p.add_argument("--skip-nonfinite", type=cli.nonnegative_int, help="skip up to N optimizer steps whose loss or "
                    "gradient norm is not finite (logged as split 'nonfinite') before stopping (default 0)")
@@ -120,14 +131,32 @@ def add_trainer_arguments(p, model_name="<model>"):
     p.add_argument("--memory-budget", type=cli.positive_float, help="GiB that --micro-batch-size auto may use "
                    "(default: the GPU's free memory, at most 10 for the rtx3080 presets)")
     optim.add_optimizer_arguments(p)
+    # Muon's learning rate and decay get the same ranges as --lr and --weight-decay (float32 must hold each step).
+    set_types(p, {"muon_lr": cli.learning_rate, "muon_weight_decay": cli.rate_or_zero})
     p.add_argument("--loss-on", choices=LOSS_ON, help="all tokens (default) or only the answers of question/answer "
                    "data (the loader's loss mask)")
     p.add_argument("--filler-token", help="a string that is one token of the tokenizer (e.g. ' blah' with gpt2): "
                    "such tokens are neither attended to nor scored")
-    p.add_argument("--threads", type=cli.positive_int, help="CPU threads of torch (default: OMP_NUM_THREADS if "
+    p.add_argument("--threads", type=cli.thread_count, help="CPU threads of torch (default: OMP_NUM_THREADS if "
                    "set; with --preset tiny on a CPU 1 if the machine is busy, else one per core, at most 4; else "
-                   "torch's)")
+                   "torch's); at most 4 per CPU")
     return p
+
+
+def set_types(parser, types):
+    """Give the options {dest: type} that another module added to `parser` a stricter argparse type."""
+    for action in parser._actions:
+        if action.dest in types:
+            action.type = types[action.dest]
+
+
+def check_resume_overwrite(typed):
+    """--resume (continue the run) and --overwrite (start it over) contradict each other: refuse both at once
+    rather than silently ignore one."""
+    if typed.get("resume") and typed.get("overwrite"):
+        resume = "--resume auto" if typed["resume"] == "auto" else "--resume"
+        raise cli.UsageError(f"{resume} continues the run in --out-dir and --overwrite starts it over; give only one "
+                             f"of them")
 
 
 def resolve_config(model_name, argv):
@@ -135,6 +164,7 @@ def resolve_config(model_name, argv):
     Returns (config, typed) where typed holds only what the user gave on the command line."""
     ns = build_parser(model_name).parse_args(argv)
     typed = {k: v for k, v in vars(ns).items() if v is not None}
+    check_resume_overwrite(typed)
     cfg = preset_defaults(model_name, typed.get("preset", "rtx3080"))
     recipe = dict(RECIPES[typed.get("recipe", "gpt2")])
     cfg["optimizer"] = recipe.pop("optimizer", cfg["optimizer"])

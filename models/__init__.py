@@ -49,6 +49,15 @@ CHOICES = {
 SWITCHES = ("qk_norm", "zero_init_proj")  # booleans
 
 
+def check_positive(config, *names):
+    """ModelConfigError naming the first of the sizes `names` that is below 1 (before any size is divided by
+    another: n_head 0 must be this message, not a ZeroDivisionError)."""
+    for name in names:
+        value = getattr(config, name)
+        if value < 1:
+            raise ModelConfigError(f"{name} must be >= 1, got {value}")
+
+
 def check_options(config):
     """ModelConfigError unless each of the CHOICES options that `config` has holds one of its values."""
     for name, choices in CHOICES.items():

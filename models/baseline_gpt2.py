@@ -50,11 +50,10 @@ PRESETS = {
 
 
 def check_sizes(config):
-    from models import ModelConfigError, check_options
+    from models import ModelConfigError, check_options, check_positive
+    check_positive(config, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
     if config.n_embd % config.n_head != 0:
         raise ModelConfigError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
-    if min(config.vocab_size, config.block_size, config.n_layer, config.n_head) < 1:
-        raise ModelConfigError("vocab_size, block_size, n_layer and n_head must all be positive")
     check_options(config)
 
 

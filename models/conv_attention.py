@@ -91,20 +91,36 @@ TRAIN_PRESETS = {
 
 
 def check_sizes(config):
-    from models import ModelConfigError, check_options
+    from models import ModelConfigError, check_options, check_positive
     c = config
-    if min(c.vocab_size, c.block_size, c.n_head, c.n_embd, c.n_levels, c.target_offset) < 1:
-        raise ModelConfigError("vocab_size, block_size, n_head, n_embd, n_levels and target_offset must be >= 1")
+    check_positive(c, "vocab_size", "block_size", "n_head", "n_embd", "n_levels", "target_offset")
     if c.shorten_factor < 2:
         raise ModelConfigError(f"shorten_factor ({c.shorten_factor}) must be >= 2")
     if c.n_full_blocks < 0 or c.n_level_blocks < 0:
         raise ModelConfigError("n_full_blocks and n_level_blocks must be >= 0")
+    # The input is padded to a multiple of shorten_factor**n_levels positions and level l is n_embd * 2**l wide:
+    # levels past the one that shortens the whole context to a token only pad and widen (10 levels of 4 pad to a
+    # million positions, 32768 wide: gigabytes). So the padding stays within shorten_factor x the context.
+    most = max_levels(c.block_size, c.shorten_factor)
+    if c.n_levels > most:
+        raise ModelConfigError(f"n_levels ({c.n_levels}) pads the input to shorten_factor**n_levels positions, more "
+                               f"than shorten_factor ({c.shorten_factor}) x block_size (the trainer's --seq-len, "
+                               f"{c.block_size}); at most {most} level(s) fit: lower --n-levels or raise --seq-len")
     for level in range(c.n_levels + 1):
         width = c.n_embd * 2 ** level
         if width % c.n_head != 0:
             raise ModelConfigError(f"n_head ({c.n_head}) must divide the width {width} of level {level} "
                                    f"(n_embd {c.n_embd} * 2**{level})")
     check_options(c)
+
+
+def max_levels(block_size, factor):
+    """The most levels a context of block_size tokens can use: the largest L with factor**(L-1) <= block_size
+    (at least 1), so that the padded length factor**L is at most factor x block_size."""
+    most, reach = 1, factor  # reach = factor**most
+    while reach <= block_size:
+        most, reach = most + 1, reach * factor
+    return most
 
 
 class Shorten(nn.Module):

@@ -88,11 +88,12 @@ PRESETS = {
 
 
 def check_config(config):
-    from models import ModelConfigError, check_options
+    from models import ModelConfigError, check_options, check_positive
+    check_positive(config, "block_size", "n_layer", "n_head", "n_embd")
+    if config.vocab_size <= EXTRA_TOKENS:
+        raise ModelConfigError(f"vocab_size ({config.vocab_size}) must be above {EXTRA_TOKENS} (the task tokens)")
     if config.n_embd % config.n_head != 0:
         raise ModelConfigError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
-    if min(config.block_size, config.n_layer, config.n_head) < 1 or config.vocab_size <= EXTRA_TOKENS:
-        raise ModelConfigError("vocab_size (> 2), block_size, n_layer and n_head must all be positive")
     if config.bw_mode not in BW_MODES:
         raise ModelConfigError(f"bw_mode {config.bw_mode!r} unknown; choose one of: {', '.join(BW_MODES)}")
     if not 0.0 <= config.p_bw <= 1.0:

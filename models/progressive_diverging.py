@@ -78,12 +78,13 @@ PRESETS = {
 
 
 def check_sizes(config):
-    from models import ModelConfigError, check_options
+    from models import ModelConfigError, check_options, check_positive
     c = config
+    check_positive(c, "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "lora_rank")
     if c.n_embd % c.n_head != 0:
         raise ModelConfigError(f"n_embd ({c.n_embd}) must be a multiple of n_head ({c.n_head})")
-    if min(c.vocab_size, c.block_size, c.n_layer, c.n_head, c.lora_rank) < 1:
-        raise ModelConfigError("vocab_size, block_size, n_layer, n_head and lora_rank must all be positive")
+    if c.lora_rank > c.n_embd:  # a rank above the width adds weights but no directions
+        raise ModelConfigError(f"lora_rank ({c.lora_rank}) must be at most n_embd ({c.n_embd})")
     if c.n_layer % 4 != 0:
         raise ModelConfigError(f"n_layer ({c.n_layer}) must be a multiple of 4: stage 1 applies each block "
                                f"4 times")
