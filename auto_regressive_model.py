@@ -32,19 +32,52 @@ Hooks the trainer calls (a model overrides what it needs; the defaults are plain
 """
 
 import dataclasses
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-CHECKPOINT_FORMAT = "lmsmall-checkpoint-v1"
-# What every reader of a checkpoint uses, and its type (training runs and convert_hf.py write them all).
-CHECKPOINT_FIELDS = {"model_name": str, "model_config": dict, "model_state": dict, "config": dict}
+import components
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message says why and what to do."""
+# ---- model options: what every model's Config is checked against ----------------------------------
+
+class ModelConfigError(ValueError):
+    """An unknown model, preset or option; the message lists the valid ones."""
+
+
+CHOICES = {
+    "pos": components.POS_KINDS,
+    "head": components.HEAD_KINDS,
+    "attention": ("causal", "bidirectional"),
+    "alibi_bidirectional": components.ALIBI_BIDIRECTIONAL,
+    "norm": components.NORM_KINDS,
+    "mlp": components.MLP_KINDS,
+}
+SWITCHES = ("qk_norm", "zero_init_proj")  # booleans
+
+
+def check_positive(config, *names):
+    """ModelConfigError naming the first of the sizes `names` that is below 1 (before any size is divided by
+    another: n_head 0 must be this message, not a ZeroDivisionError)."""
+    for name in names:
+        value = getattr(config, name)
+        if value < 1:
+            raise ModelConfigError(f"{name} must be >= 1, got {value}")
+
+
+def check_options(config):
+    """ModelConfigError unless each of the CHOICES options that `config` has holds one of its values."""
+    for name, choices in CHOICES.items():
+        value = getattr(config, name, choices[0])
+        if value not in choices:
+            raise ModelConfigError(f"{name} {value!r} unknown; choose one of: {', '.join(choices)}")
+    for name in SWITCHES:
+        if not isinstance(getattr(config, name, False), bool):
+            raise ModelConfigError(f"{name} must be true or false, not {getattr(config, name)!r}")
+    if getattr(config, "pos", None) == "rope" and (config.n_embd // config.n_head) % 2:
+        raise ModelConfigError(f"pos rope rotates pairs of channels: the head size n_embd / n_head = "
+                               f"{config.n_embd // config.n_head} must be even")
 
 
 def masked_cross_entropy(logits, targets, loss_mask=None):
@@ -338,7 +371,6 @@ class AutoRegressiveModel(nn.Module):
         right-padded to a common length; the model is causal, so right padding changes no logit that is
         read. Both paths give the tokens that each row alone would get (tests/test_generate.py)."""
         if getattr(self.config, "attention", "causal") != "causal":
-            from models import ModelConfigError
             raise ModelConfigError(f"this model attends {self.config.attention}ly (an encoder, e.g. for "
                                    f"MNTP): it does not predict the next token and cannot generate text")
         B, T = idx.shape
@@ -415,85 +447,3 @@ class AutoRegressiveModel(nn.Module):
 
     def config_dict(self):
         return dataclasses.asdict(self.config)
-
-    @staticmethod
-    def load_checkpoint_file(path, map_location="cpu"):
-        """Read and validate a checkpoint file; CheckpointError with a one-line reason otherwise.
-        hf:NAME_OR_DIR is a Hugging Face GPT-2 (the Hub or a local folder), converted by convert_hf.py; a run
-        folder stands for its checkpoint.pt."""
-        if str(path).startswith("hf:"):
-            from convert_hf import checkpoint_from_hf
-            return checkpoint_from_hf(str(path)[3:])
-        if os.path.isdir(path):
-            if not os.path.isfile(os.path.join(path, "checkpoint.pt")):
-                raise CheckpointError(f"no checkpoint.pt in the folder {path}; give a run folder or a checkpoint file")
-            path = os.path.join(path, "checkpoint.pt")
-        if not os.path.isfile(path):
-            raise CheckpointError(f"no checkpoint at {path}")
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:  # truncated, not a torch file, or unpickling refused
-            reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"cannot read checkpoint {path} ({reason}); it is corrupt or not an "
-                                  f"lmsmall checkpoint") from None
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path} is not an lmsmall checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
-        for key, kind in CHECKPOINT_FIELDS.items():  # an edited or damaged file: one line here, not a KeyError later
-            if key not in ckpt:
-                problem = f"has no '{key}'"
-            elif not isinstance(ckpt[key], kind):
-                problem = f"has a {type(ckpt[key]).__name__} as '{key}', not a {kind.__name__}"
-            elif key == "model_state" and not all(torch.is_tensor(t) for t in ckpt[key].values()):
-                problem = "has a 'model_state' that holds something other than tensors"
-            else:
-                continue
-            raise CheckpointError(f"checkpoint {path} {problem}: it is damaged or was not written by lmsmall; use "
-                                  f"the checkpoint as its training run wrote it")
-        return ckpt
-
-    @staticmethod
-    def checkpoint_tokenizer(model, ckpt, path):
-        """The tokenizer a checkpoint's run used (its config's "tokenizer"), checked against the model built from
-        it: every token id needs an embedding row below the model's own extra tokens (dual_mask_gpt's task
-        tokens), or generate, evaluate and embed end in an IndexError mid-run. CheckpointError otherwise."""
-        from base_data_preparer import get_tokenizer
-        from models import model_module
-        name = ckpt.get("config", {}).get("tokenizer")
-        if name is None:
-            raise CheckpointError(f"checkpoint {path} records no tokenizer (its config has no 'tokenizer'); "
-                                  f"use a checkpoint written by an lmsmall training script")
-        enc = get_tokenizer(name)
-        extra = getattr(model_module(ckpt["model_name"]), "EXTRA_TOKENS", 0)
-        if enc.n_vocab + extra > model.config.vocab_size:
-            needed = f"{enc.n_vocab} tokens" + (f" + {extra} task tokens" if extra else "")
-            raise CheckpointError(f"checkpoint {path} records the {name} tokenizer ({needed}) but its model has "
-                                  f"only {model.config.vocab_size} token rows: weights and tokenizer do not belong "
-                                  f"together; use the checkpoint as its training run wrote it")
-        return enc
-
-    @classmethod
-    def from_checkpoint(cls, path, device="cpu", for_inference=True):
-        """Rebuild the model stored in an lmsmall checkpoint (any registered model)."""
-        from models import create_model
-        ckpt = cls.load_checkpoint_file(path)
-        for name, tensor in ckpt["model_state"].items():  # a nan weight makes every loss nan, every answer junk
-            if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise CheckpointError(f"checkpoint {path} holds non-finite weights ({name} has nan or inf); "
-                                      f"nothing it computes would mean anything: use an earlier checkpoint")
-        try:  # an unknown model name, a config or extra state value of the wrong kind
-            model = create_model(ckpt["model_name"], preset=None, **ckpt["model_config"])
-            model.load_extra_state(ckpt.get("model_extra_state", {}))
-        except (TypeError, ValueError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"checkpoint {path} does not describe a model this code can build "
-                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); use a checkpoint "
-                                  f"written by an lmsmall training script") from None
-        try:
-            model.load_state_dict(ckpt["model_state"])
-        except RuntimeError as e:
-            raise CheckpointError(f"checkpoint {path} does not match model {ckpt['model_name']}: "
-                                  f"{str(e).splitlines()[0]}") from None
-        model.to(device)
-        if for_inference:
-            model.prepare_for_inference()
-            model.eval()
-        return model, ckpt

@@ -37,7 +37,7 @@ What it guarantees:
   - concurrent callers (e.g. every DDP rank) are serialised by the same lock file; one prepares, the others wait
     and reuse it.
 """
-import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+from plumbing import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
 
 import contextlib
 import hashlib
@@ -845,7 +845,7 @@ def _build(out: Path, source: dict, enc, tokenizer_name, budget, num_workers, qu
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    import cli  # one-line errors and checked numbers (late: cli is not needed by the importers of this module)
+    from plumbing import cli  # one-line errors and checked numbers (late: cli is not needed by the importers of this module)
     parser = cli.ArgumentParser(description="Tokenize a data source into shards for training.")
     parser.add_argument("--data", required=True, help=f"one of: {', '.join(DATA_SPECS)}")
     parser.add_argument("--tokenizer", required=True, choices=TOKENIZERS)

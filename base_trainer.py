@@ -46,23 +46,22 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import cli
-import run_folder
-import speed
-from auto_regressive_model import (CHECKPOINT_FORMAT, AutoRegressiveModel, CheckpointError, masked_mean,
-                                   scored_tokens)
+from plumbing import cli
+from plumbing.cli import EXIT_DIVERGED, EXIT_WRITE_FAILED
+from plumbing import run_folder
+from plumbing import speed
+from auto_regressive_model import AutoRegressiveModel, masked_mean, scored_tokens
+from checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
 from base_data_preparer import ensure_prepared, get_tokenizer
 from data_file_utils import DataError, check_run_data
 from dataloader import TokenDataLoader
 from models import ModelConfigError, model_config, model_module
-import trainer_console
+from plumbing import trainer_console
 import optim
 # The command line (trainer_config.py); build_parser, resolve_config and the presets are also used from here.
-from trainer_config import (COMMON_DEFAULTS, LOSS_ON, RESUME_MAY_CHANGE, TRAIN_PRESETS,  # noqa: F401
+from plumbing.trainer_config import (COMMON_DEFAULTS, LOSS_ON, RESUME_MAY_CHANGE, TRAIN_PRESETS,  # noqa: F401
                             add_trainer_arguments, build_parser, resolve_config)
 
-# Exit codes besides 0: bad input 2, a failed write 1, divergence 3, a signal 128 + its number.
-EXIT_WRITE_FAILED, EXIT_DIVERGED = 1, 3
 
 
 # What save_checkpoint() writes and --resume needs besides the model (a model-only checkpoint lacks it).
@@ -231,7 +230,7 @@ class BaseTrainer:
             if not has_ckpt:
                 raise TrainError(f"nothing to resume: no checkpoint.pt in {self.cfg['out_dir']}; "
                                  f"run without --resume to start a new run")
-            ckpt = AutoRegressiveModel.load_checkpoint_file(self.ckpt_path)
+            ckpt = load_checkpoint(self.ckpt_path)
             missing = [key for key in RESUME_STATE if key not in ckpt]
             if missing:  # e.g. convert_hf.py from-hf's output: weights, but no optimizer, data position, RNG
                 raise CheckpointError(f"{self.ckpt_path} holds a model but no training state to resume (no "

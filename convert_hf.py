@@ -30,7 +30,7 @@ Tokenizer files go with it (vocab.json, merges.txt, tokenizer.json): GPT-2's, co
 gpt2 runs; for byte runs a byte-level vocabulary without merges (id = the byte, 256 = <|endoftext|>).
 """
 
-import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+from plumbing import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
 
 import argparse
 import contextlib
@@ -45,17 +45,13 @@ import tempfile
 
 import torch
 
-from auto_regressive_model import CHECKPOINT_FORMAT, AutoRegressiveModel, CheckpointError
-from base_trainer import EXIT_WRITE_FAILED
+from checkpoint import (CHECKPOINT_FORMAT, GPT2_FILES, GPT2_VOCAB, CheckpointError, absolute_checkpoint, first_line,
+                        from_hf, hf_name, load_model, require_transformers, tiktoken_file, tokenizer_of, transposed)
 from data_file_utils import DataError
 from models import ModelConfigError
-from run_folder import WriteError
+from plumbing.cli import EXIT_WRITE_FAILED
+from plumbing.run_folder import WriteError
 
-GPT2_VOCAB = 50257
-TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # HF Conv1D
-# tiktoken caches each file it downloads under the sha1 of its URL; HF calls them vocab.json and merges.txt.
-TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-GPT2_FILES = {"vocab.json": TIKTOKEN_URL + "encoder.json", "merges.txt": TIKTOKEN_URL + "vocab.bpe"}
 WHY_NOT = {  # models and options GPT-2 has no equivalent for
     "conv_attention": "conv_attention's hourglass (compressors and expanders between resolutions) has no GPT-2 "
                       "equivalent",
@@ -75,161 +71,6 @@ WHY_NOT = {  # models and options GPT-2 has no equivalent for
 EXPORT_MARKER, EXPORT_FORMAT = "lmsmall_export.json", "lmsmall-hf-export-v1"
 GPT2_OPTIONS = {"pos": ("learned", "sinusoidal", "none"), "head": ("tied",), "attention": ("causal",),
                 "norm": ("layer",), "mlp": ("gelu",), "qk_norm": (False,)}  # what GPT2LMHeadModel computes
-
-
-def require_transformers():
-    try:
-        import safetensors  # noqa: F401  (save_pretrained writes model.safetensors with it)
-        import transformers
-    except ImportError:
-        raise CheckpointError("the Hugging Face bridge needs transformers and safetensors: "
-                              "pip install transformers safetensors") from None
-    transformers.logging.set_verbosity_error()  # its warnings are not ours to print; errors still raise
-    transformers.logging.disable_progress_bar()  # per-tensor loading bars (Hub downloads keep theirs)
-    return transformers
-
-
-def first_line(e):
-    text = str(e).strip()
-    return (text.splitlines()[0][:160] if text else type(e).__name__)
-
-
-def hf_name(name):
-    """An lmsmall baseline_gpt2 weight name -> GPT2LMHeadModel's: blocks.3.attn.c_attn.weight ->
-    transformer.h.3.attn.c_attn.weight, wte.weight -> transformer.wte.weight."""
-    return "transformer." + re.sub(r"^blocks\.", "h.", name)
-
-
-def lmsmall_name(name):
-    return re.sub(r"^h\.", "blocks.", name.removeprefix("transformer."))
-
-
-def transposed(name):
-    return name.endswith(TRANSPOSED)
-
-
-# ---- Hugging Face -> lmsmall -----------------------------------------------------------------------
-
-def load_hf_gpt2(name):
-    """GPT2LMHeadModel (fp32, eval) from a local folder or the Hub; CheckpointError with one line otherwise."""
-    transformers = require_transformers()
-    if not name:
-        raise CheckpointError("hf: needs a Hugging Face model: hf:gpt2, hf:gpt2-medium, ... or hf:FOLDER")
-    local = os.path.isdir(name)
-    if local and not os.path.isfile(os.path.join(name, "config.json")):
-        raise CheckpointError(f"{name} is not a Hugging Face model folder (no config.json); give a folder written "
-                              f"by save_pretrained or a Hub name such as gpt2")
-    if not local and (os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise CheckpointError(f"no Hugging Face model folder at {name}")
-    where = f"folder {name}" if local else f"{name} (Hugging Face Hub)"
-    try:
-        config = transformers.AutoConfig.from_pretrained(name)
-    except Exception as e:  # malformed JSON, unknown model type, offline without a cached copy, no such repo
-        offline_check(name, local, e)
-        raise CheckpointError(f"cannot read the config of {where} ({first_line(e)})") from None
-    check_gpt2_config(config, name)
-    if local:
-        check_gpt2_tokenizer(name)
-    try:
-        model, info = transformers.GPT2LMHeadModel.from_pretrained(name, output_loading_info=True)
-    except Exception as e:  # missing, truncated or corrupt weight files; offline without the weights cached
-        offline_check(name, local, e)
-        raise CheckpointError(f"cannot load the weights of {where} ({first_line(e)}); it is corrupt or "
-                              f"incomplete") from None
-    missing = sorted(info.get("missing_keys", [])) + sorted(info.get("mismatched_keys", []))
-    if missing:  # transformers would fill them with random numbers and carry on
-        raise CheckpointError(f"the weights of {where} lack {missing[0]} ({len(missing)} tensors missing or of "
-                              f"the wrong shape); the folder is incomplete")
-    model = model.float().eval()
-    for key, tensor in model.state_dict().items():  # a nan weight makes every loss nan, every answer junk
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CheckpointError(f"the weights of {where} are not all finite ({key} has nan or inf); nothing the "
-                                  f"model computes would mean anything: use an intact copy of it")
-    if not config.tie_word_embeddings and not torch.equal(model.lm_head.weight, model.transformer.wte.weight):
-        raise CheckpointError(f"{name} has an output head of its own (not tied to wte); lmsmall's GPT-2 ties them")
-    return model
-
-
-def offline_check(name, local, error):
-    """The one-line reason when a Hub name failed because the Hub cannot be reached."""
-    if not local and "connect" in str(error):
-        raise CheckpointError(f"{name} is neither a local folder nor in the Hugging Face cache, and the Hub cannot "
-                              f"be reached (offline?); connect once, or give a folder written by save_pretrained")
-
-
-def check_gpt2_config(config, name):
-    """The options of GPT2Config that baseline_gpt2 computes; anything else is another model."""
-    if config.model_type != "gpt2":
-        raise CheckpointError(f"{name} is a {config.model_type} model; convert_hf.py reads GPT-2 (model_type gpt2)")
-    if config.vocab_size != GPT2_VOCAB:
-        raise CheckpointError(f"{name} has a vocabulary of {config.vocab_size} tokens, not GPT-2's {GPT2_VOCAB}: "
-                              f"another tokenizer, which lmsmall cannot run")
-    differs = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
-               "n_inner": (None, 4 * config.n_embd), "scale_attn_weights": (True,),
-               "scale_attn_by_inverse_layer_idx": (False,), "add_cross_attention": (False,)}
-    for option, fine in differs.items():
-        if getattr(config, option, fine[0]) not in fine:
-            raise CheckpointError(f"{name} sets {option}={getattr(config, option)!r}, which lmsmall's GPT-2 does "
-                                  f"not compute (it needs {fine[0]!r})")
-
-
-def gpt2_vocabulary():
-    """GPT-2's token -> id table (encoder.json) from tiktoken's cache, or None when it is not there."""
-    path = tiktoken_file(GPT2_FILES["vocab.json"])
-    return None if path is None else json.load(open(path, encoding="utf-8"))
-
-
-def check_gpt2_tokenizer(folder):
-    """A local folder's own tokenizer (if it has one) must be GPT-2's: lmsmall encodes with tiktoken's gpt2."""
-    vocab = None
-    if os.path.isfile(os.path.join(folder, "vocab.json")):
-        vocab = json.load(open(os.path.join(folder, "vocab.json"), encoding="utf-8"))
-    elif os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        vocab = json.load(open(os.path.join(folder, "tokenizer.json"), encoding="utf-8")).get("model", {}).get("vocab")
-    gpt2 = gpt2_vocabulary() if vocab is not None else None
-    if gpt2 is not None and vocab != gpt2:
-        raise CheckpointError(f"{folder} comes with a tokenizer other than GPT-2's; lmsmall runs Hugging Face "
-                              f"models with the gpt2 tokenizer only")
-
-
-def run_config(block_size):
-    """The run settings a converted model carries (what finetune.py and train_mntp.py inherit): the project's
-    GPT-2 setup, the rtx3080 preset (gpt2 tokenizer, math-reasoning data, lr 6e-4 .. 6e-5)."""
-    from base_trainer import COMMON_DEFAULTS, TRAIN_PRESETS
-    cfg = dict(COMMON_DEFAULTS, **TRAIN_PRESETS["rtx3080"], preset="rtx3080", model_name="baseline_gpt2",
-               model_overrides={}, entry_point="convert_hf.py")
-    cfg["seq_len"] = min(cfg["seq_len"], block_size)
-    return cfg
-
-
-def checkpoint_from_hf(name):
-    """An lmsmall baseline_gpt2 checkpoint (the dict a checkpoint.pt holds) of a Hugging Face GPT-2."""
-    from models import model_config
-    hf = load_hf_gpt2(name)
-    c = hf.config
-    padded = (GPT2_VOCAB + 63) // 64 * 64
-    config = model_config("baseline_gpt2", preset=None, vocab_size=padded, block_size=c.n_positions,
-                          n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, dropout=0.0)
-    state = {}
-    for key, tensor in hf.state_dict().items():
-        if key == "lm_head.weight" or not key.startswith("transformer."):
-            continue  # the head is tied to wte (checked in load_hf_gpt2)
-        tensor = tensor.detach()
-        state[lmsmall_name(key)] = (tensor.t() if transposed(key) else tensor).contiguous().clone()
-    wte = state["wte.weight"]  # padded rows: the mean embedding (see the top of this file)
-    state["wte.weight"] = torch.cat([wte, wte.mean(0, keepdim=True).expand(padded - GPT2_VOCAB, -1)])
-    return {"format": CHECKPOINT_FORMAT, "model_name": "baseline_gpt2", "model_config": dataclasses.asdict(config),
-            "model_state": state, "model_extra_state": {}, "config": run_config(c.n_positions),
-            "converted_from": f"hf:{name}"}
-
-
-def absolute_checkpoint(spec):
-    """A --checkpoint value with its path made absolute (a run folder records it; --resume may run elsewhere).
-    hf:NAME stays as it is unless NAME is a local folder."""
-    spec = str(spec)
-    if spec.startswith("hf:"):
-        return "hf:" + os.path.abspath(spec[3:]) if os.path.isdir(spec[3:]) else spec
-    return os.path.abspath(spec)
 
 
 # ---- lmsmall -> Hugging Face -----------------------------------------------------------------------
@@ -272,14 +113,6 @@ def check_same_logits(model, hf, n_vocab, checkpoint):
         raise CheckpointError(f"{checkpoint} cannot go to Hugging Face as GPT-2: the exported GPT2LMHeadModel "
                               f"computes other logits (max difference {float((ours - theirs).abs().max()):.3g}); "
                               f"please report this")
-
-
-def tiktoken_file(url):
-    """The path of tiktoken's cached copy of url (its cache names files by the sha1 of the URL), or None."""
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
-        os.path.join(tempfile.gettempdir(), "data-gym-cache")
-    path = os.path.join(cache, hashlib.sha1(url.encode()).hexdigest())
-    return path if os.path.isfile(path) else None
 
 
 def byte_vocabulary():
@@ -327,11 +160,11 @@ def export_hf(checkpoint, out, overwrite=False):
     """Write `checkpoint` (a path or hf:NAME) as a Hugging Face GPT-2 folder `out`; returns a summary line."""
     transformers = require_transformers()
     old_files = check_export_out(out, checkpoint, overwrite)  # before any work
-    model, ckpt = AutoRegressiveModel.from_checkpoint(checkpoint)  # for inference: LoRA merged
+    model, ckpt = load_model(checkpoint)  # for inference: LoRA merged
     reason = why_not_exportable(model)
     if reason:
         raise CheckpointError(f"{checkpoint} cannot go to Hugging Face as GPT-2: {reason}")
-    enc = AutoRegressiveModel.checkpoint_tokenizer(model, ckpt, checkpoint)
+    enc = tokenizer_of(model, ckpt, checkpoint)
     tokenizer_name = ckpt["config"]["tokenizer"]
     if tokenizer_name == "gpt2":
         gpt2_tokenizer_files()
@@ -356,7 +189,7 @@ def export_hf(checkpoint, out, overwrite=False):
 def import_hf(name, out, overwrite=False):
     """Write the Hugging Face GPT-2 `name` as an lmsmall checkpoint file `out`; returns a summary line."""
     check_checkpoint_out(out, overwrite)  # before any work
-    ckpt = checkpoint_from_hf(name)
+    ckpt = from_hf(name)
     write_checkpoint(ckpt, out)
     c = ckpt["model_config"]
     return (f"{name} -> {out}: baseline_gpt2 with {c['n_layer']} layers, {c['n_embd']} wide, context "

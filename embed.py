@@ -30,7 +30,7 @@ passes (no real token sees later positions), left padding for dual's bw pass (it
 BW token at the end), a key mask for the bidirectional encoder.
 """
 
-import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+from plumbing import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
 
 import contextlib
 import io
@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cli
-from auto_regressive_model import AutoRegressiveModel, CheckpointError
+from plumbing import cli
+from checkpoint import CheckpointError, load_model, tokenizer_of
 from data_file_utils import DataError
 
 KINDS = ("causal", "mntp", "dual")
@@ -304,8 +304,8 @@ def main(argv=None):
         if os.path.exists(out) and not args.overwrite:
             raise EmbedError(f"{out} already exists; add --overwrite to replace it or choose another --out")
         texts = read_texts(args.input, args.field)  # cheap, so before the model is loaded
-        model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
-        enc = AutoRegressiveModel.checkpoint_tokenizer(model, ckpt, args.checkpoint)
+        model, ckpt = load_model(args.checkpoint, device=args.device)
+        enc = tokenizer_of(model, ckpt, args.checkpoint)
         batches = feature_batches(model, enc, texts, args.kind, args.batch_size, progress=True)
         try:
             first = next(batches)

@@ -28,7 +28,7 @@ The rules are in the README's table ("How answers are scored"), each with a test
 --limit N evaluates the first N problems.
 """
 
-import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+from plumbing import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
 
 import argparse
 import contextlib
@@ -44,10 +44,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import cli
+from plumbing import cli
 import synthetic_math
-from auto_regressive_model import (AutoRegressiveModel, CheckpointError, left_pad, masked_cross_entropy,
-                                   scored_tokens)
+from auto_regressive_model import AutoRegressiveModel, left_pad, masked_cross_entropy, scored_tokens
+from checkpoint import CheckpointError, load_model, tokenizer_of
 from base_data_preparer import ensure_prepared
 from data_file_utils import (DataError, atomic_write_bytes, check_run_data, dataset_dir, qa_split_text, read_manifest,
                              same_question, split_of_text)
@@ -392,12 +392,12 @@ def main(argv=None):
             raise EvalError("nothing to do: --no-loss without a --task")
         if args.out and os.path.exists(args.out) and not args.overwrite:
             raise EvalError(f"{args.out} already exists; add --overwrite to replace it or choose another --out")
-        model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
+        model, ckpt = load_model(args.checkpoint, device=args.device)
         if getattr(model.config, "attention", "causal") != "causal":
             raise EvalError(f"{args.checkpoint} is an encoder ({model.config.attention} attention, e.g. MNTP): it "
                             f"predicts no next token; embed with embed.py instead")
         cfg = ckpt["config"]
-        enc = AutoRegressiveModel.checkpoint_tokenizer(model, ckpt, args.checkpoint)
+        enc = tokenizer_of(model, ckpt, args.checkpoint)
         if do_loss or (args.task or "").startswith("json:"):
             check_run_settings(cfg, args.checkpoint)
         problems = None

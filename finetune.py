@@ -24,19 +24,19 @@ generate.py, embed.py and further fine-tunes load like any other checkpoint; the
 as "train_model_state" for --resume only.
 """
 
-import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+from plumbing import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
 import os
 import sys
 
 import torch.nn as nn
 
-from auto_regressive_model import AutoRegressiveModel, CheckpointError
+from checkpoint import CheckpointError, load_checkpoint
 import base_trainer
-import cli
+from plumbing import cli
 from base_trainer import COMMON_DEFAULTS, BaseTrainer, TrainError, add_trainer_arguments
-from trainer_config import check_resume_overwrite
+from plumbing.trainer_config import check_resume_overwrite
 from components import MLP, LoRALinear, SelfAttention
-from convert_hf import absolute_checkpoint
+from checkpoint import absolute_checkpoint
 from models import create_model, model_module
 
 FINETUNE_DEFAULTS = dict(max_steps=100, warmup_steps=10, eval_interval=25, checkpoint_interval=25)
@@ -101,7 +101,7 @@ class FinetuneTrainer(BaseTrainer):
 
     def load_base(self, **config_changes):
         """The model of the base checkpoint (with config_changes, e.g. attention="bidirectional"), before LoRA."""
-        base = AutoRegressiveModel.load_checkpoint_file(self.cfg["checkpoint"])
+        base = load_checkpoint(self.cfg["checkpoint"])
         model = build_model(self.model_name, dict(base["model_config"], **config_changes),
                             base.get("model_extra_state", {}))
         try:
@@ -193,14 +193,14 @@ def resolve_config(argv, parser=None, defaults=FINETUNE_DEFAULTS, entry_point="f
         path = os.path.join(out_dir, "checkpoint.pt")
         if not os.path.exists(path):
             raise TrainError(f"nothing to resume: no checkpoint.pt in {out_dir}; run without --resume to start")
-        name = AutoRegressiveModel.load_checkpoint_file(path)["model_name"]
+        name = load_checkpoint(path)["model_name"]
         if "checkpoint" in typed:
             typed["checkpoint"] = absolute_checkpoint(typed["checkpoint"])
         return name, dict(COMMON_DEFAULTS, out_dir=out_dir, resume=True), typed
     if "checkpoint" not in typed:
         raise TrainError(f"{entry_point} needs --checkpoint PATH (the trained model to start from)")
     typed["checkpoint"] = absolute_checkpoint(typed["checkpoint"])
-    base = AutoRegressiveModel.load_checkpoint_file(typed["checkpoint"])
+    base = load_checkpoint(typed["checkpoint"])
     base_cfg, name = base["config"], base["model_name"]
     kind = entry_point[:-3].replace("train_", "")  # finetune, mntp
     if kind == "finetune" and base["model_config"].get("attention", "causal") != "causal":

@@ -8,14 +8,14 @@ A sample ends at <|endoftext|> (the end of a document in the training data; not 
 ("Question: ...\nAnswer:", as the data preparer writes question/answer documents) get answers.
 """
 
-import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+from plumbing import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
 
 import sys
 
 import torch
 
-import cli
-from auto_regressive_model import AutoRegressiveModel, CheckpointError
+from plumbing import cli
+from checkpoint import CheckpointError, load_model, tokenizer_of
 from data_file_utils import DataError
 from models import ModelConfigError
 
@@ -40,8 +40,8 @@ def main(argv=None):
               "give the prompt as UTF-8 text", file=sys.stderr)
         return 2
     try:
-        model, ckpt = AutoRegressiveModel.from_checkpoint(args.checkpoint, device=args.device)
-        enc = AutoRegressiveModel.checkpoint_tokenizer(model, ckpt, args.checkpoint)
+        model, ckpt = load_model(args.checkpoint, device=args.device)
+        enc = tokenizer_of(model, ckpt, args.checkpoint)
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ Checkpoints hold both optimizers' state ({"muon": ..., "adamw": ...}), so --resu
 import torch
 import torch.nn as nn
 
-import cli
+from plumbing import cli
 
 OPTIMIZERS = ("adamw", "muon")
 DEFAULTS = dict(optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0)

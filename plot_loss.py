@@ -12,7 +12,7 @@ where a run's "stage" changes (progressive_diverging). --x time is training time
 summed; evaluation not counted). An existing --out is kept unless --overwrite.
 """
 
-import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+from plumbing import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
 
 import contextlib
 import glob
@@ -33,7 +33,7 @@ LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 X_LABELS = {"tokens": "tokens", "steps": "optimizer steps", "time": "training time (s, evaluation excluded)"}
 
-import cli  # noqa: E402
+from plumbing import cli  # noqa: E402
 
 
 class PlotError(Exception):

@@ -24,13 +24,13 @@ run's peak lr. Val rows hold the masked-token "loss" and "acc" (top-1 accuracy o
 drawn from a fixed seed, so evaluations at different steps compare.
 """
 
-import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+from plumbing import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
 import sys
 
 import torch
 import torch.nn as nn
 
-import cli
+from plumbing import cli
 
 from auto_regressive_model import masked_cross_entropy
 from base_data_preparer import get_tokenizer

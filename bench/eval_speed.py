@@ -69,11 +69,11 @@ def first_difference_gap(model, enc, question, a, b):
 
 
 def load_model(checkpoint, tokenizer, block_size, n_layer=None):
-    from auto_regressive_model import AutoRegressiveModel
+    from checkpoint import load_model
     from base_data_preparer import get_tokenizer
     from models import create_model
     if checkpoint:
-        model, ckpt = AutoRegressiveModel.from_checkpoint(checkpoint)
+        model, ckpt = load_model(checkpoint)
         return model, get_tokenizer(ckpt["config"]["tokenizer"]), f"{checkpoint} (step {ckpt.get('step')})"
     enc = get_tokenizer(tokenizer)
     torch.manual_seed(0)

@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cli  # noqa: E402
+from plumbing import cli  # noqa: E402
 from bench.machine import describe as describe_machine  # noqa: E402
 from models import MODELS, create_model  # noqa: E402
 

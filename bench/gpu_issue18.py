@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import cli  # noqa: E402
+from plumbing import cli  # noqa: E402
 
 TABLE_MODELS = ["baseline_gpt2", "conv_attention", "progressive_diverging", "dual_mask_gpt"]
 SETTINGS = {  # name: train flags (the rest: the preset's)

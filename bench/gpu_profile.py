@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import auto_regressive_model as arm  # noqa: E402
-import cli  # noqa: E402
-import speed  # noqa: E402
+from plumbing import cli  # noqa: E402
+from plumbing import speed  # noqa: E402
 from models import MODELS, create_model  # noqa: E402
 
 

@@ -30,8 +30,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import cli  # noqa: E402
-from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy  # noqa: E402
+from plumbing import cli  # noqa: E402
+from auto_regressive_model import masked_cross_entropy  # noqa: E402
+from checkpoint import load_model
 from bench.machine import describe as describe_machine  # noqa: E402
 
 VARIANTS = {  # name: (pos, head)
@@ -68,7 +69,7 @@ def evaluate(run_dir, seq_len, max_windows):
     """{factor: (loss, bpb) or None} on the val split's windows of 4 * seq_len tokens."""
     from data_file_utils import dataset_dir
     from dataloader import TokenDataLoader
-    model, _ = AutoRegressiveModel.from_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
+    model, _ = load_model(os.path.join(run_dir, "checkpoint.pt"))
     cfg = json.load(open(os.path.join(run_dir, "config.json")))
     span = max(FACTORS) * seq_len
     loader = TokenDataLoader(dataset_dir(cfg["data_dir"], cfg["data"], cfg["tokenizer"], cfg.get("data_seed"),

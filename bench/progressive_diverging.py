@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cli  # noqa: E402
+from plumbing import cli  # noqa: E402
 from components import LoRALinear  # noqa: E402
 from models import create_model, model_config  # noqa: E402
 import models.progressive_diverging as pd  # noqa: E402

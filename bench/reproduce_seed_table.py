@@ -40,7 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import cli  # noqa: E402
+from plumbing import cli  # noqa: E402
 from bench.machine import describe as describe_machine  # noqa: E402
 
 SEED_MODELS = ["baseline_gpt2", "conv_attention", "progressive_diverging"]
@@ -88,10 +88,10 @@ def train_command(model, args, out):
 
 
 def inference_ms_per_token(run_dir, n_tokens, device):
-    from auto_regressive_model import AutoRegressiveModel
+    from checkpoint import load_model
     dev = "cuda" if device in (None, "auto") and torch.cuda.is_available() else (device or "cpu")
     dev = "cpu" if dev == "auto" else dev
-    model, _ = AutoRegressiveModel.from_checkpoint(str(run_dir / "checkpoint.pt"), device=dev)
+    model, _ = load_model(str(run_dir / "checkpoint.pt"), device=dev)
     prompt = torch.zeros((1, 8), dtype=torch.long, device=dev)
     new = min(n_tokens, model.config.block_size - prompt.size(1))  # stay inside the window
     sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)

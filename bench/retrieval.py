@@ -31,8 +31,8 @@ from collections import Counter
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cli  # noqa: E402
-from auto_regressive_model import AutoRegressiveModel, CheckpointError  # noqa: E402
+from plumbing import cli  # noqa: E402
+from checkpoint import CheckpointError, load_model
 from base_data_preparer import get_tokenizer  # noqa: E402
 from bench.machine import describe as describe_machine  # noqa: E402
 from data_file_utils import DataError, split_of_text  # noqa: E402
@@ -99,7 +99,7 @@ def centered(E):
 
 
 def evaluate_checkpoint(path, kind, questions, documents, gold, batch_size, with_maxsim):
-    model, ckpt = AutoRegressiveModel.from_checkpoint(path)
+    model, ckpt = load_model(path)
     if embedding_kind(model) != kind:
         raise EmbedError(f"--{kind} {path} is a {embedding_kind(model)} checkpoint")
     enc = get_tokenizer(ckpt["config"]["tokenizer"])

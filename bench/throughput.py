@@ -23,8 +23,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import speed  # noqa: E402
-import cli  # noqa: E402
+from plumbing import speed  # noqa: E402
+from plumbing import cli  # noqa: E402
 from models import MODELS, create_model  # noqa: E402
 
 

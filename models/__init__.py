@@ -24,7 +24,7 @@ The last four and pos=rope are the modern switches (issue 17, components.py); ev
 import dataclasses
 import importlib
 
-import components
+from auto_regressive_model import CHOICES, ModelConfigError, check_options, check_positive  # noqa: F401
 
 MODELS = {
     "baseline_gpt2": "models.baseline_gpt2",
@@ -32,44 +32,6 @@ MODELS = {
     "progressive_diverging": "models.progressive_diverging",
     "dual_mask_gpt": "models.dual_mask_gpt",
 }
-
-
-class ModelConfigError(ValueError):
-    """An unknown model, preset or option; the message lists the valid ones."""
-
-
-CHOICES = {
-    "pos": components.POS_KINDS,
-    "head": components.HEAD_KINDS,
-    "attention": ("causal", "bidirectional"),
-    "alibi_bidirectional": components.ALIBI_BIDIRECTIONAL,
-    "norm": components.NORM_KINDS,
-    "mlp": components.MLP_KINDS,
-}
-SWITCHES = ("qk_norm", "zero_init_proj")  # booleans
-
-
-def check_positive(config, *names):
-    """ModelConfigError naming the first of the sizes `names` that is below 1 (before any size is divided by
-    another: n_head 0 must be this message, not a ZeroDivisionError)."""
-    for name in names:
-        value = getattr(config, name)
-        if value < 1:
-            raise ModelConfigError(f"{name} must be >= 1, got {value}")
-
-
-def check_options(config):
-    """ModelConfigError unless each of the CHOICES options that `config` has holds one of its values."""
-    for name, choices in CHOICES.items():
-        value = getattr(config, name, choices[0])
-        if value not in choices:
-            raise ModelConfigError(f"{name} {value!r} unknown; choose one of: {', '.join(choices)}")
-    for name in SWITCHES:
-        if not isinstance(getattr(config, name, False), bool):
-            raise ModelConfigError(f"{name} must be true or false, not {getattr(config, name)!r}")
-    if getattr(config, "pos", None) == "rope" and (config.n_embd // config.n_head) % 2:
-        raise ModelConfigError(f"pos rope rotates pairs of channels: the head size n_embd / n_head = "
-                               f"{config.n_embd // config.n_head} must be even")
 
 
 def model_module(name):

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy
+from auto_regressive_model import (AutoRegressiveModel, ModelConfigError, check_options, check_positive,
+                                   masked_cross_entropy)
 from components import (Block, KVCache, OutputHead, PositionEmbedding, block_options, embed_tokens,
                         init_gpt2_weights, make_norm)
 
@@ -50,7 +51,6 @@ PRESETS = {
 
 
 def check_sizes(config):
-    from models import ModelConfigError, check_options, check_positive
     check_positive(config, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
     if config.n_embd % config.n_head != 0:
         raise ModelConfigError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")

@@ -54,7 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy
+from auto_regressive_model import (AutoRegressiveModel, ModelConfigError, check_options, check_positive,
+                                   masked_cross_entropy)
 from components import Block, OutputHead, PositionEmbedding, block_options, init_gpt2_weights, make_norm
 
 
@@ -91,7 +92,6 @@ TRAIN_PRESETS = {
 
 
 def check_sizes(config):
-    from models import ModelConfigError, check_options, check_positive
     c = config
     check_positive(c, "vocab_size", "block_size", "n_head", "n_embd", "n_levels", "target_offset")
     if c.shorten_factor < 2:
@@ -219,7 +219,6 @@ class Model(AutoRegressiveModel):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, *args, **kwargs):
         if self.config.target_offset != 1:
-            from models import ModelConfigError
             raise ModelConfigError(f"this model predicts the token {self.config.target_offset} ahead "
                                    f"(target_offset={self.config.target_offset}); only a target_offset=1 "
                                    f"model can generate text")

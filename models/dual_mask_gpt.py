@@ -52,7 +52,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy, masked_mean
+from auto_regressive_model import (AutoRegressiveModel, ModelConfigError, check_options, check_positive,
+                                   masked_cross_entropy, masked_mean)
 from components import Block, KVCache, OutputHead, PositionEmbedding, block_options, init_gpt2_weights, make_norm
 
 EXTRA_TOKENS = 2          # FW = vocab_size - 2, BW = vocab_size - 1
@@ -88,7 +89,6 @@ PRESETS = {
 
 
 def check_config(config):
-    from models import ModelConfigError, check_options, check_positive
     check_positive(config, "block_size", "n_layer", "n_head", "n_embd")
     if config.vocab_size <= EXTRA_TOKENS:
         raise ModelConfigError(f"vocab_size ({config.vocab_size}) must be above {EXTRA_TOKENS} (the task tokens)")

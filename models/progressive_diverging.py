@@ -44,7 +44,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from auto_regressive_model import AutoRegressiveModel, masked_cross_entropy
+from auto_regressive_model import (AutoRegressiveModel, ModelConfigError, check_options, check_positive,
+                                   masked_cross_entropy)
 from components import (Block, KVCache, LoRALinear, OutputHead, PositionEmbedding, block_options, embed_tokens,
                         init_gpt2_weights, make_norm, merge_lora)
 
@@ -78,7 +79,6 @@ PRESETS = {
 
 
 def check_sizes(config):
-    from models import ModelConfigError, check_options, check_positive
     c = config
     check_positive(c, "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "lora_rank")
     if c.n_embd % c.n_head != 0:

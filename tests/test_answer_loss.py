@@ -189,16 +189,16 @@ def finetuner(*args):
 
 
 def test_lora_finetune_saves_a_plain_merged_model_and_resumes(base_run, tmp_path):
-    from auto_regressive_model import AutoRegressiveModel
+    from checkpoint import load_model
     out = tmp_path / "ft"
     ft = finetuner("--checkpoint", base_run / "checkpoint.pt", "--out-dir", out, "--loss-on", "answer",
                    "--lora-rank", 4, "--max-steps", 3, "--eval-interval", 3, "--lr", 1e-2)
-    base, _ = AutoRegressiveModel.from_checkpoint(base_run / "checkpoint.pt")
+    base, _ = load_model(base_run / "checkpoint.pt")
     trainable = [n for n, p in ft.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable) and len(ft.lora_layers) == 2 * 4  # 2 blocks x 4
     assert ft.cfg["micro_batch_size"] == 4 and ft.cfg["tokenizer"] == "bytes"  # the base run's settings
     assert ft.train() == 0
-    merged, ckpt = AutoRegressiveModel.from_checkpoint(out / "checkpoint.pt")  # a plain baseline_gpt2
+    merged, ckpt = load_model(out / "checkpoint.pt")  # a plain baseline_gpt2
     assert not any("lora" in k for k in ckpt["model_state"]) and ckpt["config"]["loss_on"] == "answer"
     x = torch.randint(0, 256, (2, 64))
     ft.model.eval()
@@ -225,14 +225,14 @@ def test_lora_finetune_keeps_the_progressive_stage_of_its_checkpoint(data_dir, t
     """A checkpoint taken in stage 1 (here: stage 2 would start at step 2 of 2) is fine-tuned in stage 1:
     the fine-tune's own max_steps must not restart the stage schedule (stage 2 at step 3 of 4 here), which
     rebuilt the blocks under the LoRA wrappers and saved a checkpoint that fit no model."""
-    from auto_regressive_model import AutoRegressiveModel
+    from checkpoint import load_model
     base = tmp_path / "base"
     assert trainer(data_dir, base, "--n-layer", 4, "--stage2-at", 0.75, "--stage3-at", 1.0, "--max-steps", 2,
                    "--eval-interval", 2, model="progressive_diverging").train() == 0
     ft = finetuner("--checkpoint", base / "checkpoint.pt", "--out-dir", tmp_path / "ft", "--lora-rank", 2,
                    "--max-steps", 4, "--eval-interval", 4, "--lr", 1e-2)
     assert ft.train() == 0 and ft.model.stage == 1
-    merged, ckpt = AutoRegressiveModel.from_checkpoint(tmp_path / "ft" / "checkpoint.pt")
+    merged, ckpt = load_model(tmp_path / "ft" / "checkpoint.pt")
     assert merged.stage == 1 and not any("lora" in k for k in ckpt["model_state"])
     x = torch.randint(0, 256, (2, 64))
     ft.model.eval()

@@ -74,7 +74,7 @@ def cases(tmp):
     out += [(ev, ["--checkpoint", "x.pt", *a], a[0]) for a in (["--eval-batches", "0"], ["--limit", "0"],
             ["--max-new-tokens", "0"], ["--max-new-tokens", "-1"], ["--out", str(tmp)], ["--out", f + "/r.json"],
             ["--device", "cuda:x"])]
-    cuts = script_main("evaluate_layer_cuts")
+    cuts = script_main("dual_mask.layer_cuts")
     out += [(cuts, ["run", *a], a[0]) for a in (["--batches", "0"], ["--batch-size", "0"], ["--device", "foo"],
                                                 ["--out", str(tmp)])]
     emb = script_main("embed")
@@ -84,10 +84,10 @@ def cases(tmp):
             (emb, base + ["--out", str(tmp / "e.npy"), "--device", "foo"], "--device")]
     plot = script_main("plot_loss")
     out += [(plot, ["run", "--smooth", "0"], "--smooth"), (plot, ["run", "--out", str(tmp)], "--out")]
-    dual = script_main("analyze_dual_mask")
+    dual = script_main("dual_mask.analyze")
     out += [(dual, ["runs", "--p-bw", "2"], "--p-bw"), (dual, ["runs", "--windows", "1:0"], "--windows"),
             (dual, ["runs", "--out", f], "--out")]
-    sweep = script_main("sweep_dual_mask")
+    sweep = script_main("dual_mask.sweep")
     out += [(sweep, ["--jobs", "0"], "--jobs"), (sweep, ["--depths", "0"], "--depths"),
             (sweep, ["--p-bw", "-0.1"], "--p-bw"), (sweep, ["--out-dir", f], "--out-dir"),
             (sweep, ["--cut-batches", "0"], "--cut-batches")]
@@ -123,7 +123,7 @@ def test_every_script_refuses_bad_input_in_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["auto", "cpu"])
 def test_pick_device_gives_a_usable_device(name):
-    import cli
+    from plumbing import cli
     device = cli.pick_device(name)
     torch.zeros(1, device=device)
     assert device == "cpu" or name == "auto"
@@ -132,7 +132,7 @@ def test_pick_device_gives_a_usable_device(name):
 def test_cli_types():
     import argparse
 
-    import cli
+    from plumbing import cli
     assert cli.count("2.5k") == 2500 and cli.positive_int("3") == 3 and cli.probability("1") == 1.0
     for fn, text in [(cli.positive_int, "0"), (cli.nonnegative_int, "-1"), (cli.positive_float, "nan"),
                      (cli.nonnegative_float, "-inf"), (cli.probability, "1.01"), (cli.open_fraction, "0"),
@@ -142,12 +142,12 @@ def test_cli_types():
 
 
 @pytest.mark.parametrize("module,model_name", [("evaluate", "baseline_gpt2"), ("generate", "baseline_gpt2"),
-                                               ("embed", "baseline_gpt2"), ("evaluate_layer_cuts", "dual_mask_gpt")])
+                                               ("embed", "baseline_gpt2"), ("dual_mask.layer_cuts", "dual_mask_gpt")])
 def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(module, model_name, tmp_path, capsys):
     """A nan weight makes every loss nan and every greedy answer junk: evaluate.py used to print 'test loss nan'
     and 0% accuracy with exit 0 (a wrong number, silently), generate.py ended in a traceback."""
     import dataclasses
-    from auto_regressive_model import CHECKPOINT_FORMAT
+    from checkpoint import CHECKPOINT_FORMAT
     from models import create_model
     model = create_model(model_name, preset="tiny", vocab_size=320, block_size=32, n_layer=2, n_head=2, n_embd=32)
     state = model.state_dict()
@@ -159,7 +159,7 @@ def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(module, model_name
     argv = {"evaluate": ["--checkpoint", str(ckpt), "--out", str(tmp_path / "r.json")],
             "generate": ["--checkpoint", str(ckpt), "--prompt", "1 + 1 ="],
             "embed": ["--checkpoint", str(ckpt), "--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "e.npy")],
-            "evaluate_layer_cuts": [str(ckpt)]}[module]
+            "dual_mask.layer_cuts": [str(ckpt)]}[module]
     before = sorted(os.listdir(tmp_path))
     code = importlib.import_module(module).main(argv)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
@@ -169,14 +169,14 @@ def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(module, model_name
 
 @pytest.mark.parametrize("module,model_name,vocab_size", [
     ("evaluate", "baseline_gpt2", 200), ("generate", "baseline_gpt2", 200), ("embed", "baseline_gpt2", 200),
-    ("convert_hf", "baseline_gpt2", 200), ("evaluate_layer_cuts", "dual_mask_gpt", 258)])
+    ("convert_hf", "baseline_gpt2", 200), ("dual_mask.layer_cuts", "dual_mask_gpt", 258)])
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_at_load(module, model_name, vocab_size, tmp_path,
                                                                            capsys):
     """A checkpoint whose recorded tokenizer has more ids than the model has token rows (bytes: 257; dual_mask_gpt
     also needs its 2 task tokens) ended in an IndexError traceback mid-run in generate, evaluate and embed (to-hf:
     a size-mismatch traceback). Now one line when the tools resolve the tokenizer, before any work."""
     import dataclasses
-    from auto_regressive_model import CHECKPOINT_FORMAT
+    from checkpoint import CHECKPOINT_FORMAT
     from models import create_model
     model = create_model(model_name, preset="tiny", vocab_size=vocab_size, block_size=32, n_layer=2, n_head=2,
                          n_embd=32)
@@ -189,7 +189,7 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_at_load(module
             "generate": ["--checkpoint", str(ckpt)],  # the empty prompt starts with <|endoftext|>: id 256
             "embed": ["--checkpoint", str(ckpt), "--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "e.npy")],
             "convert_hf": ["to-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")],
-            "evaluate_layer_cuts": [str(ckpt)]}[module]
+            "dual_mask.layer_cuts": [str(ckpt)]}[module]
     before = sorted(os.listdir(tmp_path))
     capsys.readouterr()
     code = importlib.import_module(module).main(argv)
@@ -201,9 +201,9 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_at_load(module
 
 def test_a_run_folder_stands_for_its_checkpoint_in_every_tool(tmp_path, capsys):
     """evaluate/generate/embed said 'no checkpoint at RUN' for a run folder holding checkpoint.pt, while
-    evaluate_layer_cuts.py took folders: every tool now takes a run folder; one without checkpoint.pt: one line."""
+    dual_mask/layer_cuts.py took folders: every tool now takes a run folder; one without checkpoint.pt: one line."""
     import dataclasses
-    from auto_regressive_model import CHECKPOINT_FORMAT, AutoRegressiveModel, CheckpointError
+    from checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, load_model
     from models import create_model
     model = create_model("baseline_gpt2", preset="tiny", vocab_size=320, block_size=32, n_layer=1, n_head=2,
                          n_embd=32)
@@ -212,12 +212,12 @@ def test_a_run_folder_stands_for_its_checkpoint_in_every_tool(tmp_path, capsys):
     torch.save({"format": CHECKPOINT_FORMAT, "model_name": model.name, "model_config": dataclasses.asdict(model.config),
                 "model_state": model.state_dict(), "model_extra_state": model.extra_state(),
                 "config": {"tokenizer": "bytes"}}, run / "checkpoint.pt")
-    loaded, _ = AutoRegressiveModel.from_checkpoint(str(run))
+    loaded, _ = load_model(str(run))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     assert importlib.import_module("generate").main(["--checkpoint", str(run), "--prompt", "1 + 1 =",
                                                      "--max-new-tokens", "3"]) == 0
     with pytest.raises(CheckpointError, match="no checkpoint.pt in the folder"):
-        AutoRegressiveModel.load_checkpoint_file(str(tmp_path))
+        load_checkpoint(str(tmp_path))
     capsys.readouterr()
     assert importlib.import_module("evaluate").main(["--checkpoint", str(tmp_path)]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

@@ -56,7 +56,7 @@ def logits_of(model, idx):
 
 
 def save(model, path, tokenizer="bytes"):
-    from auto_regressive_model import CHECKPOINT_FORMAT
+    from checkpoint import CHECKPOINT_FORMAT
     torch.save({"format": CHECKPOINT_FORMAT, "model_name": model.name, "model_config": dataclasses.asdict(model.config),
                 "model_state": model.state_dict(), "model_extra_state": model.extra_state(),
                 "config": {"tokenizer": tokenizer}}, path)
@@ -74,12 +74,12 @@ def one_line_error(capsys, code, *words):
 # ---- Hugging Face -> lmsmall -----------------------------------------------------------------------
 
 def test_from_hf_gives_the_same_logits_loss_and_greedy_text(hf_dir, tmp_path, capsys):
-    from auto_regressive_model import AutoRegressiveModel
+    from checkpoint import load_model
     from convert_hf import main
     out = tmp_path / "gpt2.pt"
     assert main(["from-hf", "--model", str(hf_dir), "--out", str(out)]) == 0
     assert "padded to 50304" in capsys.readouterr().out
-    model, ckpt = AutoRegressiveModel.from_checkpoint(str(out))
+    model, ckpt = load_model(str(out))
     assert model.name == "baseline_gpt2" and ckpt["config"]["tokenizer"] == "gpt2"
     assert model.config.vocab_size == 50304 and model.config.block_size == 32
     hf = random_gpt2()
@@ -101,8 +101,9 @@ def test_from_hf_gives_the_same_logits_loss_and_greedy_text(hf_dir, tmp_path, ca
 
 
 def test_round_trip_hf_lmsmall_hf_is_exact(hf_dir, tmp_path):
-    from convert_hf import checkpoint_from_hf, main
-    ckpt = checkpoint_from_hf(str(hf_dir))
+    from convert_hf import main
+    from checkpoint import from_hf
+    ckpt = from_hf(str(hf_dir))
     torch.save(ckpt, tmp_path / "gpt2.pt")
     assert main(["to-hf", "--checkpoint", str(tmp_path / "gpt2.pt"), "--out", str(tmp_path / "back")]) == 0
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
@@ -174,7 +175,7 @@ def exported_logits_match(model, out, n_vocab, block_size):
 
 
 def test_a_trained_byte_run_goes_to_hf_with_a_working_tokenizer(data_dir, tmp_path, capsys):
-    from auto_regressive_model import AutoRegressiveModel
+    from checkpoint import load_model
     from base_data_preparer import get_tokenizer
     from convert_hf import main
     from test_answer_loss import trainer
@@ -183,7 +184,7 @@ def test_a_trained_byte_run_goes_to_hf_with_a_working_tokenizer(data_dir, tmp_pa
     capsys.readouterr()
     assert main(["to-hf", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp_path / "hf")]) == 0
     assert "bytes tokenizer" in capsys.readouterr().out
-    model, _ = AutoRegressiveModel.from_checkpoint(str(run / "checkpoint.pt"))
+    model, _ = load_model(str(run / "checkpoint.pt"))
     exported_logits_match(model, tmp_path / "hf", 257, model.config.block_size)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "Question: Natalia sold 48 clips. Héllo 😀\nAnswer: 72<|endoftext|>"
@@ -280,7 +281,7 @@ def test_generate_evaluate_and_embed_take_hf_checkpoints(hf_dir, gsm8k_dir, tmp_
 
 
 def test_finetune_and_mntp_from_hf_run_end_to_end_and_go_back_to_hf(hf_dir, gsm8k_dir, tmp_path, capsys):
-    from auto_regressive_model import AutoRegressiveModel
+    from checkpoint import load_model
     from base_data_preparer import get_tokenizer
     from convert_hf import main
     run = tmp_path / "ft"
@@ -291,7 +292,7 @@ def test_finetune_and_mntp_from_hf_run_end_to_end_and_go_back_to_hf(hf_dir, gsm8
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(row["split"] == "train" and row["step"] == 1 for row in rows)
-    model, ckpt = AutoRegressiveModel.from_checkpoint(str(run / "checkpoint.pt"))
+    model, ckpt = load_model(str(run / "checkpoint.pt"))
     assert ckpt["config"]["checkpoint"] == f"hf:{hf_dir}" and ckpt["config"]["loss_on"] == "answer"
     assert not torch.equal(model.wpe.weight, random_gpt2().transformer.wpe.weight)  # it trained
     # the fine-tuned model goes back to Hugging Face, with GPT-2's tokenizer
@@ -309,7 +310,7 @@ def test_finetune_and_mntp_from_hf_run_end_to_end_and_go_back_to_hf(hf_dir, gsm8
     assert train_mntp(MNTPTrainer, mntp, resolve) == 0
     rows = [json.loads(line) for line in (tmp_path / "mntp" / "metrics.jsonl").read_text().splitlines()]
     assert any(row["split"] == "val" and "acc" in row for row in rows)
-    model, ckpt = AutoRegressiveModel.from_checkpoint(str(tmp_path / "mntp" / "checkpoint.pt"))
+    model, ckpt = load_model(str(tmp_path / "mntp" / "checkpoint.pt"))
     assert model.config.attention == "bidirectional" and ckpt["config"]["mask_token"] == V
     capsys.readouterr()
     code = train_mntp(MNTPTrainer, ["--checkpoint", f"hf:{hf_dir}", "--tokenizer", "bytes", "--out-dir",

@@ -106,7 +106,7 @@ def test_to_hf_refuses_every_out_it_did_not_write_before_any_work(out, words, ov
                                                                   monkeypatch):
     import convert_hf
     before = tree(workdir)
-    loads = spy(monkeypatch, convert_hf.AutoRegressiveModel, "from_checkpoint")
+    loads = spy(monkeypatch, convert_hf, "load_model")
     code = convert_hf.main(["to-hf", "--checkpoint", "runs/a", "--out", out] + ["--overwrite"] * overwrite)
     one_line(capsys, code, 2, *words)
     assert tree(workdir) == before and loads == []
@@ -131,7 +131,8 @@ def test_to_hf_overwrite_replaces_an_earlier_export_and_nothing_else(tmp_path, c
     capsys.readouterr()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "one.pt", "two.pt"]  # no staging folder left
     from auto_regressive_model import AutoRegressiveModel
-    model, _ = AutoRegressiveModel.from_checkpoint(second)
+    from checkpoint import load_model
+    model, _ = load_model(second)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(hf.transformer.h[0].ln_1.weight, model.blocks[0].ln_1.weight.detach())
 
@@ -172,7 +173,7 @@ def test_from_hf_refuses_every_out_but_an_lmsmall_checkpoint_before_any_work(hf_
     torch.save({"format": "something-else", "weights": torch.ones(3)}, tmp_path / "other.pt")
     os.symlink("other.pt", tmp_path / "link.pt")
     before = tree(tmp_path)
-    loads = spy(monkeypatch, convert_hf, "checkpoint_from_hf")
+    loads = spy(monkeypatch, convert_hf, "from_hf")
     for out, words in [("folder", ["is a folder"]), ("notes.txt", ["not an lmsmall checkpoint"]),
                        ("other.pt", ["not an lmsmall checkpoint"]), ("link.pt", ["symbolic link"]),
                        ("notes.txt/x.pt", ["is a file"])]:
@@ -184,6 +185,7 @@ def test_from_hf_refuses_every_out_but_an_lmsmall_checkpoint_before_any_work(hf_
 
 def test_from_hf_overwrite_replaces_a_checkpoint_and_no_file_beside_it(hf_dir, tmp_path, capsys):
     from auto_regressive_model import AutoRegressiveModel
+    from checkpoint import load_model
     from convert_hf import main
     out = tmp_path / "gpt2.pt"
     tiny_checkpoint(str(out))
@@ -192,7 +194,7 @@ def test_from_hf_overwrite_replaces_a_checkpoint_and_no_file_beside_it(hf_dir, t
     assert (tmp_path / "gpt2.pt.tmp").read_text() == "the user's own file\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2.pt", "gpt2.pt.tmp"]
     assert oct(stat.S_IMODE(os.stat(out).st_mode) & 0o044) == oct(0o044 & ~_umask())  # not mkstemp's 0600
-    model, _ = AutoRegressiveModel.from_checkpoint(str(out))
+    model, _ = load_model(str(out))
     assert model.config.n_embd == 64
 
 

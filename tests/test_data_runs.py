@@ -59,7 +59,7 @@ def jsonl(path: Path, n: int):
 def test_changed_data_under_a_run_is_refused_in_one_line(tmp_path):
     import base_data_preparer as bdp
     from data_file_utils import DataError
-    from evaluate_layer_cuts import validation_batches
+    from dual_mask.layer_cuts import validation_batches
     from test_answer_loss import trainer
     src, data, run = tmp_path / "qa.jsonl", tmp_path / "data", tmp_path / "run"
     jsonl(src, 3000)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import components
-from analyze_dual_mask import mean_then_ratio, ratio_then_mean, ratio1_samples
+from dual_mask.analyze import mean_then_ratio, ratio_then_mean, ratio1_samples
 from models import ModelConfigError, create_model
 from models import dual_mask_gpt as dm
 
@@ -247,7 +247,7 @@ def test_layer_cut_keeps_the_first_k_blocks():
 
 
 def test_layer_cut_curve_goes_from_all_blocks_to_one():
-    from evaluate_layer_cuts import layer_cut_curve
+    from dual_mask.layer_cuts import layer_cut_curve
     m = tiny(n_layer=3)
     x = torch.randint(0, V - 2, (2, 10))
     rows = layer_cut_curve(m, [(x, x.roll(-1, 1), None)])
@@ -258,7 +258,7 @@ def test_layer_cut_curve_goes_from_all_blocks_to_one():
 def test_layer_cuts_weigh_each_batch_by_the_tokens_it_scores():
     """As the trainer's val rows (a token mean): with a loss mask, two batches scoring 6 and 1 answer tokens
     weigh 6 : 1, so the full-depth cut equals the token mean over both; it used to be the mean of the two means."""
-    from evaluate_layer_cuts import evaluate_directions
+    from dual_mask.layer_cuts import evaluate_directions
     m = tiny(n_layer=2).eval()
     torch.manual_seed(1)
     x = torch.randint(0, V - 2, (2, 2, 10))
@@ -318,7 +318,7 @@ def test_tiny_training_run_logs_both_directions_and_cuts(data_dir, tmp_path):
     assert any(r["bw_ran"] for r in train) and all(r["loss"] == r["loss_fw"] for r in train)
     # layer cuts on the trained checkpoint: same numbers as the run's own final validation with all blocks
     # (the run's data seed and its --eval-batches batches, not data chosen by its weights' --seed)
-    from evaluate_layer_cuts import main as cuts_main
+    from dual_mask.layer_cuts import main as cuts_main
     assert cuts_main([str(out)]) == 0
     before = (out / "layer_cuts.json").read_bytes()
     assert cuts_main([str(out), "--batches", "1"]) == 2          # kept unless --overwrite (issue 16)
@@ -330,7 +330,7 @@ def test_tiny_training_run_logs_both_directions_and_cuts(data_dir, tmp_path):
 
 
 def test_sweep_skips_finished_runs_and_resumes_partial_ones(tmp_path, capsys):
-    import sweep_dual_mask as sw
+    from dual_mask import sweep as sw
     out = tmp_path / "sweep"
     done, partial = out / sw.run_name(2, 32, 0.0, 0), out / sw.run_name(2, 32, 0.05, 0)
     done.mkdir(parents=True)
@@ -350,7 +350,7 @@ def test_sweep_refuses_to_skip_a_finished_run_trained_with_other_settings(tmp_pa
     """A finished run is skipped by its name (depth, width, p_bw, seed): rerun with other settings (here
     --max-steps after --, or --bw-mode) it used to be skipped silently and sweep.json rewritten with the new
     settings, so the analysis described runs that were trained otherwise."""
-    import sweep_dual_mask as sw
+    from dual_mask import sweep as sw
     out = tmp_path / "sweep"
     done = out / sw.run_name(2, 32, 0.0, 0)
     done.mkdir(parents=True)
@@ -372,8 +372,8 @@ def test_sweep_writes_its_files_by_rename_never_in_place(tmp_path, monkeypatch):
     """layer_cuts.json, sweep_run.json (the marker that makes the next sweep skip the run) and sweep.json were
     written in place: a kill mid-write left half a file under the name (a half marker: the next sweep refuses
     the run as unreadable). Now each goes to a temporary file in its folder, then os.replace names it."""
-    import evaluate_layer_cuts
-    import sweep_dual_mask as sw
+    from dual_mask import layer_cuts
+    from dual_mask import sweep as sw
     out = tmp_path / "sweep"
     run = out / sw.run_name(2, 32, 0.0, 0)
     cuts = {"cuts": [{"layers": 2, "loss_fw": 1.0, "loss_bw": 2.0}]}
@@ -390,7 +390,7 @@ def test_sweep_writes_its_files_by_rename_never_in_place(tmp_path, monkeypatch):
             renamed[os.path.relpath(dst, out)] = json.load(f)
         real_replace(src, dst)
     monkeypatch.setattr(sw.subprocess, "call", train)
-    monkeypatch.setattr(evaluate_layer_cuts, "evaluate_checkpoint", lambda *args, **kwargs: cuts)
+    monkeypatch.setattr(layer_cuts, "evaluate_checkpoint", lambda *args, **kwargs: cuts)
     monkeypatch.setattr(os, "replace", replace)
     assert sw.main(["--out-dir", str(out), "--depths", "2", "--widths", "32", "--p-bw", "0", "--seeds", "0",
                     "--head-size", "16"]) == 0
@@ -403,7 +403,7 @@ def test_sweep_writes_its_files_by_rename_never_in_place(tmp_path, monkeypatch):
 
 def test_analysis_writes_every_plot(tmp_path):
     """Fake run folders (2 sizes x p_bw {0, 0.05} x 2 seeds) -> every PNG and the summary."""
-    import analyze_dual_mask as an
+    from dual_mask import analyze as an
     rng = np.random.default_rng(0)
     for d, w in ((2, 32), (4, 32)):
         for p in (0.0, 0.05):
@@ -438,7 +438,7 @@ def test_analysis_writes_every_plot(tmp_path):
 def test_analysis_refuses_two_runs_of_the_same_setting_and_seed(tmp_path, capsys):
     """Two sweeps under one root (here the same run copied, with another p_bw=0 loss): the second used to
     replace the first silently in the grouping, so the ratios depended on the order os.walk met them."""
-    import analyze_dual_mask as an
+    from dual_mask import analyze as an
     for sweep, loss in (("a", 3.0), ("b", 2.0)):
         for p in (0.0, 0.05):
             run = tmp_path / "runs" / sweep / f"d2_w32_p{p}_s0"

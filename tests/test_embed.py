@@ -25,7 +25,7 @@ def random_model(name, **overrides):
 
 
 def save(model, path):
-    from auto_regressive_model import CHECKPOINT_FORMAT
+    from checkpoint import CHECKPOINT_FORMAT
     torch.save({"format": CHECKPOINT_FORMAT, "model_name": model.name, "model_config": dataclasses.asdict(model.config),
                 "model_state": model.state_dict(), "model_extra_state": model.extra_state(),
                 "config": {"tokenizer": "bytes"}}, path)

@@ -293,7 +293,7 @@ def test_loss_reads_the_trainers_tokens_when_the_micro_batch_is_not_the_base_one
     """--eval-batches counts batches of the base micro batch (8, the tiny preset's) whatever micro batch the run
     trained with (here auto picks 16 with a fake memory budget): evaluate.py read 2 x 16 rows, twice the
     trainer's tokens, and so gave another figure than the final test row."""
-    import speed
+    from plumbing import speed
     from test_answer_loss import trainer
     monkeypatch.setattr(speed, "device_measures_memory", lambda trainer: True)
     monkeypatch.setattr(speed, "memory_budget", lambda device, cap: 20_000)

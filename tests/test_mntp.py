@@ -66,14 +66,14 @@ def base_run(data_dir, tmp_path_factory):
 
 
 def test_mntp_run_makes_a_bidirectional_encoder(base_run, tmp_path):
-    from auto_regressive_model import AutoRegressiveModel
+    from checkpoint import load_model
     from train_mntp import MNTPTrainer, resolve
     out = tmp_path / "mntp"
     name, cfg, typed = resolve(["--checkpoint", str(base_run / "checkpoint.pt"), "--out-dir", str(out),
                                 "--max-steps", "2", "--eval-interval", "2"])
     t = MNTPTrainer(name, cfg, typed)
     assert cfg["mask_token"] == 257 and cfg["mask_rate"] == 0.2      # the first id above bytes' 0..256
-    base, _ = AutoRegressiveModel.from_checkpoint(base_run / "checkpoint.pt")
+    base, _ = load_model(base_run / "checkpoint.pt")
     assert torch.allclose(t.model.wte.weight[257], base.wte.weight[:257].mean(0))
     assert all("lora_" in n for n, p in t.model.named_parameters() if p.requires_grad)
     # The switch is real: position i now sees i + 1 (and did not before).
@@ -86,7 +86,7 @@ def test_mntp_run_makes_a_bidirectional_encoder(base_run, tmp_path):
         torch.testing.assert_close(base(x)[0][0, 10], base(y)[0][0, 10])
     t.model.train()
     assert t.train() == 0
-    encoder, ckpt = AutoRegressiveModel.from_checkpoint(out / "checkpoint.pt")
+    encoder, ckpt = load_model(out / "checkpoint.pt")
     assert encoder.config.attention == "bidirectional" and ckpt["config"]["mask_token"] == 257
     assert not any("lora" in k for k in ckpt["model_state"])
     val = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
@@ -105,7 +105,7 @@ def test_finetune_refuses_an_encoder_whose_next_token_loss_would_see_the_targets
     sees token i + 1, its target, and the val/test losses it logged were partly copied from the future (a 150-step
     fine-tune of a tiny MNTP encoder: val 2.09 as logged, 2.28 with the same weights run causally)."""
     import dataclasses
-    from auto_regressive_model import CHECKPOINT_FORMAT
+    from checkpoint import CHECKPOINT_FORMAT
     from base_trainer import TrainError
     from finetune import resolve_config
     from models import create_model

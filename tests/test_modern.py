@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import optim
-from auto_regressive_model import AutoRegressiveModel
+from checkpoint import load_model
 from components import MLP, SelfAttention, apply_rotary
 from conftest import run_script, run_torchrun, train_args
 from models import MODELS, ModelConfigError, create_model, model_module
@@ -236,7 +236,7 @@ def test_options_survive_the_checkpoint_and_resume_refuses_changes(data_dir, tmp
     result = run_script("train_baseline_gpt2.py", *train_args(data_dir, out, *SMALL[:-6], "--max-steps", 2,
                                                                "--recipe", "modern", "--mlp", "swiglu"))
     assert result.returncode == 0, result.stderr
-    model, ckpt = AutoRegressiveModel.from_checkpoint(str(out / "checkpoint.pt"))
+    model, ckpt = load_model(str(out / "checkpoint.pt"))
     c = model.config
     assert (c.pos, c.norm, c.mlp, c.qk_norm, c.zero_init_proj) == ("rope", "rms", "swiglu", True, True)  # typed wins
     assert ckpt["config"]["optimizer"] == "muon" and ckpt["config"]["recipe"] == "modern"

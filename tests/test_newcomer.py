@@ -70,7 +70,7 @@ def test_readme_commands_leave_a_fresh_clone_clean(tmp_path):
 # ---- threads, ETA, the GPU preset on a CPU, MPS random state ---------------------------------------
 
 def test_tiny_preset_threads_follow_the_load(monkeypatch):
-    import trainer_console as tc
+    from plumbing import trainer_console as tc
     assert tc.tiny_preset_threads(cores=2, load=0.1) == 2          # quiet: every core
     assert tc.tiny_preset_threads(cores=2, load=1.7) == 1          # busy: 1 thread
     assert tc.tiny_preset_threads(cores=16, load=0.0) == tc.TINY_MAX_THREADS
@@ -90,7 +90,7 @@ def test_tiny_preset_threads_follow_the_load(monkeypatch):
 
 
 def test_eta_leaves_out_the_first_step():
-    from trainer_console import eta_seconds
+    from plumbing.trainer_console import eta_seconds
     compile_then_fast = [60_000.0] + [100.0] * 5                   # --compile: a minute, then 100 ms steps
     assert eta_seconds(compile_then_fast, 100) == 10.0             # old code: mean of all = 10,083 ms a step
     assert eta_seconds([250.0], 4) == 1.0                          # the only step there is

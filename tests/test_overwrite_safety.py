@@ -184,7 +184,7 @@ def test_resuming_a_checkpoint_with_nonfinite_weights_is_refused(finished_run, d
 def test_a_failed_write_says_resume_only_when_there_is_a_checkpoint(tmp_path, monkeypatch):
     import errno
 
-    import run_folder
+    from plumbing import run_folder
 
     def full(fd, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -217,7 +217,7 @@ def test_every_numeric_trainer_flag_has_a_range():
 
     import train_mntp
     from models import MODELS
-    from trainer_config import build_parser
+    from plumbing.trainer_config import build_parser
     parsers = [build_parser(name) for name in MODELS]
     mntp = train_mntp.build_parser("mntp", "mntp", 8)
     mntp.add_argument("--mask-rate", type=train_mntp.cli.open_fraction)  # as train_mntp.resolve adds it

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from auto_regressive_model import AutoRegressiveModel
+from checkpoint import load_model
 from components import OutputHead, SelfAttention, alibi_bias, alibi_slopes, attention_bias, sinusoidal_table
 from conftest import run_script, train_args
 from models import MODELS, create_model
@@ -194,7 +194,7 @@ def test_options_are_flags_saved_in_the_checkpoint_and_restored_on_resume(data_d
     result = run_script("train_baseline_gpt2.py", *train_args(data_dir, out, *SMALL, "--max-steps", 4,
                                                                "--pos", "alibi", "--head", "clap"))
     assert result.returncode == 0, result.stderr
-    model, ckpt = AutoRegressiveModel.from_checkpoint(str(out / "checkpoint.pt"))
+    model, ckpt = load_model(str(out / "checkpoint.pt"))
     assert (model.config.pos, model.config.head) == ("alibi", "clap") and ckpt["model_config"]["pos"] == "alibi"
     assert all(b.attn.alibi for b in model.blocks) and "wpe.weight" not in ckpt["model_state"]
     assert model.head.beta.item() != 1.0                              # beta trained, saved and restored
@@ -205,7 +205,7 @@ def test_options_are_flags_saved_in_the_checkpoint_and_restored_on_resume(data_d
     assert "resuming at step 4" in resumed.stdout
     assert json.loads((out / "config.json").read_text())["model_config"]["head"] == "clap"
     assert [s for s, _ in rows(out, "train")] == list(range(6))
-    model, _ = AutoRegressiveModel.from_checkpoint(str(out / "checkpoint.pt"))
+    model, _ = load_model(str(out / "checkpoint.pt"))
     assert (model.config.pos, model.config.head) == ("alibi", "clap")
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from auto_regressive_model import AutoRegressiveModel
+from checkpoint import load_model
 from components import LoRALinear
 from conftest import run_script, train_args
 from models import ModelConfigError, create_model
@@ -330,7 +330,7 @@ def test_tiny_run_goes_through_the_three_stages(reference_run):
     assert column(rows, "val", "stage") == [(0, 1), (4, 1), (8, 2), (12, 3)]  # val at 4 runs before the switch
     losses = [loss for _, _, loss in train]
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
-    model, ckpt = AutoRegressiveModel.from_checkpoint(str(reference_run / "checkpoint.pt"))
+    model, ckpt = load_model(str(reference_run / "checkpoint.pt"))
     assert ckpt["model_extra_state"] == {"stage": 3} and not lora_layers(model)  # merged for inference
 
 

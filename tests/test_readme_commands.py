@@ -36,9 +36,9 @@ SEPARATORS = {"|", "||", "&&", ";", "&"}
 FLAG = re.compile(r"--([A-Za-z][A-Za-z0-9_-]*)(?:=.*)?")
 VAR = re.compile(r"\$(?:\{([A-Za-z_]\w*)\}|([A-Za-z_]\w*))")
 ASSIGNMENT = re.compile(r"[A-Za-z_]\w*=.*", re.S)
-# Scripts that pass flags on to a train script: sweep_dual_mask.py everything after `--`, bench/modern.py
+# Scripts that pass flags on to a train script: dual_mask/sweep.py everything after `--`, bench/modern.py
 # every flag it does not know itself (parse_known_args) to the train script of each of its --models.
-AFTER_DASHDASH = {"sweep_dual_mask.py": ["train_dual_mask_gpt.py"]}
+AFTER_DASHDASH = {"dual_mask/sweep.py": ["train_dual_mask_gpt.py"]}
 UNKNOWN_TO_TRAIN = {"bench/modern.py": ("--models", "baseline_gpt2")}
 
 
@@ -425,7 +425,7 @@ def test_readme_commands_name_scripts_that_exist():
     commands = readme_commands()
     # The README has dozens of commands; far fewer means the extractor broke, not that the README shrank.
     assert len(commands) >= 60, len(commands)
-    for must in ("convert_hf.py", "bench/retrieval.py", "sweep_dual_mask.py", "finetune.py", "train_mntp.py"):
+    for must in ("convert_hf.py", "bench/retrieval.py", "dual_mask/sweep.py", "finetune.py", "train_mntp.py"):
         assert any(c.script == must for c in commands), must
     missing = sorted({f"{c.where}: {c.script} ({c.text})" for c in commands if not (REPO / c.script).is_file()})
     assert not missing, "README commands name scripts that do not exist:\n" + "\n".join(missing)

@@ -256,7 +256,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_never_blocks_resume(data_dir,
 def test_atomic_write_and_append_keep_old_content_on_failure(tmp_path, monkeypatch):
     import errno
 
-    import run_folder
+    from plumbing import run_folder
     path = tmp_path / "f.bin"
     run_folder.atomic_write(str(path), b"old")
     run_folder.append_line(str(tmp_path / "m.jsonl"), "{}\n")
@@ -276,9 +276,9 @@ def test_atomic_write_and_append_keep_old_content_on_failure(tmp_path, monkeypat
 def test_the_lock_is_exclusive_and_released(tmp_path):
     """Another process is refused with the holder's pid; this process may share it; released, the other process
     gets it; a folder the lock created is removed again if nothing else was written."""
-    import run_folder
+    from plumbing import run_folder
     folder = str(tmp_path / "new")
-    other = [sys.executable, "-c", "import sys, run_folder\ntry:\n    run_folder.RunFolderLock(sys.argv[1]).acquire()"
+    other = [sys.executable, "-c", "import sys\nfrom plumbing import run_folder\ntry:\n    run_folder.RunFolderLock(sys.argv[1]).acquire()"
              "\nexcept run_folder.RunFolderBusy as e:\n    sys.exit(str(e))", folder]
     lock = run_folder.RunFolderLock(folder).acquire()
     shared = run_folder.RunFolderLock(folder).acquire()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import speed
+from plumbing import speed
 from auto_regressive_model import chunked_cross_entropy, chunked_token_losses, masked_cross_entropy
 from conftest import train_args
 from dataloader import TokenDataLoader

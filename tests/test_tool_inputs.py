@@ -28,7 +28,7 @@ RUN_SETTINGS = {"tokenizer": "bytes", "data": "synthetic-math", "data_dir": "dat
 def save_checkpoint(path, name="baseline_gpt2", settings=None, **changes):
     """A random tiny model `name` as a checkpoint with the run settings `settings` (default: the tokenizer only),
     and `changes` to its parts (DELETE: the part left out)."""
-    from auto_regressive_model import CHECKPOINT_FORMAT
+    from checkpoint import CHECKPOINT_FORMAT
     from models import create_model
     torch.manual_seed(0)
     model = create_model(name, preset="tiny", **dict(TINY, n_layer=4 if name == "progressive_diverging" else 2))
@@ -91,7 +91,7 @@ CHECKPOINT_DEFECTS = {
     "bytes that are not UTF-8": "garbage",
     "a list, not a dict": "list",
 }
-TOOLS = ["generate", "evaluate", "embed", "evaluate_layer_cuts"]
+TOOLS = ["generate", "evaluate", "embed", "dual_mask.layer_cuts"]
 
 
 def tool_argv(tool, ckpt, tmp_path):
@@ -100,7 +100,7 @@ def tool_argv(tool, ckpt, tmp_path):
             "evaluate": ["--checkpoint", ckpt, "--task", "synthetic-math", "--limit", "1", "--max-new-tokens", "2",
                          "--out", str(tmp_path / "r.json")],
             "embed": ["--checkpoint", ckpt, "--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "e.npy")],
-            "evaluate_layer_cuts": [ckpt]}[tool]
+            "dual_mask.layer_cuts": [ckpt]}[tool]
 
 
 def damaged_checkpoint(path, model_name, defect):
@@ -124,12 +124,12 @@ def damaged_checkpoint(path, model_name, defect):
 @pytest.mark.parametrize("tool", TOOLS)
 def test_a_damaged_checkpoint_is_one_line_in_every_tool(tool, defect, tmp_path, capsys):
     """A checkpoint without model_state (or with a part of the wrong type) ended in a KeyError, AttributeError or
-    TypeError traceback in generate, evaluate, embed and evaluate_layer_cuts: now the loader says what is wrong."""
-    ckpt = damaged_checkpoint(tmp_path / "checkpoint.pt", "dual_mask_gpt" if tool == "evaluate_layer_cuts" else
+    TypeError traceback in generate, evaluate, embed and dual_mask/layer_cuts.py: now the loader says what is wrong."""
+    ckpt = damaged_checkpoint(tmp_path / "checkpoint.pt", "dual_mask_gpt" if tool == "dual_mask.layer_cuts" else
                               "baseline_gpt2", defect)
     argv = tool_argv(tool, ckpt, tmp_path)
     before = listing(tmp_path)
-    line = one_line(capsys, tool, argv, code=1 if tool == "evaluate_layer_cuts" else 2)
+    line = one_line(capsys, tool, argv, code=1 if tool == "dual_mask.layer_cuts" else 2)
     assert "checkpoint" in line
     assert listing(tmp_path) == before
 
@@ -141,14 +141,14 @@ def test_extra_state_of_the_wrong_type_is_one_line(tmp_path, capsys):
 
 def test_run_settings_the_loss_and_layer_cuts_read_are_checked(tmp_path, capsys):
     """A checkpoint whose run settings lack "data" ended in KeyError: 'data' in evaluate.py's loss (and its json
-    tasks) and in evaluate_layer_cuts.py."""
+    tasks) and in dual_mask/layer_cuts.py."""
     ckpt = save_checkpoint(tmp_path / "c.pt")
     assert "'data'" in one_line(capsys, "evaluate", ["--checkpoint", ckpt, "--quiet"])
     (tmp_path / "t.jsonl").write_text('{"question": "1 + 1?", "answer": "#### 2"}\n')
     assert "'data'" in one_line(capsys, "evaluate", ["--checkpoint", ckpt, "--task", f"json:{tmp_path / 't.jsonl'}",
                                                      "--split", "all"])
     dual = save_checkpoint(tmp_path / "d.pt", "dual_mask_gpt", settings={"tokenizer": "bytes", "seq_len": 32})
-    assert "'data'" in one_line(capsys, "evaluate_layer_cuts", [dual], code=1)
+    assert "'data'" in one_line(capsys, "dual_mask.layer_cuts", [dual], code=1)
 
 
 # ---- evaluate.py: the json task file and --out ----------------------------------------------------------------
@@ -348,9 +348,9 @@ def test_plot_out_in_a_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
 # ---- only what the command made is deleted or replaced -----------------------------------------------------------
 
 def test_a_users_file_named_like_a_temporary_file_is_never_touched(tmp_path, capsys, monkeypatch):
-    """plot_loss.py, embed.py and evaluate_layer_cuts.py wrote their output to OUT.tmp (replacing a user's file of
+    """plot_loss.py, embed.py and dual_mask/layer_cuts.py wrote their output to OUT.tmp (replacing a user's file of
     that name, then renaming it away) and removed OUT.tmp after a failure even when they had not made it."""
-    import evaluate_layer_cuts
+    from dual_mask import layer_cuts
     run = good_run(tmp_path)
     mine = {"loss.png.tmp": b"a user's file", "e.npy.tmp": b"another", "layer_cuts.json.tmp": b"and a third"}
     for name, data in mine.items():
@@ -360,8 +360,8 @@ def test_a_users_file_named_like_a_temporary_file_is_never_touched(tmp_path, cap
     (tmp_path / "in.txt").write_text("What is 2 + 3?\n")
     assert importlib.import_module("embed").main(["--checkpoint", ckpt, "--input", str(tmp_path / "in.txt"),
                                                   "--out", str(tmp_path / "e.npy")]) == 0
-    monkeypatch.setattr(evaluate_layer_cuts, "evaluate_checkpoint", lambda *a, **k: {"cuts": []})
-    assert evaluate_layer_cuts.main([ckpt, "--out", str(tmp_path / "layer_cuts.json")]) == 0
+    monkeypatch.setattr(layer_cuts, "evaluate_checkpoint", lambda *a, **k: {"cuts": []})
+    assert layer_cuts.main([ckpt, "--out", str(tmp_path / "layer_cuts.json")]) == 0
     for name, data in mine.items():
         assert (tmp_path / name).read_bytes() == data, name
     assert sorted(os.listdir(tmp_path)) == sorted([*mine, "run", "loss.png", "c.pt", "in.txt", "e.npy",
@@ -369,12 +369,12 @@ def test_a_users_file_named_like_a_temporary_file_is_never_touched(tmp_path, cap
 
 
 def test_layer_cuts_on_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
-    import evaluate_layer_cuts
-    monkeypatch.setattr(evaluate_layer_cuts, "evaluate_checkpoint", lambda *a, **k: {"cuts": []})
+    from dual_mask import layer_cuts
+    monkeypatch.setattr(layer_cuts, "evaluate_checkpoint", lambda *a, **k: {"cuts": []})
     monkeypatch.setattr(os, "replace", disk_full)  # the last step of every atomic write
     (tmp_path / "checkpoint.pt").write_bytes(b"not read: evaluate_checkpoint is replaced")
     before = listing(tmp_path)
-    line = one_line(capsys, "evaluate_layer_cuts", [str(tmp_path)], code=1)
+    line = one_line(capsys, "dual_mask.layer_cuts", [str(tmp_path)], code=1)
     assert "layer_cuts.json" in line and os.strerror(errno.ENOSPC) in line
     assert listing(tmp_path) == before
 
@@ -410,11 +410,11 @@ BAD_RUN_FILES = {
 def test_analysis_skips_a_bad_run_folder_with_a_note(case, tmp_path, capsys):
     """A run folder whose files are not a dual-mask run's is skipped with a one-line note (the analysis' policy),
     never a traceback: a config.json holding a list ended in AttributeError, bad layer cuts in KeyError."""
-    import analyze_dual_mask
+    from dual_mask import analyze
     dual_run(tmp_path / "sweep" / "a", 0.0)
     dual_run(tmp_path / "sweep" / "b", 0.05, **BAD_RUN_FILES[case])
     capsys.readouterr()
-    code = analyze_dual_mask.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "analysis")])
+    code = analyze.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "analysis")])
     err = capsys.readouterr().err.splitlines()
     assert code == 1 and not (tmp_path / "analysis").exists()  # only p_bw 0 is left: nothing to compare
     assert len(err) == 2 and err[0].startswith(f"skip {tmp_path / 'sweep' / 'b'}: ") and err[1].startswith("error: ")
@@ -428,7 +428,7 @@ def test_a_sweep_marker_that_is_not_an_object_is_refused_in_one_line(content, tm
     run.mkdir(parents=True)
     (run / "sweep_run.json").write_bytes(content)
     before = listing(tmp_path)
-    assert "sweep_run.json" in one_line(capsys, "sweep_dual_mask", [
+    assert "sweep_run.json" in one_line(capsys, "dual_mask.sweep", [
         "--out-dir", str(tmp_path / "sweep"), "--depths", "2", "--widths", "32", "--p-bw", "0", "--seeds", "0",
         "--dry-run"])
     assert listing(tmp_path) == before
@@ -446,8 +446,8 @@ def test_every_entry_point_imports_ctrl_c_first(script):
     """So that Ctrl-C during its imports (torch: a second or two) is one line and exit 130, not a traceback."""
     tree = ast.parse((REPO / script).read_text())
     first = next(node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)))
-    assert isinstance(first, ast.Import) and [a.name for a in first.names] == ["ctrl_c"], \
-        f"{script}: the first import must be `import ctrl_c`"
+    assert isinstance(first, ast.ImportFrom) and first.module == "plumbing" and \
+        [a.name for a in first.names] == ["ctrl_c"], f"{script}: the first import must be `from plumbing import ctrl_c`"
 
 
 def interrupt_while_importing(script, args, cwd, marker):

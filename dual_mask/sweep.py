@@ -6,12 +6,12 @@ evaluation of each finished run. Resumable: a run whose folder holds sweep_run.j
 a run with a checkpoint but no sweep_run.json is continued with --resume; anything else starts fresh.
 
     # the seed's grid (4 x 4 x 3 x 3 = 144 runs; GPU-sized)
-    python sweep_dual_mask.py --out-dir runs/dual_mask_sweep
+    python dual_mask/sweep.py --out-dir runs/dual_mask_sweep
     # a CPU-sized one (16 runs; 9 minutes on a busy 2-core machine), then the plots in docs/dual_mask
-    python sweep_dual_mask.py --out-dir runs/dm_tiny --preset tiny --depths 2 4 --widths 32 64 \
+    python dual_mask/sweep.py --out-dir runs/dm_tiny --preset tiny --depths 2 4 --widths 32 64 \
         --p-bw 0 0.05 --seeds 0 1 --head-size 16 --jobs 2 --threads 1 -- --seq-len 64 \
         --micro-batch-size 8 --total-batch-size 512 --max-steps 400 --eval-interval 25 --max-tokens 2000000
-    python analyze_dual_mask.py runs/dm_tiny --out docs/dual_mask
+    python dual_mask/analyze.py runs/dm_tiny --out docs/dual_mask
 
 Every run is `python train_dual_mask_gpt.py --preset P --n-layer D --n-embd W --n-head W//head_size
 --p-bw P --seed S --bw-seed S --out-dir OUT/d{D}_w{W}_p{P}_s{S} --data-dir DATA [args after --]`.
@@ -19,7 +19,8 @@ The run folder ends with the trainer's config.json, metrics.jsonl, checkpoint.pt
 sweep_run.json (depth, width, p_bw, seed, num_params, ...).
 """
 
-import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere: the repository root
+from plumbing import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
 
 import argparse
 import itertools
@@ -30,10 +31,10 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-import cli
+from plumbing import cli
 from data_file_utils import atomic_write_bytes
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 DONE_FILE = "sweep_run.json"
 
 
@@ -100,10 +101,10 @@ def run_one(args, depth, width, p_bw, seed, env):
         log.flush()
         ok = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE, env=env) == 0
     if ok and args.layer_cuts:  # in this process: saves a second torch start-up per run
-        import evaluate_layer_cuts
+        from dual_mask import layer_cuts
         try:
-            result = evaluate_layer_cuts.evaluate_checkpoint(run_dir, "val", args.cut_batches, log=None)
-            atomic_write_bytes(os.path.join(run_dir, evaluate_layer_cuts.CUTS_FILE),
+            result = layer_cuts.evaluate_checkpoint(run_dir, "val", args.cut_batches, log=None)
+            atomic_write_bytes(os.path.join(run_dir, layer_cuts.CUTS_FILE),
                                json.dumps(result, indent=1).encode("utf-8"))
         except Exception as e:  # noqa: BLE001 - reported, the run stays unfinished and is retried next time
             with open(log_path, "a") as log:

@@ -7,10 +7,9 @@ TRAIN_PRESETS < the recipe < typed flags). base_trainer.py owns what happens wit
 import argparse
 import dataclasses
 
-import cli
+from plumbing import cli
 import optim
-import speed
-import trainer_console
+from plumbing import trainer_console
 from models import model_module
 
 TRAIN_PRESETS = {
@@ -41,6 +40,7 @@ RESUME_MAY_CHANGE = {"max_steps", "eval_interval", "eval_batches", "checkpoint_i
 # next-token model see its targets (only train_mntp.py switches it, for an encoder).
 NOT_FLAGS = {"vocab_size", "block_size", "attention"}
 LOSS_ON = ("all", "answer")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 # Every numeric model option has a range at the command line. Whole numbers are sizes and counts >= 1 unless
 # named here; other numbers any finite float32 unless named here. What depends on other sizes (n_head divides
 # n_embd, conv_attention's levels fit the context, the model fits the device's memory) is checked when the
@@ -112,7 +112,7 @@ def add_trainer_arguments(p, model_name="<model>"):
     p.add_argument("--data-seed", type=cli.seed, help="which synthetic-math problems (kept apart from --seed so "
                    "that runs with different seeds see the same data)")
     p.add_argument("--device", type=cli.device, help="auto (default), cpu, cuda, cuda:N, mps")
-    p.add_argument("--micro-batch-size", type=speed.micro_batch_arg, help="rows per micro-step, or auto: the "
+    p.add_argument("--micro-batch-size", type=cli.micro_batch_arg, help="rows per micro-step, or auto: the "
                    "largest power of two that fits the GPU's memory (default on CUDA; elsewhere the preset's)")
     p.add_argument("--seq-len", type=cli.positive_int)
     p.add_argument("--total-batch-size", type=cli.positive_int, help="tokens per optimizer step")
@@ -126,7 +126,7 @@ def add_trainer_arguments(p, model_name="<model>"):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the blocks and the head's loss (default: on with CUDA, off elsewhere; "
                         "see README, Speed on a GPU)")
-    p.add_argument("--compile-mode", choices=speed.COMPILE_MODES, help="torch.compile mode (default: default; "
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (default: default; "
                    "reduce-overhead and max-autotune add CUDA graphs)")
     p.add_argument("--memory-budget", type=cli.positive_float, help="GiB that --micro-batch-size auto may use "
                    "(default: the GPU's free memory, at most 10 for the rtx3080 presets)")

@@ -1,10 +1,10 @@
 """
 Plots and ratios of a dual-mask GPT sweep (the seed's analysis, on this project's run folders).
 
-    python analyze_dual_mask.py runs/dm_tiny --out docs/dual_mask [--p-bw 0.05] [--windows 0:1 0:0.1 0.5:1]
+    python dual_mask/analyze.py runs/dm_tiny --out docs/dual_mask [--p-bw 0.05] [--windows 0:1 0:0.1 0.5:1]
 
 A run folder is any folder below the given roots with config.json and metrics.jsonl from
-train_dual_mask_gpt.py (layer_cuts.json from evaluate_layer_cuts.py adds the cut plots). Runs are grouped by
+train_dual_mask_gpt.py (layer_cuts.json from dual_mask/layer_cuts.py adds the cut plots). Runs are grouped by
 (depth, width) and p_bw; the seeds of a group are its repetitions; ratio_then_mean pairs runs by seed.
 
 The two ratios (the seed's definitions; "metric" is a validation loss unless said otherwise):
@@ -25,7 +25,8 @@ Output PNGs (x = the p_bw compared with 0, default 0.05):
 and summary.md: final numbers per size (means over seeds, with the spread).
 """
 
-import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere: the repository root
+from plumbing import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
 
 import argparse
 import json
@@ -35,7 +36,7 @@ import sys
 
 import numpy as np
 
-import cli
+from plumbing import cli
 from plot_loss import PlotError, is_number, read_metrics
 
 
@@ -81,7 +82,7 @@ def load_run(run_dir):
         if not (isinstance(cuts, list) and all(isinstance(c, dict) and isinstance(c.get("layers"), int) and
                                                is_number(c.get("loss_fw")) and is_number(c.get("loss_bw"))
                                                for c in cuts)):
-            raise ValueError(f"{cut_file} is not the output of evaluate_layer_cuts.py; make it again (--overwrite)")
+            raise ValueError(f"{cut_file} is not the output of dual_mask/layer_cuts.py; make it again (--overwrite)")
         cuts = {c["layers"]: c for c in cuts}
     return {"dir": run_dir, "depth": mc["n_layer"], "width": mc["n_embd"], "p_bw": float(mc["p_bw"]),
             "bw_mode": mc.get("bw_mode", "additional"), "dynamic": bool(mc.get("dynamic_p_bw", False)),

@@ -11,7 +11,7 @@ Ctrl-C) wherever the script does not catch it, never with a KeyboardInterrupt tr
 
 Every script a user runs imports it first:
 
-    import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+    from plumbing import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
 """
 
 import os

@@ -8,9 +8,9 @@ every k. Results go to <run dir>/layer_cuts.json (or --out):
     {"checkpoint": ..., "n_layer": n, "num_params": ..., "split": "val", "batches": ..., "tokens": ...,
      "cuts": [{"layers": k, "loss_fw", "loss_bw", "acc_fw", "acc_bw", "ppl_fw", "ppl_bw"}, ...]}
 
-    python evaluate_layer_cuts.py runs/dual_mask_gpt                   # a run folder (its checkpoint.pt)
-    python evaluate_layer_cuts.py runs/sweep/*/ --batches 16 --skip-existing
-    python evaluate_layer_cuts.py path/to/checkpoint.pt --out cuts.json
+    python dual_mask/layer_cuts.py runs/dual_mask_gpt                   # a run folder (its checkpoint.pt)
+    python dual_mask/layer_cuts.py runs/sweep/*/ --batches 16 --skip-existing
+    python dual_mask/layer_cuts.py path/to/checkpoint.pt --out cuts.json
 
 The data come from the run's own config (data, tokenizer, data_dir, data seed, seq_len, loss mask); --data-dir
 overrides the folder. By default the batches are the run's own validation batches, so at full depth loss_fw and
@@ -18,7 +18,8 @@ loss_bw are the run's final val loss_fw and loss_bw (tests/test_dual_mask_gpt.py
 Perplexity is exp(mean loss over all batches).
 """
 
-import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere: the repository root
+from plumbing import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
 
 import argparse
 import json
@@ -28,8 +29,9 @@ import sys
 
 import torch
 
-import cli
-from auto_regressive_model import AutoRegressiveModel, CheckpointError, scored_tokens
+from plumbing import cli
+from auto_regressive_model import scored_tokens
+from checkpoint import CheckpointError, load_model, tokenizer_of
 from data_file_utils import DataError, atomic_write_bytes, check_run_data
 
 CUTS_FILE = "layer_cuts.json"
@@ -104,11 +106,11 @@ def layer_cut_curve(model, batches, device="cpu", log=None):
 def evaluate_checkpoint(path, split="val", n_batches=None, batch_size=None, data_dir=None, device="cpu",
                         log=print):
     ckpt_file = checkpoint_path(path)
-    model, ckpt = AutoRegressiveModel.from_checkpoint(ckpt_file, device=device)
+    model, ckpt = load_model(ckpt_file, device=device)
     if not hasattr(model, "keep_first_blocks"):
         raise CheckpointError(f"{ckpt_file} holds a {ckpt.get('model_name')} model; layer cuts need "
                               f"dual_mask_gpt")
-    AutoRegressiveModel.checkpoint_tokenizer(model, ckpt, ckpt_file)  # every token id has a row
+    tokenizer_of(model, ckpt, ckpt_file)  # every token id has a row
     run_config = ckpt["config"]
     for key, kind in RUN_SETTINGS.items():  # a checkpoint edited by hand or written by another program
         if not isinstance(run_config.get(key), kind):

@@ -23,6 +23,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from models import model_module
+from plumbing.trainer_config import COMPILE_MODES, TRAIN_PRESETS  # noqa: F401  (COMPILE_MODES: for the benches)
+
 GiB = 2**30
 # Dense bf16 peak FLOP/s by device name (NVIDIA datasheets; RTX 3080 by llm.c's count). Checked in order,
 # the more specific names first; None = a device we do not know the peak of (no MFU then).
@@ -35,22 +38,8 @@ PRESET_MEMORY_GIB = {"rtx3080": 10.0}
 # Of the budget, what the eager probe step may use: the rest is for the compiled graph, the allocator's
 # fragmentation and the evaluation batches.
 PROBE_FRACTION = 0.85
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CHUNK_MODES = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}  # the head: no CUDA graphs
 
-
-def micro_batch_arg(text):
-    """argparse type of --micro-batch-size: a positive integer or 'auto'."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        import argparse
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
-    return value
 
 
 # ---- MFU ------------------------------------------------------------------------------------
@@ -197,8 +186,6 @@ def plan_micro_batch(trainer):
 
 
 def preset_micro_batch_size(model_name, preset):
-    from base_trainer import TRAIN_PRESETS
-    from models import model_module
     model_presets = getattr(model_module(model_name), "TRAIN_PRESETS", {}).get(preset, {})
     return model_presets.get("micro_batch_size", TRAIN_PRESETS.get(preset, TRAIN_PRESETS["tiny"])["micro_batch_size"])
 

@@ -1,7 +1,7 @@
 """
 Command-line checks shared by every script: bad input ends before any work with ONE line on stderr and exit 2.
 
-    from cli import ArgumentParser, positive_int, finite_float, probability, device, output_file
+    from plumbing.cli import ArgumentParser, positive_int, finite_float, probability, device, output_file
     p = ArgumentParser(description="...")           # argparse, but an error is one line (no usage block)
     p.add_argument("--steps", type=positive_int)      # 0, -1, "x" -> error: argument --steps: ...
     p.add_argument("--lr", type=learning_rate)        # nan, inf, 0, -1, 1e7 refused (0 < lr <= 1e6)
@@ -22,6 +22,8 @@ import math
 import os
 import sys
 
+# Exit codes besides 0: bad input 2, a failed write 1, divergence 3, a signal 128 + its number.
+EXIT_WRITE_FAILED, EXIT_DIVERGED = 1, 3
 DEVICES = ("auto", "cpu", "cuda", "mps")  # plus cuda:N
 # Every number must fit what torch computes with: whole numbers an int64, other numbers a float32.
 INT64_MAX = 2 ** 63 - 1
@@ -290,3 +292,15 @@ def output_file(text):
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return text
+
+def micro_batch_arg(text):
+    """argparse type of --micro-batch-size: a positive integer or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
