@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, "show that it measures something": the tiny baseline_gpt2 on synthetic-math, all-token loss vs
+# Answer-only loss, "show that it measures something": the tiny baseline_gpt2 on synthetic-math, all-token loss vs
 # answer-only loss at the same budget, 3 seeds each (same data), then exact match on the de-twinned test split.
 # Two lanes (one per loss) run side by side, each with 1 torch thread: fits a 2-core CPU.
 # Usage: [LIMIT=N] bash bench/accuracy_experiment.sh [STEPS] [OUT] [DATA]   (defaults 400, runs/acc, data;

@@ -8,7 +8,7 @@ time, side by side in one run; and the wall time of a whole GSM8K-sized task wit
     python bench/eval_speed.py --tiny                            # seconds (tests/test_bench.py runs it)
 
 Part 1, the same --problems held-out synthetic-math problems answered three ways, in interleaved order:
-    old        evaluate.py before issue 14: one problem at a time, model.generate() called for 16 tokens at a
+    old        evaluate.py before batched generation: one problem at a time, model.generate() called for 16 tokens at a
                time with the stop rule checked in between; every call builds a new KV cache from the whole
                context (greedy_answer_16_token_chunks below keeps that loop)
     1 x        evaluate.greedy_answers with --batch-size 1: one KV cache per answer, per-row stop
@@ -35,7 +35,7 @@ from bench.machine import describe as describe_machine  # noqa: E402
 
 
 def greedy_answer_16_token_chunks(model, enc, question, max_new_tokens, chunk=16):
-    """evaluate.py's loop before issue 14, kept for this comparison: one problem, 16 tokens per generate()
+    """evaluate.py's loop before batched generation, kept for this comparison: one problem, 16 tokens per generate()
     call (a fresh KV cache built from the whole context at every call), the stop rule checked after each."""
     prompt = [enc.eot_token] + enc.encode(f"Question: {question}\nAnswer:")
     idx = torch.tensor([prompt], dtype=torch.long, device=next(model.parameters()).device)

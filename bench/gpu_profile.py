@@ -1,5 +1,5 @@
 """
-Where a training step's time goes (issue 18): one model at one micro batch, its micro-step taken apart.
+Where a training step's time goes: one model at one micro batch, its micro-step taken apart.
 
     python bench/gpu_profile.py --device cuda                       # baseline_gpt2 --preset rtx3080, micro 256
     python bench/gpu_profile.py --device cpu --preset tiny --micro 4 --vocab 512 --repeat 2   # dry run

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU half of the benchmarks (issue 9), as one script for a short lease on a lent GPU.
+# The GPU half of the benchmarks, as one script for a short lease on a lent GPU.
 #
 #   OUT=results/ bash bench/gpu_run.sh          # every table also goes to $OUT/*.txt
 #   SEED_STEPS=24 bash bench/gpu_run.sh         # optimizer steps per model in the seed table

@@ -1,5 +1,5 @@
 """
-The modern switches (issue 17) against GPT-2's recipe, on a CPU: each switch alone, all of them together with
+The modern switches against GPT-2's recipe, on a CPU: each switch alone, all of them together with
 AdamW and with Muon ("modern" = --recipe modern), several seeds each, same data, same token budget.
 
     OMP_NUM_THREADS=1 python bench/modern.py                        # baseline_gpt2 --preset tiny, 10 variants x 3 seeds

@@ -1,5 +1,5 @@
 """
-ALiBi and the CLAP head (issue 7, seed "ALiBi and CLAP head experiments") on baseline_gpt2, on a CPU:
+ALiBi and the CLAP head (seed "ALiBi and CLAP head experiments") on baseline_gpt2, on a CPU:
 the baseline (learned positions, tied head) against +ALiBi, +CLAP, both, and +CLAP-cosine, each trained with >= 2 seeds on
 the same data and the same token budget; then ALiBi's length extrapolation.
 

@@ -1,8 +1,8 @@
 """
 Retrieval check of the embeddings (embed.py): GSM8K questions as queries, their worked answers as documents.
 
-    python bench/retrieval.py --causal runs/issue8/gsm8k_causal/checkpoint.pt \\
-        --mntp runs/issue8/gsm8k_mntp/checkpoint.pt --dual runs/issue8/gsm8k_dual/checkpoint.pt
+    python bench/retrieval.py --causal runs/retrieval/gsm8k_causal/checkpoint.pt \\
+        --mntp runs/retrieval/gsm8k_mntp/checkpoint.pt --dual runs/retrieval/gsm8k_dual/checkpoint.pt
     python bench/retrieval.py --causal ... --pairs train --limit 500
 
 Each question must find its own answer among all N answers (shuffled). Per embedding kind three scorings,

@@ -100,7 +100,7 @@ def cases(tmp):
             (bench_main("throughput"), ["--device", "abc"], "--device"),
             (bench_main("gpu_profile"), ["--micro", "0"], "--micro"),
             (bench_main("gpu_profile"), ["--model", "gpt5"], "--model"),
-            (bench_main("gpu_issue18"), ["table", "--models", "gpt5", "--runs", str(tmp / "runs")], "--models")]
+            (bench_main("gpu_speed"), ["table", "--models", "gpt5", "--runs", str(tmp / "runs")], "--models")]
     return out
 
 

@@ -1,9 +1,9 @@
 """
-Issue 18's GPU measurements, as bench/gpu_issue18.sh runs them on a lent GPU (and, small, on a CPU: --dry-run).
+GPU speed measurements, as bench/gpu_speed.sh runs them on a lent GPU (and, small, on a CPU: --dry-run).
 
-    python bench/gpu_issue18.py compare --data-dir D --out compare.json      # speed of the trainer's settings
-    python bench/gpu_issue18.py table --data-dir D --runs R --deadline 300   # the seed's table, full budget
-    python bench/gpu_issue18.py summary --compare compare.json --runs R      # both tables as text
+    python bench/gpu_speed.py compare --data-dir D --out compare.json      # speed of the trainer's settings
+    python bench/gpu_speed.py table --data-dir D --runs R --deadline 300   # the seed's table, full budget
+    python bench/gpu_speed.py summary --compare compare.json --runs R      # both tables as text
 
 compare  For each model and each setting (e.g. "old" = micro batch 8, eager: today's main; "new" = auto micro
          batch + torch.compile), build the real BaseTrainer in this process and time a few optimizer steps
@@ -38,7 +38,7 @@ from plumbing import cli  # noqa: E402
 
 TABLE_MODELS = ["baseline_gpt2", "conv_attention", "progressive_diverging", "dual_mask_gpt"]
 SETTINGS = {  # name: train flags (the rest: the preset's)
-    "old": ["--micro-batch-size", "8", "--no-compile"],                        # today's main (issue 18's "before")
+    "old": ["--micro-batch-size", "8", "--no-compile"],                        # the trainer before the GPU speed work ("before")
     "auto-eager": ["--micro-batch-size", "auto", "--no-compile"],
     "new": ["--micro-batch-size", "auto", "--compile"],                        # the new default on CUDA
     "reduce-overhead": ["--micro-batch-size", "auto", "--compile", "--compile-mode", "reduce-overhead"],

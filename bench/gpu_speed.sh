@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Issue 18 on a lent GPU, in one go, inside TOTAL_S seconds (default 450): the trainer's speed settings side by
+# GPU speed on a lent GPU, in one go, inside TOTAL_S seconds (default 450): the trainer's speed settings side by
 # side, then the seed's table at its full budget (313 steps x 524,288 tokens = 164M tokens per model) for
 # baseline_gpt2, conv_attention, progressive_diverging and dual_mask_gpt (p_bw 0.05), on synthetic-math with
 # the GPT-2 tokenizer, and its loss chart.
 #
-#   OUT=results bash bench/gpu_issue18.sh              # on the GPU machine (the lead's run)
-#   OUT=/tmp/dry bash bench/gpu_issue18.sh --dry-run   # on a CPU: tiny sizes, a few steps, every part
+#   OUT=results bash bench/gpu_speed.sh              # on the GPU machine (the lead's run)
+#   OUT=/tmp/dry bash bench/gpu_speed.sh --dry-run   # on a CPU: tiny sizes, a few steps, every part
 #
 # Offline: the GPT-2 BPE files travel in the repo's ignored .tiktoken-cache/ (copy ../shared/tiktoken-cache
 # there and carry it). What comes back ($OUT, 6 files): log.txt (everything, with timestamps), compare.json,
@@ -39,7 +39,7 @@ part() {  # part NAME LIMIT_S command...: run with a time limit (SIGINT, then KI
     stamp "=== $name: exit $? after $((SECONDS - t0)) s"
 }
 
-DATA=/tmp/lmsmall_data; CMP_DATA=/tmp/lmsmall_cmp_data; RUNS=/tmp/lmsmall_issue18
+DATA=/tmp/lmsmall_data; CMP_DATA=/tmp/lmsmall_cmp_data; RUNS=/tmp/lmsmall_gpu_speed
 TABLE_TOKENS=${TABLE_TOKENS:-170000000}; CMP_TOKENS=2000000; WORKERS=12
 COMPARE_LIMIT=170; SUMMARY_RESERVE=40
 # SETTINGS="old auto-eager" and TABLE_TRAIN_ARGS="--no-compile" shorten a rerun (the second H100 run used both).
@@ -68,7 +68,7 @@ if [ $DRY = 1 ]; then  # a CPU: small data, models and steps; compile only where
 fi
 rm -f /tmp/cmp_*.json
 
-stamp "issue 18 GPU script (dry run: $DRY), total ${TOTAL_S}s"
+stamp "GPU speed script (dry run: $DRY), total ${TOTAL_S}s"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 || echo "no nvidia-smi"
 $PY -c "import torch, sys, os; print('torch', torch.__version__, 'python', sys.version.split()[0], 'cuda',
 torch.version.cuda, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None, 'cores',
@@ -103,12 +103,12 @@ for m in baseline_gpt2 conv_attention progressive_diverging dual_mask_gpt; do
         case " ${CMP_SKIP[*]} " in *" $m:$s "*) continue;; esac
         rest=$((COMPARE_LIMIT - (SECONDS - CMP_T0)))
         [ $rest -lt 10 ] && { stamp "compare $m $s: skipped, past the deadline"; continue; }
-        part "compare_${m}_$s" $((rest + 30)) $PY bench/gpu_issue18.py compare --models $m --settings $s \
+        part "compare_${m}_$s" $((rest + 30)) $PY bench/gpu_speed.py compare --models $m --settings $s \
             --data-dir $CMP_DATA --max-tokens $CMP_TOKENS --deadline $rest --out "/tmp/cmp_${m}_$s.json" "${CMP_ARGS[@]}"
     done
 done
 $PY -c "import json, glob, sys; rows = [r for f in sorted(glob.glob('/tmp/cmp_*.json')) for r in json.load(open(f))]; json.dump(rows, open(sys.argv[1], 'w'), indent=1)" "$OUT/compare.json"
-$PY bench/gpu_issue18.py summary --compare "$OUT/compare.json"
+$PY bench/gpu_speed.py summary --compare "$OUT/compare.json"
 
 stamp "waiting for the table's data"
 WAIT_T0=$SECONDS
@@ -119,24 +119,24 @@ stamp "data preparation: exit $PREP_CODE (waited $((SECONDS - WAIT_T0)) s after 
 
 if [ $PREP_CODE = 0 ] && [ "${EAGER_REF:-0}" -gt 0 ]; then
     REF_ARGS=(--max-steps "$EAGER_REF" --train-args --no-compile); [ $DRY = 1 ] && REF_ARGS=("${TABLE_ARGS[@]}" --no-compile)
-    part eager_reference 120 $PY bench/gpu_issue18.py table --models baseline_gpt2 --data-dir $DATA \
+    part eager_reference 120 $PY bench/gpu_speed.py table --models baseline_gpt2 --data-dir $DATA \
         --max-tokens $TABLE_TOKENS --runs $RUNS-eager --deadline 90 "${REF_ARGS[@]}"
 fi
 if [ $PREP_CODE = 0 ]; then
     TABLE_S=$(( $(left) - SUMMARY_RESERVE ))
-    part table $((TABLE_S + 90)) $PY bench/gpu_issue18.py table --data-dir $DATA --max-tokens $TABLE_TOKENS \
+    part table $((TABLE_S + 90)) $PY bench/gpu_speed.py table --data-dir $DATA --max-tokens $TABLE_TOKENS \
         --runs $RUNS --deadline $TABLE_S "${TABLE_ARGS[@]}"
 fi
 
-# If time is left: GPT-2 124M compiled (issue 9's 42.3% MFU figure was measured with the loss inside forward;
+# If time is left: GPT-2 124M compiled (the earlier 42.3% MFU figure was measured with the loss inside forward;
 # training now runs the chunked head instead).
 if [ $DRY = 0 ] && [ "${GPT2_124M:-1}" = 1 ] && [ "$(left)" -gt 100 ]; then
     part gpt2_124m_compile $(( $(left) - 45 )) $PY bench/throughput.py --models baseline_gpt2 --set n_layer=12 \
         n_head=12 n_embd=768 --seq-len 1024 --batch 32 --vocab-size 50304 --device cuda --steps 10 --rounds 3 --compile
 fi
 
-part summary 60 bash -c "$PY bench/gpu_issue18.py summary --compare '$OUT/compare.json' --runs $RUNS \
-    | tee '$OUT/summary.txt'; [ -d $RUNS-eager ] && $PY bench/gpu_issue18.py summary --runs $RUNS-eager \
+part summary 60 bash -c "$PY bench/gpu_speed.py summary --compare '$OUT/compare.json' --runs $RUNS \
+    | tee '$OUT/summary.txt'; [ -d $RUNS-eager ] && $PY bench/gpu_speed.py summary --runs $RUNS-eager \
     --models baseline_gpt2 | tee -a '$OUT/summary.txt'"
 part plot 30 bash -c "ls -d $RUNS/*/ >/dev/null 2>&1 && $PY plot_loss.py $RUNS/*/ --out '$OUT/seed_table.png'"
 mkdir -p "$RUNS" && mv "$OUT/prep.log" "$RUNS/prep.log"
