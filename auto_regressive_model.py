@@ -4,19 +4,22 @@ AutoRegressiveModel: what every model in models/ is, and what the trainer and ge
 The forward contract
     logits, loss = model(idx, targets=None, key_mask=None)
     idx (B, T) long with T <= block_size (longer works where the positions allow it: pos alibi, sinusoidal,
-    none); logits (B, T, V) for every position; loss a scalar or None.
+    none); logits (B, T, V) for every position; loss the plain masked_cross_entropy(logits, targets), or None.
     In the forward direction the logits at position i depend only on idx[:, :i+1] (tests prove it).
     key_mask (B, T) bool, aligned with idx: False marks filler / padding tokens that no other position may
     attend to (each position still attends to itself). A model that cannot honour it raises ValueError.
     hidden = model.features(idx, key_mask=None): the final hidden states (B, T, C) after the final
     LayerNorm, before the head, one row per idx position (for embeddings; forward is head(features)).
 
-The language-model loss without all logits at once
-    loss = model.lm_loss(idx, targets, loss_mask=None, key_mask=None)       (training; differentiable)
-    losses, hits = model.lm_token_losses(idx, targets, key_mask=None)       (evaluation; per token, no grad)
-    features() -> the head's operands -> chunked_cross_entropy: the (N, V) logits exist one chunk of rows at a
-    time (with GPT-2's 50304 tokens the fp32 logits of a 64 x 256 micro-batch alone would be 3.3 GB). Same
-    value and gradient as masked_cross_entropy(model(idx)[0], targets, loss_mask), up to float rounding.
+The loss: two paths, one value (the section "the loss" below, top to bottom)
+    plain     masked_cross_entropy(logits, targets, loss_mask) on the full (B, T, V) logits: what
+              model(idx, targets) returns, for users and tests, and the reference.
+    chunked   chunked_cross_entropy(h, w, targets, loss_mask): the same value and gradient from the head's
+              operands (logits = h @ w^T), one chunk of rows at a time, the gradients computed inside forward.
+    training  the trainer (base_trainer.TrainingStep) calls model.training_loss() -> lm_loss() (the class below),
+              never forward's loss: lm_loss runs features() and hands the head's operands to chunked_cross_entropy.
+              Evaluation: evaluation_losses() -> lm_token_losses() -> chunked_token_losses (no gradient).
+    tests/test_loss_paths.py: for every model, training_loss() and the plain loss agree in value and gradient.
 
 Hooks the trainer calls (a model overrides what it needs; the defaults are plain next-token training)
     training_loss(x, y, loss_mask, step) -> (loss, {metric: float})   one micro-batch of training; a "loss"
@@ -80,17 +83,7 @@ def check_options(config):
                                f"{config.n_embd // config.n_head} must be even")
 
 
-def masked_cross_entropy(logits, targets, loss_mask=None):
-    """Mean cross-entropy over positions; with loss_mask (B, T) only positions where it is 1 count.
-    Targets equal to -1 are ignored."""
-    flat_logits = logits.reshape(-1, logits.size(-1)).float()
-    flat_targets = targets.reshape(-1)
-    if loss_mask is None:
-        return F.cross_entropy(flat_logits, flat_targets, ignore_index=-1)
-    losses = F.cross_entropy(flat_logits, flat_targets, ignore_index=-1, reduction="none")
-    weights = loss_mask.reshape(-1).to(losses.dtype)
-    return (losses * weights).sum() / weights.sum().clamp(min=1.0)
-
+# ---- prompts of different lengths (generate, evaluate) --------------------------------------------
 
 def left_pad(prompts, device="cpu", pad=0):
     """Token lists of different lengths -> (B, T) long, each row's tokens at its end, and the key mask
@@ -112,6 +105,63 @@ def right_pad(prompts, device="cpu", pad=0):
     for b, p in enumerate(prompts):
         idx[b, :len(p)] = torch.tensor(p)
     return idx.to(device), torch.tensor([len(p) - 1 for p in prompts], device=device)
+
+
+# =====================================================================================================
+# The loss
+#   1. the plain loss: masked_cross_entropy on the full logits (forward's loss, the reference)
+#   2. the chunked loss: chunked_cross_entropy, the same value and gradient without all the logits
+#   3. which one runs: AutoRegressiveModel.training_loss -> lm_loss -> chunked_cross_entropy (the class)
+# Positions that count, on every path: target != -1 (ignored) and loss_mask 1 (when there is a mask).
+# =====================================================================================================
+
+# ---- 1. the plain loss ----------------------------------------------------------------------------
+# What model(idx, targets) returns (for users and tests) and what the chunked loss is tested against. The
+# next-token training loss does not use it (2 says why); train_mntp.py's loss and evaluate.py's test loss do.
+
+def masked_cross_entropy(logits, targets, loss_mask=None):
+    """Mean cross-entropy of logits (..., V) against targets (...) over the positions that count: target
+    != -1 and, with loss_mask (same shape as targets), mask 1. The reference for every other path."""
+    flat_logits = logits.reshape(-1, logits.size(-1)).float()
+    flat_targets = targets.reshape(-1)
+    if loss_mask is None:
+        return F.cross_entropy(flat_logits, flat_targets, ignore_index=-1)
+    losses = F.cross_entropy(flat_logits, flat_targets, ignore_index=-1, reduction="none")
+    weights = loss_mask.reshape(-1).to(losses.dtype) * (flat_targets != -1)   # a -1 target counts nowhere
+    return (losses * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def _scored_weights(targets, loss_mask):
+    """(N,) float weights: 1 (or the loss mask) where the target counts, 0 where it is -1 (ignored)."""
+    weights = (targets != -1).float()
+    if loss_mask is not None:
+        weights = weights * loss_mask.reshape(-1).float()
+    return weights
+
+
+def scored_tokens(targets, loss_mask=None):
+    """How many positions a masked mean (masked_mean, masked_cross_entropy, chunked_cross_entropy) averages
+    over: target != -1 and loss_mask 1. A float tensor on targets' device."""
+    return _scored_weights(targets.reshape(-1), loss_mask).sum()
+
+
+def masked_mean(values, targets, loss_mask=None):
+    """Mean of per-position values over the positions that count (target != -1, loss_mask 1)."""
+    weights = _scored_weights(targets.reshape(-1), loss_mask)
+    return (values.reshape(-1).float() * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+# ---- 2. the chunked loss --------------------------------------------------------------------------
+# Why: the logits are (N, V) for N = B * T positions, and GPT-2's vocabulary makes V = 50304. For a 64 x 256
+# micro-batch that is 3.3 GB in fp32, and F.cross_entropy keeps them (and makes a gradient as large) until the
+# backward pass. Here they exist one chunk of rows at a time (CHUNK_ELEMENTS: about 256 MB), and each chunk's
+# gradients are computed right away, inside forward, while its logits exist: backward only scales them.
+# Memory: one chunk instead of all logits. Time: no chunk is computed twice, and compiled (--compile) the head
+# beats F.cross_entropy on all logits (H100, 256 x 256 tokens: 24.5 against 63.4 ms; eager 95 ms;
+# bench/gpu_profile.py --head-only).
+#     d loss / d logits_i = wt_i * (softmax(logits_i) - onehot(target_i))   wt_i: position i's weight / their sum
+#     d loss / d h = (d loss / d logits) @ w,   d loss / d w = (d loss / d logits)^T @ h     (logits = h @ w^T)
+
 # Rows of logits computed at once: chunk_rows x V fp32 values ~ 256 MB (GPT-2's vocabulary: 1334 rows).
 CHUNK_ELEMENTS = 1 << 26
 
@@ -149,9 +199,9 @@ def chunk_loss_and_grads(hc, wd, t, wt, with_accuracy):
 
 
 def chunk_token_losses(hc, wd, t):
-    """One chunk of per-position losses, no gradient: hc (n, C), wd (V, C), t (n, 1) targets (-1 = not scored)
-    -> (losses (n,) fp32, argmax hits (n,) bool), 0 / False where t is -1."""
-    logits = (hc @ wd.t()).float()
+    """One chunk of per-position losses, no gradient (evaluation): hc (n, C), wd (V, C), t (n, 1) targets
+    (-1 = not scored) -> (losses (n,) fp32, argmax hits (n,) bool), 0 / False where t is -1."""
+    logits = (hc @ wd.t()).float()                                                 # (n, V) fp32
     scored = t != -1
     losses = (torch.logsumexp(logits, 1, keepdim=True) - logits.gather(1, t.clamp(min=0))) * scored
     return losses.squeeze(1), ((logits.argmax(1, keepdim=True) == t) & scored).squeeze(1)
@@ -162,7 +212,6 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     The loss is the last operation before .backward(), so the gradients are computed right here, chunk by
     chunk, while the chunk's logits exist (as Liger's fused linear cross-entropy does): no chunk is
     computed twice and no logits are kept for backward, which only scales the saved gradients.
-        d loss / d logits_i = weights_i * (softmax(logits_i) - onehot(targets_i))
     Optionally also the weighted accuracy of the argmax (no gradient)."""
 
     @staticmethod
@@ -172,8 +221,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             wd = w.to(dtype)
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             hits = torch.zeros((), dtype=torch.float32, device=h.device)
-            grad_h = torch.empty_like(h)
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            grad_h = torch.empty_like(h)                                        # (N, C)
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)  # (V, C), summed over chunks
             for start in range(0, h.size(0), chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 chunk_loss, chunk_hits, chunk_grad_h, chunk_grad_w = chunk_fn(
@@ -191,21 +240,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None, None
 
 
-def _scored_weights(targets, loss_mask):
-    """(N,) float weights: 1 (or the loss mask) where the target counts, 0 where it is -1 (ignored)."""
-    weights = (targets != -1).float()
-    if loss_mask is not None:
-        weights = weights * loss_mask.reshape(-1).float()
-    return weights
-
-
 def chunked_cross_entropy(h, w, targets, loss_mask=None, chunk_rows=None, with_accuracy=False,
                           chunk_fn=chunk_loss_and_grads, token_fn=chunk_token_losses):
     """masked_cross_entropy(h @ w^T, targets, loss_mask) for h (..., C), w (V, C), without all the logits at
     once; with_accuracy: returns (loss, accuracy of the argmax over the same weights) instead. chunk_fn and
-    token_fn compute one chunk (with and without gradient): the model passes its compiled ones under --compile."""
-    h2 = h.reshape(-1, h.size(-1))
-    flat_targets = targets.reshape(-1)
+    token_fn compute one chunk (with and without gradient): the model passes its compiled ones under --compile.
+    Without a gradient to compute (evaluation, torch.no_grad) it sums chunked_token_losses instead."""
+    h2 = h.reshape(-1, h.size(-1))                                     # (N, C)
+    flat_targets = targets.reshape(-1)                                 # (N,)
     weights = _scored_weights(flat_targets, loss_mask)
     total = weights.sum().clamp(min=1.0)
     rows = _chunk_rows(h2.size(0), w.size(0), chunk_rows)
@@ -219,7 +261,7 @@ def chunked_cross_entropy(h, w, targets, loss_mask=None, chunk_rows=None, with_a
 
 
 def chunked_token_losses(h, w, targets, chunk_rows=None, token_fn=chunk_token_losses):
-    """Per-position cross-entropy (fp32) and argmax hits of h @ w^T against targets, without gradient and
+    """Evaluation: per-position cross-entropy (fp32) and argmax hits of h @ w^T against targets, without gradient and
     one chunk of rows at a time. h (..., C), targets (...); both outputs have targets' shape (0 where -1)."""
     h2 = h.reshape(-1, h.size(-1))
     flat = targets.reshape(-1)
@@ -235,17 +277,7 @@ def chunked_token_losses(h, w, targets, chunk_rows=None, token_fn=chunk_token_lo
     return torch.cat(losses).view(targets.shape), torch.cat(hits).view(targets.shape)
 
 
-def scored_tokens(targets, loss_mask=None):
-    """How many positions a masked mean (masked_mean, masked_cross_entropy, chunked_cross_entropy) averages
-    over: target != -1 and loss_mask 1. A float tensor on targets' device."""
-    return _scored_weights(targets.reshape(-1), loss_mask).sum()
-
-
-def masked_mean(values, targets, loss_mask=None):
-    """Mean of per-position values over the positions that count (target != -1, loss_mask 1)."""
-    weights = _scored_weights(targets.reshape(-1), loss_mask)
-    return (values.reshape(-1).float() * weights).sum() / weights.sum().clamp(min=1.0)
-
+# ---- 3. which path runs: the model ----------------------------------------------------------------
 
 class AutoRegressiveModel(nn.Module):
     name = None            # registry name, set by each model
@@ -255,29 +287,20 @@ class AutoRegressiveModel(nn.Module):
     chunk_loss = staticmethod(chunk_loss_and_grads)
     chunk_token_losses = staticmethod(chunk_token_losses)
 
-    # ---- training hooks -------------------------------------------------------------------
+    # ---- the loss: what the trainer calls ---------------------------------------------------
     def training_loss(self, x, y, loss_mask=None, step=0, key_mask=None):
+        """One micro-batch of training -> (loss, {metric: value}). The default is the next-token loss, chunked:
+        lm_loss. A model with another objective overrides this (dual_mask_gpt: fw and bw)."""
         return self.lm_loss(x, y, loss_mask, key_mask), {}
 
-    def evaluation_losses(self, x, y, loss_mask=None):
-        losses, _ = self.lm_token_losses(x, y)
-        return {"loss": masked_mean(losses, y, loss_mask)}
-
-    # ---- the loss without all logits (the trainer compiles these two) ----------------------
-    def head_operands(self, h):
-        """(a, b) with logits = a @ b^T, for the model's head (tied or CLAP); None if it has no such head."""
-        if isinstance(getattr(self, "head", None), nn.Module) and hasattr(self.head, "operands") \
-                and isinstance(getattr(self, "wte", None), nn.Embedding):
-            return self.head.operands(h, self.wte.weight)
-        return None
-
     def lm_loss(self, idx, targets, loss_mask=None, key_mask=None, with_accuracy=False, **features_kwargs):
-        """masked_cross_entropy(self(idx)[0], targets, loss_mask), chunked (see chunked_cross_entropy).
+        """masked_cross_entropy(self(idx)[0], targets, loss_mask), computed as chunked_cross_entropy(features
+        through the head's operands): the same value and gradient without the (B, T, V) logits.
         features_kwargs go to features() (dual_mask_gpt: direction). with_accuracy: (loss, accuracy)."""
         if key_mask is not None:
             features_kwargs["key_mask"] = key_mask
         operands = self.head_operands(self.features(idx, **features_kwargs)) if self.has_features() else None
-        if operands is None:  # a model without features()/head operands: the plain way
+        if operands is None:  # a model without features()/head operands: the plain loss on the full logits
             logits, _ = self(idx, **features_kwargs)
             loss = masked_cross_entropy(logits, targets, loss_mask)
             if not with_accuracy:
@@ -285,6 +308,11 @@ class AutoRegressiveModel(nn.Module):
             return loss, masked_mean((logits.argmax(-1) == targets).float(), targets, loss_mask)
         return chunked_cross_entropy(*operands, targets, loss_mask, with_accuracy=with_accuracy,
                                      chunk_fn=self.chunk_loss, token_fn=self.chunk_token_losses)
+
+    def evaluation_losses(self, x, y, loss_mask=None):
+        """One batch of evaluation -> {"loss": mean over the positions that count, ...}."""
+        losses, _ = self.lm_token_losses(x, y)
+        return {"loss": masked_mean(losses, y, loss_mask)}
 
     @torch.no_grad()
     def lm_token_losses(self, idx, targets, key_mask=None, **features_kwargs):
@@ -300,9 +328,17 @@ class AutoRegressiveModel(nn.Module):
             return flat.view(targets.shape), (logits.argmax(-1) == targets) & (targets != -1)
         return chunked_token_losses(*operands, targets, token_fn=self.chunk_token_losses)
 
+    def head_operands(self, h):
+        """(a, b) with logits = a @ b^T, for the model's head (tied or CLAP); None if it has no such head."""
+        if isinstance(getattr(self, "head", None), nn.Module) and hasattr(self.head, "operands") \
+                and isinstance(getattr(self, "wte", None), nn.Embedding):
+            return self.head.operands(h, self.wte.weight)
+        return None
+
     def has_features(self):
         return type(self).features is not AutoRegressiveModel.features
 
+    # ---- the other training hooks -----------------------------------------------------------
     def on_train_step(self, step, max_steps):
         return False
 

@@ -27,10 +27,10 @@ the attention score, m_h the geometric slopes of alibi_slopes(). Per head, for T
     -3 -2 -1  0 -           -  -  -  0 -1            -3 -2 -1  0 -1            -3  -2   -1    0  -.5
     -4 -3 -2 -1  0          -  -  -  -  0            -4 -3 -2 -1  0            -4  -3   -2   -1    0
 "Shifted" moves the biases of keys ahead of the query up by 0.5 * m, so that a head can tell "ahead" from
-"behind" (ofirpress/attention_with_linear_biases issue 5). The bias only depends on the distance, so it
-works at any length: an ALiBi model can be evaluated on contexts longer than it was trained on.
+"behind" (as discussed in github.com/ofirpress/attention_with_linear_biases/issues/5). The bias only depends on
+the distance, so it works at any length: an ALiBi model can be evaluated on contexts longer than it was trained on.
 
-The modern switches (issue 17; as in the NanoGPT speedrun, modded-nanogpt, and Llama-style models), every one
+The modern switches (as in the NanoGPT speedrun, modded-nanogpt, and Llama-style models), every one
 a Config field of every model, read by block_options():
     pos="rope"       rotary positions (Su et al. 2021, RoFormer): no position embedding; q and k of every head are
                      rotated by angles proportional to their position, so q_i . k_j depends on i - j only. Like

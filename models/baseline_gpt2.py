@@ -4,6 +4,12 @@ Baseline GPT-2, as in build-nanogpt: learned token and position embeddings, n_la
 
     idx (B, T) -> wte (B, T, C) + wpe (T, C) -> n_layer x Block -> ln_f -> @ wte.T -> logits (B, T, V)
 
+The loss: forward(idx, targets) returns the logits and the plain loss, masked_cross_entropy on all (B, T, V)
+logits (for users and tests). Training does not call it: the trainer calls training_loss()
+(auto_regressive_model.py), which computes the same loss and gradient with the chunked head,
+chunked_cross_entropy, a few rows of logits at a time: all of them would take gigabytes with GPT-2's 50k tokens
+(tests/test_loss_paths.py checks that both agree).
+
 Options (components.py): pos = learned (GPT-2's wpe) | sinusoidal | alibi (no wpe; linear biases in every
 attention layer) | none; head = tied | clap | clap-cosine (unit-length embeddings in, logits = beta * h @
 normalize(wte)^T, the seed's CLAP; clap-cosine also normalises h);
@@ -88,7 +94,7 @@ class Model(AutoRegressiveModel):
 
     def forward(self, idx, targets=None, cache=None, key_mask=None):
         logits = self.head(self.features(idx, key_mask, cache), self.wte.weight)  # (B, T, V)
-        loss = masked_cross_entropy(logits, targets) if targets is not None else None
+        loss = masked_cross_entropy(logits, targets) if targets is not None else None  # the plain loss, a scalar
         return logits, loss
 
     def forward_cached(self, idx, cache, key_mask=None):

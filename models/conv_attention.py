@@ -14,6 +14,12 @@ Shape (rtx3080 preset: C = n_embd = 48, T = 1024, factor 4, 3 levels; the seed's
     upsample + skip_0: (B, Tp,     C)  1 block   <-----------------------------+
     -> drop the padding -> ln_f -> @ wte.T -> logits (B, T, V)
 
+The loss: forward(idx, targets) returns the logits and the plain loss, masked_cross_entropy on all (B, T, V)
+logits (for users and tests). Training does not call it: the trainer calls training_loss()
+(auto_regressive_model.py), which computes the same loss and gradient with the chunked head,
+chunked_cross_entropy, a few rows of logits at a time: all of them would take gigabytes with GPT-2's 50k tokens
+(tests/test_loss_paths.py checks that both agree).
+
 12 blocks in all (the seed's 1 + 2 + 2 + 2 + 2 + 2 + 1; its code built 3 x (block, compressor, block) and
 3 x (block, expander, block), which puts the same counts at each resolution). Every block is pre-LN causal
 self-attention + MLP (components.Block); the head count is the same at every level, so the head size
@@ -213,7 +219,7 @@ class Model(AutoRegressiveModel):
 
     def forward(self, idx, targets=None, key_mask=None):
         logits = self.head(self.features(idx, key_mask), self.wte.weight)  # (B, T, V)
-        loss = masked_cross_entropy(logits, targets) if targets is not None else None
+        loss = masked_cross_entropy(logits, targets) if targets is not None else None  # the plain loss, a scalar
         return logits, loss
 
     @torch.no_grad()

@@ -10,6 +10,12 @@ the forward task, BW at the end of the text for the backward task.
     idx (B, T) -> add task token (B, T+1) -> wte + wpe -> n_layer x Block(mask) -> ln_f -> @ wte.T
                -> drop the task token's row -> logits (B, T, V)
 
+The loss: forward(idx, targets, direction) returns the logits and the plain loss, masked_cross_entropy on all
+(B, T, V) logits (for users and tests). Training does not call it: the trainer calls training_loss() (below: fw,
+and bw with probability p_bw), whose lm_loss(..., direction=d) (auto_regressive_model.py) computes each task's
+loss and gradient with the chunked head, chunked_cross_entropy, a few rows of logits at a time: all of them would
+take gigabytes with GPT-2's 50k tokens (tests/test_loss_paths.py checks that both agree).
+
 Task tokens: FW = vocab_size - 2 and BW = vocab_size - 1 (EXTRA_TOKENS = 2; the trainer reserves them on
 top of the tokenizer's ids). The model adds the token itself, so idx is plain text in both directions and
 logits come back for every position of idx.
@@ -148,8 +154,8 @@ class Model(AutoRegressiveModel):
             pos = cache.add_tokens(idx.size(1), key_mask)     # (B, T'): per-row positions, FW at 0
             key_mask = None                                   # the attention reads it from the cache
         else:
-            idx = self.add_task_token(idx, direction)
-            pos = torch.arange(T + 1, device=idx.device)
+            idx = self.add_task_token(idx, direction)                 # (B, T+1)
+            pos = torch.arange(T + 1, device=idx.device)              # (T+1,)
             if direction == "bw":
                 pos = pos.flip(0)          # distance from BW: T, T-1, ..., 0
             if key_mask is not None:       # the task token's slot is always attendable
@@ -158,7 +164,7 @@ class Model(AutoRegressiveModel):
                 key_mask = torch.cat(parts, dim=1)
         last = int(pos.max()) if cache is not None else T
         assert last < self.wpe.max_positions, f"text length {last} > block_size {self.config.block_size}"
-        x = self.head.embed(self.wte, idx) + self.wpe(pos)
+        x = self.head.embed(self.wte, idx) + self.wpe(pos)           # (B, T+1, C) (a cache: its new columns)
         mask = "causal" if direction == "fw" else "anticausal"
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, slot=i, key_mask=key_mask, pos=pos)
@@ -167,16 +173,16 @@ class Model(AutoRegressiveModel):
             if start == 0:
                 x = x[:, 1:]
         elif direction == "fw":
-            x = x[:, 1:]                   # drop FW's row
+            x = x[:, 1:]                   # drop FW's row: (B, T, C)
         else:
-            x = x[:, :-1]                  # drop BW's row
+            x = x[:, :-1]                  # drop BW's row: (B, T, C)
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, direction="fw", cache=None, key_mask=None):
         """logits (B, T, V) for every position of idx, and the loss against targets (aligned per position:
         the next token for fw, the previous one for bw; -1 ignored) or None."""
-        logits = self.head(self.features(idx, direction, key_mask, cache), self.wte.weight)
-        loss = masked_cross_entropy(logits, targets) if targets is not None else None
+        logits = self.head(self.features(idx, direction, key_mask, cache), self.wte.weight)  # (B, T, V)
+        loss = masked_cross_entropy(logits, targets) if targets is not None else None  # the plain loss, a scalar
         return logits, loss
 
     # ---- the KV cache (fw generation) ----------------------------------------------------
@@ -230,7 +236,7 @@ class Model(AutoRegressiveModel):
         losses, metrics = [], {}
         for d in self.directions_for_step(step):
             inp, tgt, mask = (x, y, loss_mask) if d == "fw" else self.bw_batch(x, y, loss_mask)
-            loss, acc = self.lm_loss(inp, tgt, mask, with_accuracy=True, direction=d)  # chunked head
+            loss, acc = self.lm_loss(inp, tgt, mask, with_accuracy=True, direction=d)  # the chunked head
             losses.append(loss)
             metrics[f"loss_{d}"] = loss.detach()
             metrics[f"acc_{d}"] = acc

@@ -4,6 +4,12 @@ and diverge in three stages, so that early training updates few parameters and l
 
     idx (B, T) -> wte (B, T, C) + wpe (T, C) -> 12 block applications -> ln_f -> @ wte.T -> logits (B, T, V)
 
+The loss: forward(idx, targets) returns the logits and the plain loss, masked_cross_entropy on all (B, T, V)
+logits (for users and tests). Training does not call it: the trainer calls training_loss()
+(auto_regressive_model.py), which computes the same loss and gradient with the chunked head,
+chunked_cross_entropy, a few rows of logits at a time: all of them would take gigabytes with GPT-2's 50k tokens
+(tests/test_loss_paths.py checks that both agree).
+
 Which block serves layer application a = 0..11:
     stage 1:  3 blocks, each applied 4 times in a row     a -> block a // 4    (all weights train)
     stage 2:  6 blocks, each applied twice                a -> block a // 2
@@ -170,7 +176,7 @@ class Model(AutoRegressiveModel):
 
     def forward(self, idx, targets=None, cache=None, key_mask=None):
         logits = self.head(self.features(idx, key_mask, cache), self.wte.weight)  # (B, T, V)
-        loss = masked_cross_entropy(logits, targets) if targets is not None else None
+        loss = masked_cross_entropy(logits, targets) if targets is not None else None  # the plain loss, a scalar
         return logits, loss
 
     # ---- stages ---------------------------------------------------------------------------
