@@ -5,11 +5,15 @@ Loss curves of many runs in one PNG: per run, train loss (thin line) and val los
     python plot_loss.py runs/baseline_gpt2 runs/conv_attention --out runs/compare.png --x steps
     python plot_loss.py runs/dual --fields loss loss_bw      # dual_mask_gpt: fw loss and bw loss as own curves
     python plot_loss.py ... --smooth 20 --x time --linear     # running mean of 20 train steps, seconds, linear y
+    python plot_loss.py runs/sweep_pos --group                # sweep.py's runs: one curve per group of seeds
 
 Each run (and each --fields entry) gets its own colour and line style (10 colours x 4 styles, then markers),
 so any number of runs stay apart; the legend sits outside the axes. Vertical dotted lines, labelled, mark
 where a run's "stage" changes (progressive_diverging). --x time is training time (the train rows' dt_ms
-summed; evaluation not counted). An existing --out is kept unless --overwrite.
+summed; evaluation not counted). --group finds the run folders under the given paths, groups the runs that differ
+only in --seed (as compare.py does) and draws per group the mean val loss with a band from the lowest to the
+highest run (train: the mean, thin). Re-running a command replaces its own default output (runs/loss.png); a
+named --out that exists is kept unless --overwrite.
 """
 
 from plumbing import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
@@ -153,7 +157,10 @@ def image_path(out):
 
 def plot_runs(run_dirs, out, x="tokens", smooth=1, fields=("loss",), log_y=True):
     out = image_path(out)
-    fig = make_figure(run_dirs, x, smooth, fields, log_y)
+    save_figure(make_figure(run_dirs, x, smooth, fields, log_y), out)
+
+
+def save_figure(fig, out):
     # The finished image appears at once, by rename, from a temporary file of our own (a hidden name with this
     # process's id, created here: removing it on failure removes nothing that was there before).
     tmp = os.path.join(os.path.dirname(out) or ".", f".{os.path.basename(out)}.{os.getpid()}.tmp")
@@ -222,11 +229,77 @@ def make_figure(run_dirs, x="tokens", smooth=1, fields=("loss",), log_y=True):
     return fig
 
 
+def same_curves(a, b):
+    """Whether two groups' {split: (xs, means)} are equal up to rounding (the means are sums of floats)."""
+    return all(a[k][0] == b[k][0] and all(abs(u - v) <= 1e-9 * max(1.0, abs(u)) for u, v in zip(a[k][1], b[k][1]))
+               for k in a)
+
+
+def make_group_figure(paths, x="tokens", log_y=True):
+    """One curve per group of runs that differ only in the seed: the mean, and a min-max band over the runs (val);
+    the legend names each group, its number of runs and parameters; a curve equal to an earlier one says so."""
+    import compare
+    try:
+        groups = compare.group_runs([compare.load_run(d) for d in compare.find_runs(paths)])
+    except compare.CompareError as e:
+        raise PlotError(str(e)) from None
+    fig, ax = plt.subplots(figsize=(11, 6))
+    drawn, handles, labels, tokens, data = [], [], [], set(), set()
+    for i, group in enumerate(groups):
+        color, linestyle, marker = series_style(i)
+        curves = {"train": [], "val": []}
+        for run in group["runs"]:
+            rows = read_metrics(run["dir"])
+            for split in curves:
+                curves[split].append({r["step"]: (xv, r["loss"]) for xv, r in zip(x_values(rows, x), rows)
+                                      if r.get("split") == split and is_number(r.get("loss"))})
+            tokens.add(max((r.get("tokens", 0) for r in rows if is_number(r.get("tokens"))), default=0))
+            data.add(f"{run['config'].get('data', '?')} ({run['config'].get('tokenizer', '?')} tokenizer)")
+        means = {}
+        for split, per_run in curves.items():  # the steps every run of the group has logged
+            steps = sorted(set.intersection(*[set(c) for c in per_run])) if per_run else []
+            xs = [per_run[0][s][0] for s in steps]
+            values = [[c[s][1] for c in per_run] for s in steps]
+            means[split] = (xs, [sum(v) / len(v) for v in values])
+            if split == "train" and xs:
+                ax.plot(xs, means[split][1], color=color, linestyle=linestyle, linewidth=0.8, alpha=0.7,
+                        gid=f"{group['name']} train")
+            elif xs:
+                ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.15,
+                                linewidth=0, gid=f"{group['name']} band")
+        same = next((name for name, m in drawn if same_curves(m, means)), None)
+        label = f"{group['name']} (n={len(group['runs'])}"
+        label += f", {group['n_params']:,} params)" if isinstance(group["n_params"], int) else ")"
+        if same is not None:  # drawn on top of an earlier curve: say so, and dash it so both stay visible
+            label += f" (same as {same})"
+            linestyle = "--"
+        xs, ys = means["val"]
+        handles.append(ax.plot(xs, ys, color=color, linestyle=linestyle, linewidth=1.8, marker=marker,
+                               markersize=4, gid=f"{group['name']} val")[0])
+        labels.append(label)
+        drawn.append((group["name"], means))
+    if log_y:
+        ax.set_yscale("log")
+        plain_log_axis(ax)
+    ax.set_xlabel(X_LABELS[x])
+    ax.set_ylabel("loss (nats/token)" + (", log scale" if log_y else ""))
+    ax.grid(True, which="both", alpha=0.3)
+    tokens_text = f"{max(tokens):,}" if len(tokens) == 1 else f"{min(tokens):,} to {max(tokens):,}"
+    ax.set_title(f"data: {', '.join(sorted(data))}; {tokens_text} training tokens per run", fontsize=9)
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+              handlelength=4, title="per group of seeds: thick = mean val,\nband = min..max val, thin = mean train",
+              title_fontsize=7)
+    return fig
+
+
 def main(argv=None):
     p = cli.ArgumentParser(description="Plot train and val loss of lmsmall runs into one PNG.")
     p.add_argument("runs", nargs="*", help="run folders (default: every runs/*/ with a metrics.jsonl)")
-    p.add_argument("--out", type=cli.output_file, default="runs/loss.png", help="the PNG to write (default runs/loss.png)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--out", type=cli.output_file, help="the PNG to write (default runs/loss.png, replaced by the next "
+                   "plot that writes it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing named --out")
+    p.add_argument("--group", action="store_true", help="one curve per group of runs that differ only in --seed "
+                   "(found under the given folders): the mean with a min-max band")
     p.add_argument("--x", choices=list(X_LABELS), default="tokens", help="x axis (default tokens)")
     p.add_argument("--smooth", type=cli.positive_int, default=1, help="running mean over this many train steps (default 1: "
                    "none); val rows are never smoothed")
@@ -235,6 +308,8 @@ def main(argv=None):
     p.add_argument("--linear", action="store_true", help="linear y axis instead of log")
     args = p.parse_args(argv)
     runs = args.runs or sorted(os.path.dirname(m) for m in glob.glob("runs/*/metrics.jsonl"))
+    if args.group and not args.runs and os.path.isdir("runs"):
+        runs = ["runs"]  # every run folder under runs/, also sweep.py's deeper ones
     if not runs:
         print("error: no runs given and no runs/*/metrics.jsonl found; train a model first", file=sys.stderr)
         return 2
@@ -242,10 +317,17 @@ def main(argv=None):
         print(f"error: --smooth {args.smooth}: give a window of 1 (no smoothing) or more steps", file=sys.stderr)
         return 2
     try:
-        out = image_path(args.out)  # "runs/cmp" is written as runs/cmp.png: that is the file not to replace
-        if os.path.exists(out) and not args.overwrite:
+        out = image_path(args.out or "runs/loss.png")  # "runs/cmp" is written as runs/cmp.png: the file not to replace
+        if args.out and os.path.exists(out) and not args.overwrite:
             raise PlotError(f"{out} already exists; add --overwrite to replace it or choose another --out")
-        plot_runs(runs, out, args.x, args.smooth, args.fields, not args.linear)
+        if args.group:
+            fig = make_group_figure(runs, args.x, not args.linear)
+            what = fig.axes[0].get_legend().get_texts()
+            save_figure(fig, out)
+            print(f"wrote {out} ({len(what)} group(s))")
+            return 0
+        else:
+            plot_runs(runs, out, args.x, args.smooth, args.fields, not args.linear)
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
