@@ -280,7 +280,7 @@ def chunked_token_losses(h, w, targets, chunk_rows=None, token_fn=chunk_token_lo
 # ---- 3. which path runs: the model ----------------------------------------------------------------
 
 class AutoRegressiveModel(nn.Module):
-    name = None            # registry name, set by each model
+    name = None            # the registry name, set by the registry (models.model_module)
     supports_kv_cache = False
     # One chunk of the head's loss (with gradients) and of its per-position losses; --compile replaces them by
     # compiled ones on the instance (speed.compile_model).

@@ -25,7 +25,9 @@ The rules are in the README's table ("How answers are scored"), each with a test
     json:PATH        GSM8K format: JSON lines with "question" and "answer" ("... #### 42"). By default only the
                      records the data preparer puts in --split (a hash of the document), so a model trained on
                      the same file is not scored on its training data; --split all takes every record.
---limit N evaluates the first N problems.
+--limit N evaluates the first N problems. The run ends with its time and the tokens generated per problem: the
+cost is in generated tokens, and a model that never finishes its answer line generates --max-new-tokens for every
+problem. On a busy CPU it uses one thread (trainer_console.set_threads_if_busy; docs/evaluation.md has timings).
 """
 
 from plumbing import ctrl_c  # noqa: F401  (first: Ctrl-C during the imports below is one line, exit 130)
@@ -38,15 +40,16 @@ import os
 import re
 import sys
 import tempfile
+import time
 from fractions import Fraction
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from plumbing import cli
+from plumbing import cli, trainer_console
 import synthetic_math
-from auto_regressive_model import AutoRegressiveModel, left_pad, masked_cross_entropy, scored_tokens
+from auto_regressive_model import left_pad, masked_cross_entropy, scored_tokens
 from checkpoint import CheckpointError, load_model, tokenizer_of
 from base_data_preparer import ensure_prepared
 from data_file_utils import (DataError, atomic_write_bytes, check_run_data, dataset_dir, qa_split_text, read_manifest,
@@ -274,15 +277,21 @@ def question_prompt(enc, question):
     return [enc.eot_token] + enc.encode_ordinary(f"Question: {question}\nAnswer:")  # as the preparer: never special
 
 
-@torch.no_grad()
 def greedy_answers(model, enc, questions, max_new_tokens, batch_size=32, show_progress=False):
+    """Greedy answers to the questions (answer_text of each), in the order of the questions."""
+    return generate_answers(model, enc, questions, max_new_tokens, batch_size, show_progress)[0]
+
+
+@torch.no_grad()
+def generate_answers(model, enc, questions, max_new_tokens, batch_size=32, show_progress=False):
     """Greedy answers to the questions, batch_size at a time (shortest prompts batched together, so that
     little padding is computed); each row stops at <|endoftext|> or once answer_is_complete. Returns the
-    answer texts (answer_text) in the order of the questions."""
+    answer texts (answer_text) and the number of tokens generated for each (what the answers cost: a model
+    that never finishes its answer line generates max_new_tokens), both in the order of the questions."""
     device = next(model.parameters()).device
     prompts = [question_prompt(enc, q) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [None] * len(prompts)
+    answers, lengths = [None] * len(prompts), [0] * len(prompts)
     bar = tqdm(total=len(prompts), desc="problems", unit="problem", disable=not show_progress)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
@@ -291,27 +300,30 @@ def greedy_answers(model, enc, questions, max_new_tokens, batch_size=32, show_pr
                              prompt_lengths=key_mask.sum(dim=1), eos_token=enc.eot_token,
                              stop=lambda new: answer_is_complete(enc.decode(new)))
         for i, row in zip(batch, out[:, idx.size(1):].tolist()):
+            lengths[i] = len(row)
             if enc.eot_token in row:
                 row = row[:row.index(enc.eot_token)]
+                # a row that finished its answer is filled with <|endoftext|>; one the model ended wrote it
+                lengths[i] = len(row) + (not answer_is_complete(enc.decode(row)))
             answers[i] = answer_text(enc.decode(row))
         bar.update(len(batch))
     bar.close()
-    return answers
+    return answers, lengths
 
 
 def accuracy(model, enc, problems, max_new_tokens, batch_size=32, show_progress=True):
     """Exact match per family: {family: {"strict": n, "flexible": n, "total": n}}, and every answer."""
-    texts = greedy_answers(model, enc, [p["question"] for p in problems], max_new_tokens, batch_size,
-                           show_progress)
+    texts, lengths = generate_answers(model, enc, [p["question"] for p in problems], max_new_tokens, batch_size,
+                                     show_progress)
     per_family, outputs = {}, []
-    for p, text in zip(problems, texts):
+    for p, text, n_new in zip(problems, texts, lengths):
         strict, flexible = score_strict(text, p["final"]), score_flexible(text, p["final"])
         counts = per_family.setdefault(p["family"], {"strict": 0, "flexible": 0, "total": 0})
         counts["strict"] += strict
         counts["flexible"] += flexible
         counts["total"] += 1
         outputs.append({"question": p["question"], "family": p["family"], "reference": p["final"],
-                        "generated": text, "correct": strict, "correct_flexible": flexible})
+                        "generated": text, "new_tokens": n_new, "correct": strict, "correct_flexible": flexible})
     return per_family, outputs
 
 
@@ -406,6 +418,9 @@ def main(argv=None):
                                      run_dataset(args.task, cfg, args.data_dir))
         if args.out:  # now, not after the whole evaluation
             check_output(args.out)
+        threads = trainer_console.set_threads_if_busy(torch.device(args.device).type)
+        if threads:
+            print(threads)
         result = {"checkpoint": str(args.checkpoint), "model": ckpt["model_name"], "step": ckpt.get("step")}
         if do_loss:
             result["loss"] = run_loss(args, model, cfg)
@@ -415,9 +430,13 @@ def main(argv=None):
                   f"{r['batches']} batches ({r['tokens']:,} tokens) of {r['data']}")
         if problems:
             max_new = args.max_new_tokens or 2 * max(len(enc.encode_ordinary(" " + p["solution"])) for p in problems)
+            started = time.perf_counter()
             per_family, outputs = accuracy(model, enc, problems, max_new, batch_size, not args.quiet)
+            seconds = time.perf_counter() - started
             result["accuracy"] = accuracy_summary(args, problems, per_family, outputs)
+            result["accuracy"].update(generation_cost(outputs, max_new, seconds))
             print_accuracy(per_family)
+            print(cost_line(result["accuracy"], batch_size))
     except (EvalError, CheckpointError, DataError, ModelConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -492,6 +511,22 @@ def accuracy_summary(args, problems, per_family, outputs):
                                "accuracy_flexible": c["flexible"] / c["total"]}
                            for f, c in sorted(per_family.items())},
             "answers": outputs}
+
+
+def generation_cost(outputs, max_new_tokens, seconds):
+    """What the answers cost: most of the time goes into generated tokens, and a model that never writes its
+    answer line generates max_new_tokens for every problem."""
+    lengths = [o["new_tokens"] for o in outputs]
+    return {"seconds": round(seconds, 2), "max_new_tokens": max_new_tokens,
+            "new_tokens_mean": sum(lengths) / len(lengths),
+            "reached_max_new_tokens": sum(n >= max_new_tokens for n in lengths)}
+
+
+def cost_line(acc, batch_size):
+    n, s = acc["total"], acc["seconds"]
+    return (f"{n} problems in {s:.1f} s ({s / n:.2f} s a problem, batch {batch_size}): "
+            f"{acc['new_tokens_mean']:.0f} tokens generated per problem on average; {acc['reached_max_new_tokens']} "
+            f"of {n} used all --max-new-tokens ({acc['max_new_tokens']}): no answer line finished before")
 
 
 def print_accuracy(per_family):

@@ -5,6 +5,9 @@ The model registry. Every model lives in one file of this folder and exposes:
     TRAIN_PRESETS   optional: trainer defaults that differ from base_trainer.TRAIN_PRESETS
     Model           an AutoRegressiveModel subclass built from a Config
 
+A model's name is its key in MODELS, and only there: model_module() gives the Model class that name
+(model.name, which checkpoints, convert_hf.py and embed.py read), so a model file needs no `name = ...`.
+
     from models import create_model, MODELS
     model = create_model("baseline_gpt2", preset="tiny", n_layer=2)
     model = create_model("baseline_gpt2", preset="tiny", pos="alibi", head="clap")
@@ -18,7 +21,7 @@ Options shared by several models (each Config has those that make sense for it; 
     mlp                  gelu | relu2 | swiglu                  the blocks' MLP
     qk_norm              false | true                           RMSNorm on q and k of every head
     zero_init_proj       false | true                           residual output projections start at zero
-The last four and pos=rope are the modern switches (issue 17, components.py); every model has them.
+The last four and pos=rope are the modern switches (components.py); every model has them.
 """
 
 import dataclasses
@@ -35,9 +38,19 @@ MODELS = {
 
 
 def model_module(name):
+    """The module of a registered model; its Model class gets the registry's name. A class that names itself
+    otherwise (a copied `name = ...` line, or a class registered twice) is a ModelConfigError, never a model
+    that passes for another one (a subclass of baseline_gpt2's Model is not baseline_gpt2)."""
     if name not in MODELS:
         raise ModelConfigError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-    return importlib.import_module(MODELS[name])
+    module = importlib.import_module(MODELS[name])
+    own = vars(module.Model).get("name")  # set in this class itself, not inherited
+    if own is not None and own != name:
+        raise ModelConfigError(f"{MODELS[name]}.Model is named {own!r}, but models/__init__.py registers it as "
+                               f"{name!r}: the registry alone names a model (delete a `name = ...` line in its file; "
+                               f"each registered model needs a Model class of its own)")
+    module.Model.name = name
+    return module
 
 
 def model_config(name, preset="tiny", **overrides):

@@ -64,7 +64,6 @@ def check_sizes(config):
 
 
 class Model(AutoRegressiveModel):
-    name = "baseline_gpt2"
     supports_kv_cache = True   # per instance: False when bidirectional
 
     def __init__(self, config):

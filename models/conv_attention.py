@@ -162,7 +162,6 @@ class Upsample(nn.Module):
 
 
 class Model(AutoRegressiveModel):
-    name = "conv_attention"
     supports_kv_cache = False  # generate() recomputes the window each step
 
     def __init__(self, config):

@@ -113,7 +113,6 @@ def bw_coin(bw_seed, step):
 
 
 class Model(AutoRegressiveModel):
-    name = "dual_mask_gpt"
     supports_kv_cache = True   # for the fw direction (generation)
 
     def __init__(self, config):

@@ -141,7 +141,6 @@ class LoRAProjection(LoRALinear):
 
 
 class Model(AutoRegressiveModel):
-    name = "progressive_diverging"
     supports_kv_cache = True   # per instance: False when bidirectional
 
     def __init__(self, config):

@@ -23,6 +23,8 @@ TINY_MAX_THREADS = 4
 def format_value(value):
     if value is None:
         return "none"
+    if isinstance(value, bool):
+        return str(value).lower()  # as the flag takes it: --qk-norm true
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
@@ -55,10 +57,27 @@ def option_choices(model_name):
     return {**shared, **getattr(module, "CHOICES", {})}
 
 
+def without_choices(comment, choices):
+    """A Config comment without the list of choices it starts with (--help shows them as {a,b,c}); a note on
+    the last choice is kept: 'layer | rms (nn.RMSNorm)' -> 'rms: nn.RMSNorm', 'tied | clap | clap-cosine' -> ''.
+    Choices are matched whole, hyphens included."""
+    names = "|".join(re.escape(c) for c in sorted(map(str, choices), key=len, reverse=True))
+    m = re.fullmatch(rf"((?:{names})(?: \| (?:{names}))*)\s*(?:\((.*)\))?", comment)
+    if not m:
+        return comment
+    return f"{m.group(1).split(' | ')[-1]}: {m.group(2)}" if m.group(2) else ""
+
+
+def states_default(help_text, value):
+    """True when an option's own help already says its default: 'X (default)', '(default)' or 'default X'."""
+    return "(default)" in help_text or re.search(rf"\bdefault:? {re.escape(value)}(?![\w.])", help_text) is not None
+
+
 def describe_options(parser, model_name, presets, defaults_of):
     """Append each option's default per preset to its help: trainer options from defaults_of(preset) (the
     resolved trainer settings), model options from the model's Config and PRESETS. Model options also get
-    their comment from the Config's source and their choices."""
+    their comment from the Config's source and their choices. A default shows once: not where the help
+    already says it, and not for a switch that is off (False or None: the help says what it does)."""
     trainer = {p: defaults_of(p) for p in presets}
     configs = {p: models.model_config(model_name, p) for p in presets}
     module = models.model_module(model_name)
@@ -68,19 +87,24 @@ def describe_options(parser, model_name, presets, defaults_of):
         if action.dest.startswith("model."):
             name = action.dest[len("model."):]
             values = {p: getattr(c, name) for p, c in configs.items()}
+            text = comments.get(name, "")
             if name in choices:
                 action.metavar = "{" + ",".join(choices[name]) + "}"
+                text = without_choices(text, choices[name])
             elif isinstance(values[presets[0]], bool):
                 action.metavar = "{true,false}"
             else:
                 action.metavar = name.upper()
-            text = re.sub(r"^(\w+( \| \w+)+)\s*", "", comments.get(name, "")).replace("%", "%%")  # choices: metavar
+            text = text.replace("%", "%%")  # argparse formats help with %
             action.help = f"{text}; {per_preset(values)}" if text else per_preset(values)
         elif action.dest in trainer[presets[0]] and action.nargs != 0 and action.dest != "preset":
             values = {p: trainer[p][action.dest] for p in presets}
-            if all(v is None for v in values.values()):  # no default to show (the help says what happens)
+            if all(v is None or v is False for v in values.values()):  # no default to show
                 continue
-            action.help = f"{action.help}; {per_preset(values)}" if action.help else per_preset(values)
+            shown = per_preset(values)
+            if action.help and shown.startswith("default ") and states_default(action.help, shown[len("default "):]):
+                continue
+            action.help = f"{action.help}; {shown}" if action.help else shown
 
 
 # ---- CPU threads --------------------------------------------------------------------------------
@@ -112,6 +136,20 @@ def set_cpu_threads(cfg, device_type, world_size=1):
     torch.set_num_threads(n)
     return (f"cpu threads: {n} (load average {load:.1f} on {cores} cores; --threads N or OMP_NUM_THREADS=N "
             f"to choose)")
+
+
+def set_threads_if_busy(device_type):
+    """For a tool that runs a model on a CPU (evaluate.py): 1 torch thread when the machine is busy, by the
+    tiny preset's rule (OpenMP threads wait for each other while another job holds a core: evaluate.py on the
+    tiny run took 12-17x longer with 2 threads than with 1 at load 4-8 on 2 cores, docs/evaluation.md);
+    otherwise torch's default. OMP_NUM_THREADS wins. Returns a line saying what was chosen, or None."""
+    if "OMP_NUM_THREADS" in os.environ or device_type != "cpu":
+        return None
+    cores, load = usable_cores(), os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if tiny_preset_threads(cores, load) != 1 or torch.get_num_threads() == 1:
+        return None
+    torch.set_num_threads(1)
+    return f"cpu threads: 1 (load average {load:.1f} on {cores} cores; OMP_NUM_THREADS=N to choose)"
 
 
 # ---- time -------------------------------------------------------------------------------------

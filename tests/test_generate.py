@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from auto_regressive_model import left_pad
-from models import MODELS, create_model
+from models import MODELS, create_model, model_module
 
 VOCAB = 64
-CACHED = ["baseline_gpt2", "progressive_diverging", "dual_mask_gpt"]
+CACHED = [n for n in MODELS if model_module(n).Model.supports_kv_cache]
 
 
 def tiny(name, **overrides):

@@ -1,8 +1,15 @@
-"""The contract of DESIGN.md, checked for every registered model at its tiny preset."""
+"""The contract of DESIGN.md, checked for every registered model at its tiny preset. The lists of models come
+from the registry and from what each model can do (a KV cache, key masks, a backward direction, an attention
+option), never from their names: a model added to models/__init__.py is tested without editing this file."""
+
+import dataclasses
+import inspect
+import sys
 
 import pytest
 import torch
 
+import models
 from components import HEAD_KINDS, POS_KINDS
 from models import MODELS, ModelConfigError, create_model, model_module
 
@@ -29,6 +36,26 @@ def test_logits_for_every_position_and_any_length(name):
 OPTIONS = [(pos, head) for pos in POS_KINDS for head in HEAD_KINDS]
 
 
+def has_backward_direction(model):
+    """dual_mask_gpt's forward(idx, direction="bw") reads the sequence right to left."""
+    return "direction" in inspect.signature(model.forward).parameters
+
+
+def takes_key_mask(name):
+    """Whether a model accepts key (filler) masks; conv_attention refuses them with a ValueError."""
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    try:
+        tiny(name)(idx, key_mask=torch.ones_like(idx, dtype=torch.bool))
+    except ValueError:
+        return False
+    return True
+
+
+KEY_MASK_MODELS = [n for n in MODELS if takes_key_mask(n)]
+ATTENTION_OPTION_MODELS = [n for n in MODELS
+                           if "attention" in {f.name for f in dataclasses.fields(model_module(n).Config)}]
+
+
 def assert_leak_free(model, **kw):
     """Changing tokens at positions >= j leaves the logits at positions < j exactly as they were
     (dual_mask_gpt bw: changing positions < j leaves positions >= j as they were). kw go to every forward."""
@@ -46,7 +73,7 @@ def assert_leak_free(model, **kw):
             torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-5,
                                        msg=f"{name}: position < {j} saw the future")
             assert not torch.allclose(out[:, j:], base[:, j:]), "the perturbation must change something"
-        if name != "dual_mask_gpt":
+        if not has_backward_direction(model):
             return
         base = model(idx, direction="bw", **kw)[0]
         for j in cuts:
@@ -73,7 +100,7 @@ def test_progressive_later_stages_are_leak_free_with_every_option(stage, pos, he
 
 
 @pytest.mark.parametrize("pos", ["learned", "alibi", "rope"])
-@pytest.mark.parametrize("name", [n for n in MODELS if n != "conv_attention"])
+@pytest.mark.parametrize("name", KEY_MASK_MODELS)
 def test_leak_free_with_a_filler_key_mask(name, pos):
     model = tiny(name, pos=pos)
     key_mask = torch.rand(2, min(100, model.config.block_size), generator=torch.Generator().manual_seed(2)) > 0.2
@@ -136,13 +163,12 @@ def test_unknown_model_and_preset():
 
 def forward(model, idx, **kw):
     """Logits for every direction the model has: {"fw": (B, T, V)[, "bw": ...]}."""
-    directions = ("fw", "bw") if model.name == "dual_mask_gpt" else ("fw",)
-    if model.name == "dual_mask_gpt":
-        return {d: model(idx, direction=d, **kw)[0] for d in directions}
+    if has_backward_direction(model):
+        return {d: model(idx, direction=d, **kw)[0] for d in ("fw", "bw")}
     return {"fw": model(idx, **kw)[0]}
 
 
-KEY_MASK_CASES = [(n, {}) for n in MODELS if n != "conv_attention"] + [
+KEY_MASK_CASES = [(n, {}) for n in KEY_MASK_MODELS] + [
     ("baseline_gpt2", {"attention": "bidirectional"}), ("baseline_gpt2", {"pos": "alibi"}),
     ("baseline_gpt2", {"pos": "alibi", "attention": "bidirectional"}), ("dual_mask_gpt", {"pos": "alibi"}),
     ("progressive_diverging", {"attention": "bidirectional"})]
@@ -187,7 +213,7 @@ def test_all_true_key_mask_changes_nothing():
 def test_features_are_the_hidden_states_before_the_head(name):
     model = tiny(name)
     idx = torch.randint(0, VOCAB - 8, (2, 11))
-    kw_list = [{"direction": "fw"}, {"direction": "bw"}] if name == "dual_mask_gpt" else [{}]
+    kw_list = [{"direction": "fw"}, {"direction": "bw"}] if has_backward_direction(model) else [{}]
     with torch.no_grad():
         for kw in kw_list:
             h = model.features(idx, **kw)
@@ -195,7 +221,7 @@ def test_features_are_the_hidden_states_before_the_head(name):
             torch.testing.assert_close(h @ model.wte.weight.t(), model(idx, **kw)[0])
 
 
-@pytest.mark.parametrize("name", ["baseline_gpt2", "progressive_diverging"])
+@pytest.mark.parametrize("name", ATTENTION_OPTION_MODELS)
 def test_bidirectional_attention_sees_the_next_token(name):
     model = tiny(name, attention="bidirectional")
     assert not model.supports_kv_cache and tiny(name).supports_kv_cache
@@ -210,3 +236,45 @@ def test_bidirectional_attention_sees_the_next_token(name):
         model.generate(idx, 3)
     with pytest.raises(ModelConfigError, match="attention"):
         create_model(name, preset="tiny", attention="sideways")
+
+
+# ---- the registry names the models -----------------------------------------------------------------
+
+NEW_MODEL = '''
+from models.baseline_gpt2 import PRESETS, Config, Model as Baseline
+
+
+class Model(Baseline):
+    """A new model built on baseline_gpt2's; its author wrote no `name = ...`."""
+'''
+
+
+def register(monkeypatch, tmp_path, name, source):
+    """Register a model file written here as models.MODELS[name], for this test only."""
+    module = f"lmsmall_test_{name}"
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(MODELS, name, module)
+    monkeypatch.delitem(sys.modules, module, raising=False)
+
+
+def test_a_new_model_is_named_by_its_registry_key(monkeypatch, tmp_path):
+    """Before, the name came from a line in the model file: this model inherited 'baseline_gpt2', and
+    convert_hf.py would have exported it as GPT-2."""
+    from convert_hf import why_not_exportable
+    register(monkeypatch, tmp_path, "new_gpt", NEW_MODEL)
+    model = tiny("new_gpt")
+    assert model.name == "new_gpt" and create_model("baseline_gpt2").name == "baseline_gpt2"
+    assert why_not_exportable(model) == "new_gpt is not a GPT-2 architecture"
+    assert_leak_free(model)                                  # the contract's checks take it as any model
+    assert "new_gpt" in models.MODELS and takes_key_mask("new_gpt")
+
+
+@pytest.mark.parametrize("source", [NEW_MODEL + '    name = "baseline_gpt2"\n',            # a copied line
+                                    "from models.baseline_gpt2 import PRESETS, Config, Model\n"])  # the same class
+def test_a_model_named_otherwise_than_its_registry_key_is_refused(monkeypatch, tmp_path, source):
+    register(monkeypatch, tmp_path, "new_gpt", source)
+    model_module("baseline_gpt2")
+    with pytest.raises(ModelConfigError, match="'baseline_gpt2', but models/__init__.py registers it as 'new_gpt'"):
+        create_model("new_gpt")
+    assert create_model("baseline_gpt2").name == "baseline_gpt2"

@@ -1,4 +1,4 @@
-"""Issue 17: the modern switches (rotary positions, RMSNorm, ReLU^2 / SwiGLU, QK-norm, zero-initialised output
+"""The modern switches (rotary positions, RMSNorm, ReLU^2 / SwiGLU, QK-norm, zero-initialised output
 projections) in every model, and the Muon optimizer (optim.py): leak-free, cached generation, parameter groups,
 state carry-over at progressive_diverging's stage switches, exact resume, checkpoints, DDP.
 (pos=rope is also in the pos x head tables of test_models_contract.py.)"""
@@ -68,7 +68,7 @@ def test_rotary_scores_depend_on_the_distance_only():
     torch.testing.assert_close(apply_rotary(q, pos[None].expand(3, 6)), apply_rotary(q, pos).expand(3, 2, 6, 8))
 
 
-@pytest.mark.parametrize("name", ["baseline_gpt2", "conv_attention", "dual_mask_gpt"])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_rope_has_no_position_table_and_runs_past_block_size(name):
     model = modern(name, pos="rope", block_size=16)
     assert not any("wpe" in n for n, _ in model.named_parameters())
@@ -207,8 +207,8 @@ def test_modern_recipe_with_muon_resumes_exactly_across_stage_switches(data_dir,
     args = lambda out: train_args(data_dir, out, *SMALL, "--recipe", "modern")  # noqa: E731
     ref = run_script("train_progressive_diverging.py", *args(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
-    killed = run_script("train_progressive_diverging.py", *args(tmp_path / "run"),
-                        env={"LMSMALL_FAULT": "kill_after_step:5"})
+    killed = run_script("tests/fault_run.py", "kill_after_step:5", "train_progressive_diverging.py",
+                        *args(tmp_path / "run"))
     assert killed.returncode == -signal.SIGKILL
     resumed = run_script("train_progressive_diverging.py", *train_args(data_dir, tmp_path / "run", "--resume"))
     assert resumed.returncode == 0, resumed.stderr

@@ -1,7 +1,8 @@
-"""A newcomer's first hour (issue 16): --help tells defaults and choices, outputs land under runs/ (ignored by
+"""A newcomer's first hour: --help tells defaults and choices, outputs land under runs/ (ignored by
 git), CPU threads and the ETA are sensible, the GPU preset on a CPU says so, embed.py's memory stays flat."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,11 +11,12 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_TOKENS
+from models import MODELS
 
 
 # ---- --help ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model", ["baseline_gpt2", "conv_attention", "progressive_diverging", "dual_mask_gpt"])
+@pytest.mark.parametrize("model", list(MODELS))
 def test_help_shows_each_presets_default_and_every_choice(model):
     from base_trainer import build_parser
     from models import model_config
@@ -27,6 +29,123 @@ def test_help_shows_each_presets_default_and_every_choice(model):
     assert f"rtx3080: {big.n_embd}, tiny: {tiny.n_embd}" in text
     if model == "dual_mask_gpt":
         assert "--bw-mode {additional,exclusive}" in text and "probability of the backward task" in text
+
+
+def help_blocks(text):
+    """{option line: its help text, on one line} of an argparse --help printed without wrapping."""
+    blocks, current = {}, None
+    for line in text.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            current, _, rest = line.strip().partition("  ")
+            blocks[current] = rest.strip()
+        elif line.startswith("   ") and current:
+            blocks[current] = (blocks[current] + " " + line.strip()).strip()
+        else:
+            current = None
+    return blocks
+
+
+def test_help_keeps_every_choice_whole_and_says_each_default_once():
+    """`python train_baseline_gpt2.py --help`: the choices of a Config comment were cut at the first hyphen
+    ('--head {tied,clap,clap-cosine} -cosine'), and options whose help says their default got it twice
+    ('(default data/); default data', 'auto (default), cpu, ...; default auto', 'default False')."""
+    from plumbing.trainer_config import TRAIN_PRESETS, build_parser, preset_defaults
+    from plumbing.trainer_console import format_value, per_preset
+    from models import model_config
+    r = subprocess.run([sys.executable, "train_baseline_gpt2.py", "--help"], cwd=REPO, capture_output=True,
+                       text=True, env=dict(os.environ, COLUMNS="1000"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    blocks = help_blocks(r.stdout)
+    parser = build_parser("baseline_gpt2")
+    flags = {s for action in parser._actions for s in action.option_strings}
+    presets = list(TRAIN_PRESETS)
+    checked = 0
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "preset"):
+            continue
+        key = next(k for k in blocks if k.split(",")[0].split()[0] == action.option_strings[0])
+        text = blocks[key]
+        if action.metavar and str(action.metavar).startswith("{"):
+            assert key.endswith(" " + action.metavar), key
+        for word in re.findall(r"(?<![\w-])-[\w-]+", text):   # a dash starts a flag, never a cut choice
+            assert word in flags, (key, text)
+        if action.dest.startswith("model."):
+            values = {p: getattr(model_config("baseline_gpt2", p), action.dest[len("model."):]) for p in presets}
+        else:
+            values = {p: preset_defaults("baseline_gpt2", p).get(action.dest) for p in presets}
+        if all(v is None or (v is False and not action.dest.startswith("model.")) for v in values.values()):
+            assert "default false" not in text.lower() and "default none" not in text.lower(), (key, text)
+            continue                                     # a switch that is off: the help says what it does
+        shown = per_preset(values)
+        if not shown.startswith("default "):              # per preset: 'rtx3080: 313, tiny: 200', once
+            assert text.count(shown) == 1 and "(default)" not in text, (key, text)
+        else:
+            value = format_value(values[presets[0]])
+            said = text.count("(default)") + len(re.findall(rf"\bdefault:? {re.escape(value)}(?![\w.])", text))
+            assert said == 1, (key, text)
+        checked += 1
+    assert checked > 30
+
+
+# ---- evaluate.py: what the answers cost ---------------------------------------------------------------
+
+def test_generate_answers_counts_the_tokens_each_answer_cost():
+    """A finished answer line stops a row (the rest is <|endoftext|> filling, not counted); an <|endoftext|> the
+    model wrote counts; a row that never finishes costs --max-new-tokens."""
+    from base_data_preparer import get_tokenizer
+    from evaluate import generate_answers
+    from test_evaluate import scripted_model
+    enc = get_tokenizer("bytes")
+    answer = " 2 + 3 = 5.\n#### 5\n"
+    model, _ = scripted_model(enc, answer + "Question: what next?")
+    assert generate_answers(model, enc, ["2 + 3?", "a longer one"], 500) == ([answer] * 2, [len(answer)] * 2)
+    model, _ = scripted_model(enc, " 5<|endoftext|>")
+    assert generate_answers(model, enc, ["2 + 3?"], 500) == ([" 5"], [3])             # " ", "5", <|endoftext|>
+    model, _ = scripted_model(enc, " 5" * 20)
+    assert generate_answers(model, enc, ["q"], 10)[1] == [10]
+
+
+def test_evaluate_prints_its_time_and_tokens_per_problem(tmp_path, capsys):
+    """200 problems took minutes under load with no word of why; now the command says what they cost."""
+    import json
+
+    import evaluate
+    from models import create_model
+    from test_embed import save
+    torch.manual_seed(0)
+    model = create_model("baseline_gpt2", preset="tiny", vocab_size=320, block_size=64, n_layer=1, n_head=2,
+                         n_embd=32)
+    ckpt, out = save(model, tmp_path / "m.pt"), tmp_path / "r.json"
+    assert evaluate.main(["--checkpoint", str(ckpt), "--task", "synthetic-math", "--limit", "3", "--max-new-tokens",
+                          "12", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    acc = json.loads(out.read_text())["accuracy"]
+    lengths = [a["new_tokens"] for a in acc["answers"]]
+    assert all(1 <= n <= 12 for n in lengths) and acc["max_new_tokens"] == 12 and acc["seconds"] > 0
+    assert acc["new_tokens_mean"] == sum(lengths) / 3 and acc["reached_max_new_tokens"] == lengths.count(12)
+    assert (f"3 problems in {acc['seconds']:.1f} s" in printed and f"{acc['new_tokens_mean']:.0f} tokens generated "
+            f"per problem" in printed and f"{lengths.count(12)} of 3 used all --max-new-tokens (12)" in printed)
+
+
+def test_a_busy_cpu_gets_one_thread_for_evaluation(monkeypatch):
+    """OpenMP threads wait for each other while another job holds a core: evaluate.py, like --preset tiny, takes
+    1 thread on a busy machine (2 threads were several times slower at load 4 on 2 cores)."""
+    from plumbing import trainer_console as tc
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(tc, "usable_cores", lambda: 2)
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+        torch.set_num_threads(2)
+        assert tc.set_threads_if_busy("cpu") is None and torch.get_num_threads() == 2   # quiet: torch's default
+        monkeypatch.setattr(os, "getloadavg", lambda: (4.0, 4.0, 4.0))
+        assert tc.set_threads_if_busy("cuda") is None and torch.get_num_threads() == 2
+        assert "cpu threads: 1 (load average 4.0" in tc.set_threads_if_busy("cpu") and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")                                      # the user's choice wins
+        assert tc.set_threads_if_busy("cpu") is None and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---- outputs under runs/, ignored by git ----------------------------------------------------------
@@ -98,14 +217,14 @@ def test_eta_leaves_out_the_first_step():
 
 
 def test_mps_random_state_is_saved_and_restored(monkeypatch):
-    from base_trainer import BaseTrainer
+    from checkpoint import rng_state, set_rng_state
     saved = {}
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     monkeypatch.setattr(torch.mps, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
     monkeypatch.setattr(torch.mps, "set_rng_state", lambda s: saved.setdefault("mps", s))
-    state = BaseTrainer.rng_state()
+    state = rng_state()
     assert torch.equal(state["mps"], torch.tensor([7], dtype=torch.uint8))
-    BaseTrainer.set_rng_state(state)
+    set_rng_state(state)
     assert torch.equal(saved["mps"], state["mps"])
 
 

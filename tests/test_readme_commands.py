@@ -25,12 +25,13 @@ from pathlib import Path
 
 import pytest
 
+import models
+
 REPO = Path(__file__).resolve().parents[1]
 # README.md and every page under docs/, at any depth (docs/results/*.md too).
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
-# `train_<model>.py` in the README stands for every model's train script.
-MODELS = sorted(p.stem[len("train_"):] for p in REPO.glob("train_*.py")
-                if (REPO / "models" / f"{p.stem[len('train_'):]}.py").is_file())
+# `train_<model>.py` in the README stands for every registered model's train script.
+MODELS = sorted(models.MODELS)
 LAUNCHERS = {"python", "python3", "torchrun"}
 SEPARATORS = {"|", "||", "&&", ";", "&"}
 FLAG = re.compile(r"--([A-Za-z][A-Za-z0-9_-]*)(?:=.*)?")
