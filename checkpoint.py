@@ -1,14 +1,16 @@
 """
 The checkpoint: one file holds a model and, for a training run, everything --resume needs. This module owns
-its format, reading it (a file, a run folder, or hf:NAME for a Hugging Face GPT-2), rebuilding the model, the
-RNG state, and what --resume checks. Writing goes through plumbing.run_folder.atomic_write (temporary file,
-fsync, rename), so a crash never leaves half a checkpoint under the real name.
+its format, writing it (through plumbing.run_folder.atomic_write: temporary file, fsync, rename, so a crash
+never leaves half a checkpoint under the real name), reading it (a file, a run folder, or hf:NAME for a Hugging
+Face GPT-2), rebuilding the model, the RNG state, and what --resume checks.
 
     ckpt = load_checkpoint("runs/baseline_gpt2")          # a dict; CheckpointError (one line) if unusable
     model, ckpt = load_model("hf:gpt2")          # any registered model, or a converted GPT-2
     enc = tokenizer_of(model, ckpt, path)        # the tokenizer the run used
+    write_checkpoint(path, training_checkpoint(...))      # what the trainer saves
+    check_resumable(ckpt, path, model_name, entry_point, out_dir)   # what --resume checks first
 
-What a training checkpoint holds (base_trainer.BaseTrainer.save_checkpoint writes it):
+What a training checkpoint holds (training_checkpoint below; base_trainer.py passes the values):
     format "lmsmall-checkpoint-v1", model_name, model_config, model_state (and train_model_state for LoRA),
     model_extra_state, optimizer_state, step, tokens_seen, loader_state, rng, config (the run's settings),
     metrics_offset, nonfinite_skipped, finished
@@ -16,6 +18,7 @@ A model-only checkpoint (convert_hf.py from-hf, hf:NAME) has the first four and 
 """
 
 import dataclasses
+import io
 import os
 import random
 import re
@@ -28,6 +31,7 @@ import torch
 
 from base_data_preparer import get_tokenizer
 from models import create_model, model_config, model_module
+from plumbing import run_folder
 from plumbing.trainer_config import COMMON_DEFAULTS, TRAIN_PRESETS
 
 CHECKPOINT_FORMAT = "lmsmall-checkpoint-v1"
@@ -118,6 +122,94 @@ def load_model(path, device="cpu", for_inference=True):
         model.prepare_for_inference()
         model.eval()
     return model, ckpt
+
+
+# ---- writing, and what --resume checks ----------------------------------------------------------------
+
+def training_checkpoint(model_name, model_config, model_states, model_extra_state, optimizer_state, step,
+                        tokens_seen, loader_state, config, metrics_offset, nonfinite_skipped, finished):
+    """The dict a training run's checkpoint.pt holds; the RNG state is taken now, as the run saves.
+    model_states: {"model_state": ...}, plus "train_model_state" where the run trains another structure (LoRA)."""
+    return {
+        "format": CHECKPOINT_FORMAT, "model_name": model_name, "model_config": dataclasses.asdict(model_config),
+        **model_states, "model_extra_state": model_extra_state, "optimizer_state": optimizer_state,
+        "step": step, "tokens_seen": tokens_seen, "loader_state": loader_state, "rng": rng_state(),
+        "config": config, "metrics_offset": metrics_offset, "nonfinite_skipped": nonfinite_skipped,
+        "finished": finished,
+    }
+
+
+def write_checkpoint(path, ckpt):
+    """Serialize in memory, then replace path all at once: a crash or a full disk leaves the old checkpoint
+    (run_folder.WriteError, one line), never half of the new one."""
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    run_folder.atomic_write(path, buffer.getvalue())
+
+
+def check_resumable(ckpt, path, model_name, entry_point, out_dir):
+    """--resume continues a training checkpoint of this model written by this script; otherwise CheckpointError
+    says what to run instead."""
+    missing = [key for key in RESUME_STATE if key not in ckpt]
+    if missing:  # e.g. convert_hf.py from-hf's output: weights, but no optimizer, data position, RNG
+        raise CheckpointError(f"{path} holds a model but no training state to resume (no {', '.join(missing)}); "
+                              f"fine-tune from it instead: python finetune.py --checkpoint {path} --out-dir "
+                              f"ANOTHER_FOLDER")
+    if ckpt.get("model_name") != model_name:
+        raise CheckpointError(f"{path} holds a {ckpt.get('model_name')} run, not {model_name}; resume it with "
+                              f"train_{ckpt.get('model_name')}.py")
+    made_by = ckpt["config"].get("entry_point", f"train_{model_name}.py")
+    if made_by != entry_point:
+        raise CheckpointError(f"{path} was written by {made_by}; resume it with python {made_by} --out-dir "
+                              f"{out_dir} --resume")
+
+
+def is_finished(ckpt):
+    """True if the checkpoint holds the run's final evaluation. Checkpoints from before "finished" existed: the
+    final one is the one at the run's own max_steps."""
+    return ckpt.get("finished", ckpt["step"] >= ckpt["config"]["max_steps"])
+
+
+def is_training_checkpoint(path):
+    """True if path is a checkpoint a training run wrote (the format marker and optimizer state): --overwrite may
+    replace it, but not, e.g., the weights-only file convert_hf.py from-hf writes. Reads no tensor (mmap)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable: not known to be a run's, so not deleted
+        return False
+    return isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT and "optimizer_state" in ckpt
+
+
+def load_training_weights(model, ckpt, path):
+    """--resume: the weights the run trained ("train_model_state" where it differs from the saved model, LoRA)
+    and the model's extra state (e.g. its stage) into model; CheckpointError if they do not fit."""
+    model.load_extra_state(ckpt["model_extra_state"])
+    try:
+        model.load_state_dict(ckpt.get("train_model_state", ckpt["model_state"]))
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit this model: {str(e).splitlines()[0]}") from None
+
+
+def tensors_in(value):
+    """Every tensor inside nested dicts, lists and tuples (an optimizer's state_dict)."""
+    if torch.is_tensor(value):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else []
+    return [t for item in items for t in tensors_in(item)]
+
+
+def all_finite(tensors):
+    """True if every element of every tensor is finite (one host sync)."""
+    flags = [t.detach().isfinite().all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def check_finite_state(model, optimizer, path, step):
+    """Saving refuses non-finite weights, but a checkpoint from elsewhere (or older code) may hold them: resumed,
+    it would only diverge again, so say so now instead of calling it a good checkpoint later."""
+    if not all_finite([*model.state_dict().values(), *tensors_in(optimizer.state_dict())]):
+        raise CheckpointError(f"{path} (step {step}) holds non-finite weights or optimizer state, so it cannot be "
+                              f"resumed; start over with --overwrite (or from a copy of an earlier checkpoint)")
 
 
 # ---- randomness: --resume continues every random stream exactly ----------------------------------------

@@ -33,7 +33,7 @@ import torch.nn as nn
 from checkpoint import CheckpointError, load_checkpoint
 import base_trainer
 from plumbing import cli
-from base_trainer import COMMON_DEFAULTS, BaseTrainer, TrainError, add_trainer_arguments
+from base_trainer import COMMON_DEFAULTS, BaseTrainer, TrainError, add_trainer_arguments, check_filler_support
 from plumbing.trainer_config import check_resume_overwrite
 from components import MLP, LoRALinear, SelfAttention
 from checkpoint import absolute_checkpoint
@@ -135,7 +135,7 @@ class FinetuneTrainer(BaseTrainer):
                                  f"adapts ({narrowest}); use --lora-rank <= {narrowest}")
         self.lora_layers = add_lora(self.model, cfg["lora_rank"], cfg["lora_alpha"]) if cfg["lora_rank"] else []
         self.model.to(self.device)
-        self.check_filler_support()
+        check_filler_support(self.model, self.filler_id, self.device)
         if cfg["compile"]:
             self.model.compile()
         self.optimizer = None
@@ -176,7 +176,7 @@ def build_parser(description=None, kind="finetune", lora_rank=0):
 def resolve_config(argv, parser=None, defaults=FINETUNE_DEFAULTS, entry_point="finetune.py", lora_rank=0,
                    finish=None):
     """(model_name, cfg, typed). Resuming: the run folder's checkpoint names the model and holds the settings
-    (BaseTrainer.adopt_saved_config merges what was typed). Otherwise: the base checkpoint's run settings <
+    (trainer_config.adopt_saved_config merges what was typed). Otherwise: the base checkpoint's run settings <
     `defaults` < typed; then finish(name, cfg, typed) adds a subclass's own settings."""
     ns = (parser or build_parser()).parse_args(argv)
     typed = {k: v for k, v in vars(ns).items() if v is not None}

@@ -5,10 +5,9 @@ The run folder (--out-dir) on disk: one writer at a time, writes that fail clean
     atomic_write(path, data)                  # temp file, fsync, rename; WriteError (one line) if it fails,
                                               #   with the temp file removed and the old file intact
     append_line(path, text)                   # a metrics row; a failed append leaves the file as it was
-    leftover_run_files(out_dir)               # which of checkpoint.pt, metrics.jsonl, config.json are there
-    written_by_a_run(path)                    # a metrics.jsonl / config.json a run wrote (--overwrite may replace)
-    remove_stale_temporaries(out_dir)         # *.tmp left by a crash
-    clear_run_files(out_dir)                  # --overwrite, once the new run has made its first step
+    check_new_run(out_dir, overwrite, ...)    # may a new run start here? RunFolderTaken (one line) if not
+    metrics_problem(metrics_path, size)       # --resume: is metrics.jsonl still what the checkpoint saw?
+    take_over(out_dir, metrics_kept)          # after the first step: clear the old run, or cut metrics back
     lock.release()
 
 The lock is fcntl.flock on out_dir/.lock: the kernel drops it when the process ends, however it ends (kill -9
@@ -31,6 +30,10 @@ _HELD = {}  # real path of a folder -> [fd, users]: the locks this process holds
 
 class RunFolderBusy(Exception):
     """Another live process writes this run folder."""
+
+
+class RunFolderTaken(Exception):
+    """The folder holds files a new run may not replace; the message says what to do."""
 
 
 class WriteError(Exception):
@@ -165,10 +168,13 @@ def leftover_run_files(folder):
     return [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
 
 
-def written_by_a_run(path):
-    """True if path is a metrics.jsonl or config.json as a training run writes them (rows with "step" and
-    "split"; the resolved settings with "model_name", "model_config" and "out_dir"). An empty file holds
-    nothing to lose. checkpoint.pt is checked by the trainer, which can read it."""
+def written_by_a_run(path, is_run_checkpoint):
+    """True if path is a file a training run writes: a metrics.jsonl or config.json as a run writes them (rows
+    with "step" and "split"; the resolved settings with "model_name", "model_config" and "out_dir"; an empty
+    file holds nothing to lose), or a checkpoint.pt for which is_run_checkpoint(path) says so (the checkpoint
+    module knows its format)."""
+    if os.path.basename(path) == "checkpoint.pt":
+        return is_run_checkpoint(path)
     try:
         with open(path, "rb") as f:
             if os.path.basename(path) == "metrics.jsonl":
@@ -178,6 +184,40 @@ def written_by_a_run(path):
             return not data or _has_keys(data, ("model_name", "model_config", "out_dir"))
     except OSError:
         return False
+
+
+def check_new_run(folder, overwrite, auto, is_run_checkpoint):
+    """May a new run start in folder? Yes if it holds no run files, or with --overwrite if each is a file a run
+    wrote (never, e.g., a convert_hf.py export's config.json). --resume auto (auto) restarts its own attempt that
+    saved no checkpoint (a requeued job). Returns a line to print, or None; RunFolderTaken otherwise.
+    Deletes nothing: take_over() does, after the new run's first step."""
+    leftover = leftover_run_files(folder)
+    foreign = [name for name in leftover if not written_by_a_run(os.path.join(folder, name), is_run_checkpoint)]
+    if foreign:
+        raise RunFolderTaken(f"{folder} holds {' and '.join(foreign)} that no training run wrote (or that cannot "
+                             f"be read); a run replaces only its own files: move them away or choose another "
+                             f"--out-dir")
+    if "checkpoint.pt" in leftover and not overwrite:
+        raise RunFolderTaken(f"{folder} already holds a run (checkpoint.pt); add --resume to continue it, "
+                             f"--overwrite to start over, or choose another --out-dir")
+    if leftover and not overwrite:
+        if not auto:
+            raise RunFolderTaken(f"{folder} holds {' and '.join(leftover)} of a run that saved no checkpoint; add "
+                                 f"--overwrite to start over, or choose another --out-dir")
+        return f"--resume auto: replacing {' and '.join(leftover)} of the attempt that saved no checkpoint"
+    return None
+
+
+def take_over(folder, metrics_kept=None):
+    """Make folder the new run's (call while holding the lock): remove a crash's temporaries; then a resumed
+    run (metrics_kept: the metrics.jsonl bytes its checkpoint saw) drops the rows the interrupted process logged
+    after its checkpoint, and a new run clears the old run's files (check_new_run allowed each)."""
+    remove_stale_temporaries(folder)  # only our own *.tmp names (TEMPORARIES)
+    metrics = os.path.join(folder, "metrics.jsonl")
+    if metrics_kept is None:
+        clear_run_files(folder)
+    elif os.path.exists(metrics):
+        os.truncate(metrics, metrics_kept)  # metrics_problem made sure the file is not shorter
 
 
 def _has_keys(text, keys):
@@ -197,7 +237,7 @@ def remove_stale_temporaries(folder):
 
 def clear_run_files(folder):
     """Delete a previous run's checkpoint, metrics and config (--overwrite), once the new run has made its first
-    step; the trainer checked before that each is a run's own file (written_by_a_run, a training checkpoint)."""
+    step; check_new_run made sure before that each is a run's own file."""
     for name in RUN_FILES + TEMPORARIES:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(folder, name))

@@ -1,6 +1,7 @@
 """
-Speed on a GPU (issue 18): what BaseTrainer does so that small models do not run at a few percent of the
-hardware. Each piece is a small function the trainer calls once; none changes what is computed.
+Speed on a GPU: what BaseTrainer does so that small models do not run at a few percent of the hardware.
+Each piece is a small function the trainer calls once with plain values; it returns what it decided and the
+trainer keeps it. None changes what is computed.
 
     micro batch   --micro-batch-size auto (the default on CUDA): the largest power of two, dividing the rows
                   of one optimizer step, whose measured training step fits the memory budget
@@ -161,28 +162,32 @@ def probe_step(step_module, autocast, rows, seq_len, device, step=0):
     loss.backward()
 
 
-# ---- the trainer's hooks ------------------------------------------------------------------------
+# ---- what the trainer asks: plain values in, its decisions out ---------------------------------------
 
-def plan_micro_batch(trainer):
-    """Before the data: record what the user asked for; cfg["micro_batch_size"] is the base size until
-    choose_for_device() decides. cfg["micro_batch_auto"] says whether the size is chosen per device (kept
-    on --resume unless --micro-batch-size is given again); cfg["base_micro_batch_size"] is the preset's or
-    the user's number: evaluation counts its batches in it, and auto off CUDA uses it."""
-    cfg, typed = trainer.cfg, trainer.typed
+def plan_micro_batch(cfg, typed, device_type, model_name):
+    """Before the data: what the user asked for, as the cfg entries to set. micro_batch_size is the base size
+    until choose_micro_batch_for_device() decides; micro_batch_auto says whether the size is chosen per device
+    (kept on --resume unless --micro-batch-size is given again); base_micro_batch_size is the preset's or the
+    user's number: evaluation counts its batches in it, and auto off CUDA uses it."""
     asked = typed.get("micro_batch_size")
     if asked is not None:
         auto = asked == "auto"
     elif "micro_batch_auto" in cfg:  # resumed: as the run was started
         auto = cfg["micro_batch_auto"]
     else:
-        auto = trainer.device_type == "cuda"
-    cfg.setdefault("base_micro_batch_size", cfg["micro_batch_size"] if cfg["micro_batch_size"] != "auto"
-                   else preset_micro_batch_size(trainer.model_name, cfg.get("preset")))
+        auto = device_type == "cuda"
+    if "base_micro_batch_size" in cfg:
+        base = cfg["base_micro_batch_size"]
+    else:
+        base = (cfg["micro_batch_size"] if cfg["micro_batch_size"] != "auto"
+                else preset_micro_batch_size(model_name, cfg.get("preset")))
+    changes = {"base_micro_batch_size": base}
     if isinstance(asked, int):
-        cfg["micro_batch_size"] = asked
+        changes["micro_batch_size"] = asked
     elif auto or cfg["micro_batch_size"] == "auto":
-        cfg["micro_batch_size"] = cfg["base_micro_batch_size"]
-    cfg["micro_batch_auto"] = auto
+        changes["micro_batch_size"] = base
+    changes["micro_batch_auto"] = auto
+    return changes
 
 
 def preset_micro_batch_size(model_name, preset):
@@ -190,66 +195,58 @@ def preset_micro_batch_size(model_name, preset):
     return model_presets.get("micro_batch_size", TRAIN_PRESETS.get(preset, TRAIN_PRESETS["tiny"])["micro_batch_size"])
 
 
-def device_measures_memory(trainer):
-    return trainer.device_type == "cuda"
+def device_measures_memory(device):
+    return str(device).startswith("cuda")
 
 
-def measure_function(trainer, probe, step_module, adam_bytes):
+def measure_function(probe, step_module, autocast, seq_len, device, step, adam_bytes):
     """peak_bytes(b) for choose_micro_batch: a real training step of b rows on the GPU, side-effect free."""
-    T = trainer.cfg["seq_len"]
-
     def peak_bytes(b):
-        with no_side_effects(probe, trainer.device):
-            return cuda_peak_bytes(lambda: probe_step(step_module, trainer.autocast, b, T, trainer.device,
-                                                      trainer.step), trainer.device, adam_bytes)
+        with no_side_effects(probe, device):
+            return cuda_peak_bytes(lambda: probe_step(step_module, autocast, b, seq_len, device, step), device,
+                                   adam_bytes)
     return peak_bytes
 
 
-def choose_for_device(trainer):
-    """After the model is on its device: with micro_batch_auto on CUDA, probe and pick the micro batch
-    (every DDP rank takes the smallest any rank picked); the loader is rebuilt when it changes."""
-    cfg = trainer.cfg
+def choose_micro_batch_for_device(cfg, model, step_module, device, autocast, world_size, step):
+    """After the model is on its device: (micro batch, info for config.json, a line to print or None). With
+    micro_batch_auto on CUDA it probes the model's training step (step_module, moved onto the model's
+    memory_probe_model) and picks the largest size that fits; every DDP rank takes the smallest any rank picked.
+    Elsewhere, or without auto, the micro batch stays."""
     if not cfg["micro_batch_auto"]:
-        return
-    T, W = cfg["seq_len"], trainer.world_size
-    rows = cfg["total_batch_size"] // (T * W)
-    if not device_measures_memory(trainer):
-        trainer.log(f"micro batch {cfg['micro_batch_size']} (auto measures GPU memory; on {trainer.device_type} "
-                    f"it keeps the preset's)")
-        return
+        return cfg["micro_batch_size"], {}, None
+    T = cfg["seq_len"]
+    rows = cfg["total_batch_size"] // (T * world_size)
+    if not device_measures_memory(device):
+        return cfg["micro_batch_size"], {}, (f"micro batch {cfg['micro_batch_size']} (auto measures GPU memory; on "
+                                             f"{str(device).split(':')[0]} it keeps the preset's)")
     preset_cap = PRESET_MEMORY_GIB.get(cfg.get("preset"))
-    budget = memory_budget(trainer.device, cfg.get("memory_budget") or preset_cap)
-    probe = trainer.model.memory_probe_model()
-    step_module = trainer.make_step_module()
+    budget = memory_budget(device, cfg.get("memory_budget") or preset_cap)
+    probe = model.memory_probe_model()
     step_module.model = probe  # TrainingStep (or a subclass's step module) around the probe model
     adam_bytes = 2 * sum(p.numel() * 4 for p in probe.parameters() if p.requires_grad)  # not allocated yet
     t0 = time.perf_counter()
-    chosen, measured = choose_micro_batch(rows, PROBE_FRACTION * budget,
-                                          measure_function(trainer, probe, step_module, adam_bytes))
+    chosen, measured = choose_micro_batch(rows, PROBE_FRACTION * budget, measure_function(
+        probe, step_module, autocast, T, device, step, adam_bytes))
     probe_s = time.perf_counter() - t0
     del probe, step_module
-    if trainer.device_type == "cuda":  # the probe's larger sizes are not what the run holds
+    if str(device).startswith("cuda"):  # the probe's larger sizes are not what the run holds
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(trainer.device)
-    if trainer.ddp:
+        torch.cuda.reset_peak_memory_stats(device)
+    if world_size > 1:
         import torch.distributed as dist
-        t = torch.tensor([chosen], device=trainer.device)
+        t = torch.tensor([chosen], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         chosen = int(t.item())
     sizes = ", ".join(f"{b}: {'OOM' if v is None else f'{v / GiB:.2f}'}" for b, v in sorted(measured.items()))
     fits = measured.get(chosen) is not None and measured[chosen] <= PROBE_FRACTION * budget
     capped = f" (the {cfg['preset']} preset's cap)" if preset_cap and not cfg.get("memory_budget") else ""
-    trainer.log(f"micro batch {chosen} (auto: the largest power of two whose training step fits "
-                f"{PROBE_FRACTION:.0%} of {budget / GiB:.1f} GiB{capped}; measured GiB by rows: {sizes}; "
-                f"{probe_s:.1f} s)"
-                + ("" if fits else "; even this does not fit: expect out-of-memory, lower --seq-len"))
-    trainer.speed_info["micro_batch_probe_gib"] = {b: None if v is None else round(v / GiB, 6)
-                                                   for b, v in sorted(measured.items())}
-    trainer.speed_info["memory_budget_gib"] = round(budget / GiB, 6)
-    if chosen != cfg["micro_batch_size"]:
-        cfg["micro_batch_size"] = chosen
-        trainer.grad_accum = cfg["total_batch_size"] // (chosen * T * W)
-        trainer.train_loader = Prefetcher(trainer.make_loader("train"))
+    line = (f"micro batch {chosen} (auto: the largest power of two whose training step fits "
+            f"{PROBE_FRACTION:.0%} of {budget / GiB:.1f} GiB{capped}; measured GiB by rows: {sizes}; "
+            f"{probe_s:.1f} s)" + ("" if fits else "; even this does not fit: expect out-of-memory, lower --seq-len"))
+    info = {"micro_batch_probe_gib": {b: None if v is None else round(v / GiB, 6) for b, v in sorted(measured.items())},
+            "memory_budget_gib": round(budget / GiB, 6)}
+    return chosen, info, line
 
 
 def eval_batches(cfg, world_size):
@@ -270,42 +267,40 @@ def compile_wanted(cfg, device_type):
     return cfg["compile"] if cfg.get("compile") is not None else device_type == "cuda"
 
 
-def setup_compile(trainer):
-    """Count the FLOPs per token (for MFU) eagerly, then compile (CUDA default) with a warm-up step."""
-    cfg, model = trainer.cfg, trainer.model
+def setup_compile(cfg, model, step_module, device, autocast, step, evaluation_losses):
+    """Count the FLOPs per token (for MFU) eagerly, then compile the model in place (CUDA default) and warm it
+    up with a training and an evaluation step (evaluation_losses(x, y, loss_mask, key_mask): the trainer's).
+    Returns (flops_per_token or None, the device's peak FLOP/s or None, whether CUDA graphs run, info for
+    config.json, a line to print or None); if compiling fails the model is left eager and the line says so."""
     # On by default on CUDA: on an H100 it halves the rtx3080 step (the head's elementwise work, fused per chunk)
     # for about a minute of compiling (bench/gpu_profile.py, docs/gpu_h100_2026-11-27/). Off elsewhere: on a
     # CPU the compile costs more than a small run saves.
-    compile_on = compile_wanted(cfg, trainer.device_type)
+    compile_on = compile_wanted(cfg, str(device).split(":")[0])
     mode = cfg.get("compile_mode") or "default"
-    peak = device_peak_flops(trainer.device)
-    trainer.flops_per_token, trainer.peak_flops = None, peak
+    peak, flops_per_token = device_peak_flops(device), None
     if peak:
-        x = torch.zeros(1, cfg["seq_len"], dtype=torch.long, device=trainer.device)
-        with no_side_effects(model, trainer.device):
-            trainer.flops_per_token = count_flops_per_token(trainer.make_step_module(), x, x, trainer.autocast)
-    trainer.speed_info.update(compiled=False, compile_mode=None, flops_per_token=trainer.flops_per_token,
-                              peak_flops=peak)
-    trainer.cudagraphs = False
+        x = torch.zeros(1, cfg["seq_len"], dtype=torch.long, device=device)
+        with no_side_effects(model, device):
+            flops_per_token = count_flops_per_token(step_module, x, x, autocast)
+    info = dict(compiled=False, compile_mode=None, flops_per_token=flops_per_token, peak_flops=peak)
     if not compile_on:
-        return
+        return flops_per_token, peak, False, info, None
     compile_model(model, mode)
     B, T = cfg["micro_batch_size"], cfg["seq_len"]
     t0 = time.perf_counter()
     try:
-        with no_side_effects(model, trainer.device):
-            probe_step(trainer.make_step_module(), trainer.autocast, B, T, trainer.device, trainer.step)
-            with torch.no_grad(), trainer.autocast:
-                x = torch.zeros(B, T, dtype=torch.long, device=trainer.device)
-                trainer.evaluation_losses(x, x, None, None)
+        with no_side_effects(model, device):
+            probe_step(step_module, autocast, B, T, device, step)
+            with torch.no_grad(), autocast:
+                x = torch.zeros(B, T, dtype=torch.long, device=device)
+                evaluation_losses(x, x, None, None)
     except Exception as e:  # noqa: BLE001 - any failure of the compiler: say it in one line, go on eager
         uncompile_model(model)
         first = (str(e).strip().splitlines() or [""])[0][:160]
-        trainer.log(f"torch.compile failed ({type(e).__name__}: {first}); training without it "
-                    f"(--no-compile skips the attempt)")
-        return
-    trainer.cudagraphs = mode in ("reduce-overhead", "max-autotune")
-    trainer.speed_info.update(compiled=True, compile_mode=mode, compile_s=round(time.perf_counter() - t0, 1))
+        return flops_per_token, peak, False, info, (f"torch.compile failed ({type(e).__name__}: {first}); training "
+                                                    f"without it (--no-compile skips the attempt)")
+    info.update(compiled=True, compile_mode=mode, compile_s=round(time.perf_counter() - t0, 1))
+    return flops_per_token, peak, mode in ("reduce-overhead", "max-autotune"), info, None
 
 
 def compile_model(model, mode="default", backend="inductor", fullgraph=False):
@@ -341,9 +336,10 @@ def uncompile_model(model):
         model.__dict__.pop(name, None)
 
 
-def begin_micro_step(trainer):
-    """Under CUDA graphs, a new micro-step may overwrite the previous one's outputs: say when one begins."""
-    if getattr(trainer, "cudagraphs", False):
+def begin_micro_step(runner):
+    """Under CUDA graphs, a new micro-step may overwrite the previous one's outputs: say when one begins.
+    runner: the trainer (or a bench's runner), whose cudagraphs says whether they run."""
+    if getattr(runner, "cudagraphs", False):
         torch.compiler.cudagraph_mark_step_begin()
 
 
@@ -357,15 +353,15 @@ def to_floats(values):
     return {k: out[k] for k in values}
 
 
-def train_row_speed(trainer, tokens_per_s):
+def train_row_speed(flops_per_token, peak, device, tokens_per_s):
     """A train row's speed fields: mfu (where the device's peak is known) and, on CUDA, the most memory
     the run has held so far (what a smaller card would need)."""
     row = {}
-    value = mfu(trainer.flops_per_token, tokens_per_s, trainer.peak_flops)
+    value = mfu(flops_per_token, tokens_per_s, peak)
     if value is not None:
         row["mfu"] = value
-    if trainer.device_type == "cuda":
-        row["peak_mem_gib"] = torch.cuda.max_memory_reserved(trainer.device) / GiB
+    if str(device).startswith("cuda"):
+        row["peak_mem_gib"] = torch.cuda.max_memory_reserved(device) / GiB
     return row
 
 
@@ -402,9 +398,8 @@ class Prefetcher:
         return getattr(self.loader, name)
 
 
-def describe_speed(trainer):
-    """The start-of-run line about compile and MFU."""
-    info = trainer.speed_info
+def describe_speed(info):
+    """The start-of-run line about compile and MFU (info: setup_compile's)."""
     parts = [f"compile {info['compile_mode']} ({info['compile_s']:.1f} s: a training and an evaluation step)"
              if info["compiled"] else "eager"]
     if info["flops_per_token"]:

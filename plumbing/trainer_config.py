@@ -1,11 +1,13 @@
 """
 The training scripts' command line: the presets, the flags every trainer shares, each model's options as
 flags, and how a run's settings are resolved (COMMON_DEFAULTS < TRAIN_PRESETS[preset] < the model's
-TRAIN_PRESETS < the recipe < typed flags). base_trainer.py owns what happens with them.
+TRAIN_PRESETS < the recipe < typed flags), also against a checkpoint (--resume) and the batch sizes.
+base_trainer.py owns what happens with them.
 """
 
 import argparse
 import dataclasses
+import os
 
 from plumbing import cli
 import optim
@@ -49,6 +51,10 @@ MODEL_FLAG_TYPES = {"dropout": cli.probability, "p_bw": cli.probability, "stage2
                     "stage3_at": cli.probability, "lora_alpha": cli.positive_float,
                     "n_full_blocks": cli.nonnegative_int, "n_level_blocks": cli.nonnegative_int,
                     "bw_seed": cli.seed}
+
+class TrainError(Exception):
+    """A problem with the command line or the run folder; the message says what to do."""
+
 
 def str2bool(text):
     if text.lower() in ("1", "true", "yes", "on"):
@@ -179,3 +185,61 @@ def preset_defaults(model_name, preset):
     cfg.update(TRAIN_PRESETS[preset])
     cfg.update(getattr(model_module(model_name), "TRAIN_PRESETS", {}).get(preset, {}))
     return cfg
+
+
+# ---- checks of a run's settings (base_trainer.py calls them before anything is written) ----------------
+
+def check_out_dir(cfg):
+    """--out-dir must be a folder this process can write, and not inside --data-dir (a dataset folder's lock is
+    .lock too: the run would wait for itself)."""
+    problem = cli.writable_dir_problem(cfg["out_dir"])  # also the default and finetune's derived one
+    if problem:
+        raise TrainError(f"--out-dir: {problem}")
+    out, data = os.path.realpath(cfg["out_dir"]), os.path.realpath(cfg["data_dir"])
+    if out == data or out.startswith(data + os.sep):
+        raise TrainError(f"--out-dir {cfg['out_dir']} is inside --data-dir {cfg['data_dir']}, where the prepared "
+                         f"datasets live; choose a run folder outside it (default runs/<model>)")
+
+
+def adopt_saved_config(saved_config, typed):
+    """The settings of a resumed run: the checkpoint's, with the typed flags that --resume may change
+    (RESUME_MAY_CHANGE); any other typed flag must equal the saved value, or TrainError."""
+    saved = {**COMMON_DEFAULTS, **saved_config}  # runs from before later options had their defaults
+    for key, value in typed.items():
+        name = key[len("model."):] if key.startswith("model.") else key
+        saved_value = saved["model_overrides"].get(name) if key.startswith("model.") else saved.get(key)
+        if key == "data" and saved_value:  # runs from before --data paths were made absolute
+            saved_value = cli.data_spec(saved_value)
+        if name not in RESUME_MAY_CHANGE and value != saved_value:
+            raise TrainError(f"--{name.replace('_', '-')} {value} differs from the run being resumed "
+                             f"({saved_value}); drop it to resume exactly, or start a new --out-dir")
+    for key in RESUME_MAY_CHANGE - {"resume", "overwrite"}:
+        if key in typed:
+            saved[key] = typed[key]
+    saved["resume"] = True
+    return saved
+
+
+def check_lr_schedule(cfg, typed):
+    """The cosine schedule decays from --lr to --min-lr: a --min-lr above --lr (e.g. --lr 1e-4 with the tiny
+    preset's min_lr 3e-4) would make the learning rate rise to min_lr instead."""
+    lr, min_lr = cfg["lr"], cfg["min_lr"]
+    if min_lr > lr:
+        whose = "" if "min_lr" in typed else " (the preset's default)"
+        raise TrainError(f"--min-lr {min_lr:g}{whose} is above --lr {lr:g}: the schedule would raise the "
+                         f"learning rate instead of decaying it; give --min-lr {lr / 10:g} (or any value <= --lr)")
+
+
+def grad_accum_steps(cfg, world_size):
+    """Micro-steps per optimizer step: --total-batch-size / (micro batch x seq len x processes), which must divide."""
+    B, T = cfg["micro_batch_size"], cfg["seq_len"]
+    if min(B, T, cfg["total_batch_size"], cfg["max_steps"]) < 1:
+        raise TrainError("--micro-batch-size, --seq-len, --total-batch-size and --max-steps must be positive")
+    per_micro_step = B * T * world_size
+    if cfg["total_batch_size"] % per_micro_step:
+        fit = cfg["total_batch_size"] // (T * world_size)  # a micro batch that fits, if any
+        fits = fit and fit * T * world_size == cfg["total_batch_size"]
+        hint = f"; e.g. --micro-batch-size {fit}" if fits else ""
+        raise TrainError(f"--total-batch-size {cfg['total_batch_size']} is not a multiple of micro batch x "
+                         f"seq len x processes = {B} x {T} x {world_size} = {per_micro_step}{hint}")
+    return cfg["total_batch_size"] // per_micro_step

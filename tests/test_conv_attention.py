@@ -209,8 +209,8 @@ def test_tiny_kill_and_resume_matches_uninterrupted(data_dir, tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     r = run_script("train_conv_attention.py", *train_args(data_dir, whole, *common), env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_script("train_conv_attention.py", *train_args(data_dir, broken, *common),
-                   env={"LMSMALL_FAULT": "kill_after_step:3", **ONE_THREAD})
+    r = run_script("tests/fault_run.py", "kill_after_step:3", "train_conv_attention.py",
+                   *train_args(data_dir, broken, *common), env=ONE_THREAD)
     assert r.returncode != 0  # killed like kill -9 after step 3; the last checkpoint is at step 2
     r = run_script("train_conv_attention.py", *train_args(data_dir, broken, *common, "--resume"), env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -31,8 +31,8 @@ def test_another_budget_gets_another_folder_and_the_first_run_resumes_exactly(tm
     import base_data_preparer as bdp
     from base_trainer import BaseTrainer, resolve_config
     data, run = tmp_path / "data", tmp_path / "run"
-    killed = run_script("train_baseline_gpt2.py", *train_args(data, run, 100_000),
-                        env={"LMSMALL_FAULT": "kill_after_step:15"})
+    killed = run_script("tests/fault_run.py", "kill_after_step:15", "train_baseline_gpt2.py",
+                        *train_args(data, run, 100_000))
     assert killed.returncode == -signal.SIGKILL  # after step 15; its checkpoint is from step 10
     config = json.loads((run / "config.json").read_text())
     assert config["max_tokens"] == 100_000 and len(config["data_hash"]) == 16  # the budget used, and the data

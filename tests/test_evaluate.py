@@ -295,9 +295,9 @@ def test_loss_reads_the_trainers_tokens_when_the_micro_batch_is_not_the_base_one
     trainer's tokens, and so gave another figure than the final test row."""
     from plumbing import speed
     from test_answer_loss import trainer
-    monkeypatch.setattr(speed, "device_measures_memory", lambda trainer: True)
+    monkeypatch.setattr(speed, "device_measures_memory", lambda device: True)
     monkeypatch.setattr(speed, "memory_budget", lambda device, cap: 20_000)
-    monkeypatch.setattr(speed, "measure_function", lambda trainer, probe, step_module, adam: (lambda b: 1000 * b))
+    monkeypatch.setattr(speed, "measure_function", lambda *probe: (lambda b: 1000 * b))
     run = tmp_path / "auto"
     t = trainer(data_dir, run, "--micro-batch-size", "auto", "--seq-len", 32, "--total-batch-size", 512,
                 "--max-steps", 1, "--eval-batches", 2, "--data-dir", data_dir)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, train_args
+from models import MODELS
 
 SHAPE = ("--micro-batch-size", 2, "--seq-len", 32, "--total-batch-size", 128, "--eval-batches", 2)
 SMALL = ("--n-layer", 1, "--n-head", 2, "--n-embd", 32, *SHAPE)
@@ -119,13 +120,14 @@ def test_a_new_run_that_fails_in_its_first_step_leaves_the_old_run(finished_run,
                              env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert crashed.returncode == -11, crashed.stderr[-2000:]
     assert files(run) == before
-    monkeypatch.setenv("LMSMALL_FAULT", "nan_loss:0")
+    from fault_run import plant
+    plant("nan_loss:0", monkeypatch.setattr)
     capsys.readouterr()
     code = train("baseline_gpt2", args)
     line = one_line(capsys.readouterr().err, code, 3, "step 0", "as it was")
     assert files(run) == before, line
     # the same command without the fault replaces the old run: its own rows only, from step 0
-    monkeypatch.delenv("LMSMALL_FAULT")
+    monkeypatch.undo()
     assert train("baseline_gpt2", args) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["split"]) for r in rows] == [(0, "val"), (0, "train"), (1, "train"), (2, "val"),
@@ -201,7 +203,7 @@ def test_a_failed_write_says_resume_only_when_there_is_a_checkpoint(tmp_path, mo
     assert "the previous file is intact" in str(later.value) and "--resume" in str(later.value)
 
 
-@pytest.mark.parametrize("name", ["baseline_gpt2", "conv_attention", "progressive_diverging", "dual_mask_gpt"])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_sizes_below_one_are_a_config_error_in_every_model(name):
     """n_head 0 was a ZeroDivisionError in the size check, n_embd 0 a model of 0 parameters."""
     from models import ModelConfigError, create_model
@@ -216,7 +218,6 @@ def test_every_numeric_trainer_flag_has_a_range():
     import argparse
 
     import train_mntp
-    from models import MODELS
     from plumbing.trainer_config import build_parser
     parsers = [build_parser(name) for name in MODELS]
     mntp = train_mntp.build_parser("mntp", "mntp", 8)

@@ -301,9 +301,11 @@ RUN = ("--max-steps", STEPS, "--eval-interval", 4, "--checkpoint-interval", 3, "
        "--micro-batch-size", 8, "--seq-len", 64, "--total-batch-size", 512, "--n-embd", 64, "--n-head", 2)
 
 
-def train(data_dir, out, *extra, env=None):
-    return run_script("train_progressive_diverging.py", *train_args(data_dir, out, *RUN, *extra),
-                      env={"OMP_NUM_THREADS": "1", **(env or {})})
+def train(data_dir, out, *extra, fault=None):
+    """train_progressive_diverging.py; with fault (e.g. "kill_after_step:5") run through tests/fault_run.py."""
+    script = ("tests/fault_run.py", fault, "train_progressive_diverging.py") if fault else \
+        ("train_progressive_diverging.py",)
+    return run_script(*script, *train_args(data_dir, out, *RUN, *extra), env={"OMP_NUM_THREADS": "1"})
 
 
 def metrics(run_dir):
@@ -337,7 +339,7 @@ def test_tiny_run_goes_through_the_three_stages(reference_run):
 @pytest.mark.parametrize("kill_after", [5, 7])  # last checkpoint at step 3 (stage 1) / 6 (stage 2)
 def test_kill_and_resume_across_a_stage_boundary(reference_run, data_dir, tmp_path, kill_after):
     out = tmp_path / "run"
-    killed = train(data_dir, out, env={"LMSMALL_FAULT": f"kill_after_step:{kill_after}"})
+    killed = train(data_dir, out, fault=f"kill_after_step:{kill_after}")
     assert killed.returncode == -signal.SIGKILL
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
     assert (saved["step"], saved["model_extra_state"]) == ((3, {"stage": 1}) if kill_after == 5

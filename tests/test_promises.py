@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -28,13 +27,13 @@ import torch.nn.functional as F
 from conftest import REPO, TINY_TOKENS, run_script, run_torchrun, train_args
 
 # The internal names these tests need, in one place: retarget them here when code moves between files.
-from base_trainer import BaseTrainer, Diverged, resolve_config  # a trainer built in-process, as train_<model>.py does
+from base_trainer import BaseTrainer, Diverged, lr_at, resolve_config  # a trainer in-process, as train_<model>.py
 from models import MODELS, create_model
 
 
 def project_lr(cfg, step):
     """The trainer's learning-rate schedule at `step` for the settings cfg (lr, min_lr, warmup_steps, max_steps)."""
-    return BaseTrainer.lr_at(types.SimpleNamespace(cfg=cfg), step)
+    return lr_at(step, cfg)
 
 
 # A model small enough for many runs per test.
@@ -276,7 +275,7 @@ def test_stage_copies_have_their_own_storage_and_train_apart(data_dir, tmp_path)
 
 def killed_and_resumed(script, args, out, kill_at):
     """Run `script args`, killed (SIGKILL) after step kill_at, then resumed: the rows of the whole run."""
-    killed = run_script(script, *args, "--out-dir", out, env={"LMSMALL_FAULT": f"kill_after_step:{kill_at}"})
+    killed = run_script("tests/fault_run.py", f"kill_after_step:{kill_at}", script, *args, "--out-dir", out)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     resumed = run_script(script, *args, "--out-dir", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]

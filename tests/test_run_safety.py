@@ -68,18 +68,17 @@ def test_divergence_stops_before_the_step_and_keeps_a_finite_checkpoint(data_dir
 
 
 def test_a_nonfinite_step_is_skipped_or_stops_the_run(data_dir, tmp_path):
-    """LMSMALL_FAULT=nan_loss:5 makes the loss of step 5 NaN (once): by default the run stops there with the
+    """tests/fault_run.py nan_loss:5 makes the loss of step 5 NaN (once): by default the run stops there with the
     step-4 checkpoint kept; with --skip-nonfinite 1 that step is skipped and logged, and the run finishes."""
     args = ("--max-steps", 8, "--eval-interval", 4, "--checkpoint-interval", 4, *SMALL)
-    stopped = run_script("train_baseline_gpt2.py", *train_args(data_dir, tmp_path / "a", *args),
-                         env={"LMSMALL_FAULT": "nan_loss:5"})
+    stopped = run_script("tests/fault_run.py", "nan_loss:5", "train_baseline_gpt2.py",
+                         *train_args(data_dir, tmp_path / "a", *args))
     one_line_error(stopped, 3, "step 5", "loss is nan", "step 4")
     assert checkpoint(tmp_path / "a")["step"] == 4
     assert [r["action"] for r in metrics(tmp_path / "a") if r["split"] == "nonfinite"] == ["stopped"]
 
-    skipped = run_script("train_baseline_gpt2.py", *train_args(data_dir, tmp_path / "b", *args,
-                                                                "--skip-nonfinite", 1),
-                         env={"LMSMALL_FAULT": "nan_loss:5"})
+    skipped = run_script("tests/fault_run.py", "nan_loss:5", "train_baseline_gpt2.py",
+                         *train_args(data_dir, tmp_path / "b", *args, "--skip-nonfinite", 1))
     assert skipped.returncode == 0, skipped.stderr
     rows = metrics(tmp_path / "b")
     assert [(r["step"], r["action"]) for r in rows if r["split"] == "nonfinite"] == [(5, "skipped")]
@@ -192,7 +191,7 @@ def test_resume_at_the_checkpoints_step_ends_the_run_with_its_final_evaluation(d
     Now it runs the final evaluation; a --max-steps below the checkpoint's step is refused."""
     out = tmp_path / "cut"
     args = train_args(data_dir, out, "--max-steps", 6, "--eval-interval", 2, "--checkpoint-interval", 2, *SMALL)
-    killed = run_script("train_baseline_gpt2.py", *args, env={"LMSMALL_FAULT": "kill_after_step:3"})
+    killed = run_script("tests/fault_run.py", "kill_after_step:3", "train_baseline_gpt2.py", *args)
     assert killed.returncode == -signal.SIGKILL and checkpoint(out)["step"] == 2
     before = files(out)
     one_line_error(run_script("train_baseline_gpt2.py", *args, "--resume", "--max-steps", 1), 2, "--max-steps 2")
@@ -295,7 +294,7 @@ def test_two_processes_stop_together_on_a_nonfinite_step(data_dir, tmp_path):
     both ranks, no rank waits for the other, one line says why, and the step-2 checkpoint is kept."""
     out = tmp_path / "ddp"
     args = train_args(data_dir, out, "--max-steps", 6, "--eval-interval", 6, "--checkpoint-interval", 2, *SMALL)
-    result = run_torchrun("train_baseline_gpt2.py", *args, env={"LMSMALL_FAULT": "nan_loss:3"})
+    result = run_torchrun("tests/fault_run.py", "nan_loss:3", "train_baseline_gpt2.py", *args)
     assert result.returncode != 0
     assert result.stderr.count("error: step 3: the loss is nan") == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr.split("error: step 3")[0]

@@ -116,9 +116,9 @@ def test_the_micro_batch_choice_walks_down_when_the_extrapolation_is_too_hopeful
 def test_auto_micro_batch_in_the_trainer_with_a_fake_memory_budget(data_dir, tmp_path, monkeypatch, capsys):
     """--micro-batch-size auto with a (fake) measurement: the chosen size, grad_accum, the loader and
     config.json follow it; the total batch stays; the log line says what was measured and how long it took."""
-    monkeypatch.setattr(speed, "device_measures_memory", lambda trainer: True)
+    monkeypatch.setattr(speed, "device_measures_memory", lambda device: True)
     monkeypatch.setattr(speed, "memory_budget", lambda device, cap: 10_000)
-    monkeypatch.setattr(speed, "measure_function", lambda trainer, probe, step_module, adam: (lambda b: 1000 * b))
+    monkeypatch.setattr(speed, "measure_function", lambda *probe: (lambda b: 1000 * b))
     out = tmp_path / "auto"
     trainer = make_trainer(train_args(data_dir, out, *SMALL, "--max-steps", 2, "--micro-batch-size", "auto",
                                       "--device", "cpu"))
@@ -146,7 +146,7 @@ def test_auto_on_the_cpu_keeps_the_presets_micro_batch(data_dir, tmp_path, capsy
 def test_resume_with_another_micro_batch_matches_the_uninterrupted_run(data_dir, tmp_path, monkeypatch):
     """Same total batch, same data per step, same evaluation tokens: the losses agree up to float
     summation order when a run that died at step 7 (checkpoint at 5) resumes with half the micro batch."""
-    import base_trainer
+    from fault_run import plant
     ref, run = tmp_path / "ref", tmp_path / "run"
     common = (*SMALL, "--max-steps", 12, "--micro-batch-size", 4)
     make_trainer(train_args(data_dir, ref, *common)).train()
@@ -154,10 +154,9 @@ def test_resume_with_another_micro_batch_matches_the_uninterrupted_run(data_dir,
     class Died(Exception):
         pass
 
-    def die(kind, step):
-        if kind == "kill_after_step" and step == 7:
-            raise Died()
-    monkeypatch.setattr(base_trainer, "fault", die)
+    def die():
+        raise Died()
+    plant("kill_after_step:7", monkeypatch.setattr, die)
     with pytest.raises(Died):
         make_trainer(train_args(data_dir, run, *common)).train()
     monkeypatch.undo()
@@ -264,7 +263,7 @@ def test_compile_says_how_long_it_took_and_a_failure_falls_back_to_eager_in_one_
     trainer = make_trainer(argv)
     assert trainer.speed_info["compiled"] is True and trainer.speed_info["compile_s"] >= 0
     assert "chunk_loss" in trainer.model.__dict__
-    assert f"compile default ({trainer.speed_info['compile_s']:.1f} s" in speed.describe_speed(trainer)
+    assert f"compile default ({trainer.speed_info['compile_s']:.1f} s" in speed.describe_speed(trainer.speed_info)
 
     def broken_compile_model(model, mode="default"):
         real_compile_model(model, mode, backend="eager")
@@ -281,7 +280,7 @@ def test_compile_says_how_long_it_took_and_a_failure_falls_back_to_eager_in_one_
                      "without it (--no-compile skips the attempt)"], lines
     assert trainer.speed_info["compiled"] is False and "chunk_loss" not in trainer.model.__dict__
     trainer.train_loop()                                                        # and it trains, eagerly
-    assert trainer.step == 1 and "eager" in speed.describe_speed(trainer)
+    assert trainer.step == 1 and "eager" in speed.describe_speed(trainer.speed_info)
 
 
 def test_compiled_head_chunks_are_the_models_own():

@@ -61,6 +61,24 @@ def test_tiny_preset_learns_in_40_steps(data_dir, tmp_path):
     assert last <= 0.75 * first, f"train loss fell only from {first:.3f} to {last:.3f}"
 
 
+def test_a_finished_run_names_its_files_and_the_command_that_plots_them(data_dir, tmp_path):
+    """The last line says where the checkpoint and metrics are and what to run next; the command works as
+    printed, also for a folder with a space in its name."""
+    import shlex
+    out = tmp_path / "my run"
+    result = run_script("train_baseline_gpt2.py", *train_args(data_dir, out, "--max-steps", 2, "--eval-interval", 2,
+                                                               *SMALL))
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("done: 2 steps; "), last
+    assert str(out / "checkpoint.pt") in last and str(out / "metrics.jsonl") in last, last
+    command = shlex.split(last.split("plot: ", 1)[1])
+    assert command[:2] == ["python", "plot_loss.py"], command
+    plotted = subprocess.run([sys.executable, *command[1:]], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert plotted.returncode == 0, plotted.stderr
+    assert [p.name for p in out.glob("*.png")] == ["loss.png"]
+
+
 def test_a_run_writes_its_files(reference_run):
     for name in ("config.json", "metrics.jsonl", "checkpoint.pt"):
         assert (reference_run / name).is_file()
@@ -77,8 +95,7 @@ def test_a_run_writes_its_files(reference_run):
 @pytest.mark.parametrize("fault", ["kill_after_step:25", "kill_in_checkpoint:20"])
 def test_kill_and_resume_reproduces_the_uninterrupted_run(reference_run, data_dir, tmp_path, fault):
     out = tmp_path / "run"
-    killed = run_script("train_baseline_gpt2.py", *train_args(data_dir, out, *COMMON),
-                        env={"LMSMALL_FAULT": fault})
+    killed = run_script("tests/fault_run.py", fault, "train_baseline_gpt2.py", *train_args(data_dir, out, *COMMON))
     assert killed.returncode == -signal.SIGKILL
     # A kill while writing the checkpoint leaves the previous one intact and loadable.
     step_saved = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
