@@ -35,7 +35,7 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def twin_key(problem):
-    """The issue's definition of a twin, kept apart from problem_key on purpose: same family, same numbers
+    """The held-out test's definition of a twin, kept apart from problem_key on purpose: same family, same numbers
     in the same order, same final answer."""
     return problem["family"], tuple(NUMBER.findall(problem["question"])), problem["final"]
 

@@ -30,7 +30,7 @@ TRAIN_PRESETS = {
 COMMON_DEFAULTS = dict(data_dir="data", seed=1337, data_seed=1337, device="auto", compile=None, resume=False,
                        overwrite=False, loss_on="all", filler_token=None, threads=None, skip_nonfinite=0,
                        recipe="gpt2", **optim.DEFAULTS)
-# --recipe modern: every modern switch at once (issue 17), the speedrun's architecture and optimizer. Flags given
+# --recipe modern: every modern switch at once, the speedrun's architecture and optimizer. Flags given
 # on the command line still win (e.g. --recipe modern --optimizer adamw).
 RECIPES = {"gpt2": {}, "modern": dict(pos="rope", norm="rms", mlp="relu2", qk_norm=True, zero_init_proj=True,
                                       optimizer="muon")}

@@ -1,5 +1,5 @@
 """Bad input to every script ends at the start: exit 2, ONE line on stderr naming the flag, no traceback, nothing
-written (issue 13, item 8). In-process (each main(argv)), so the whole table takes about a second."""
+written. In-process (each main(argv)), so the whole table takes about a second."""
 
 import importlib
 import importlib.util

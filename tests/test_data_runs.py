@@ -1,4 +1,4 @@
-"""Prepared data and the runs that use it (issue 13): a complete dataset is never changed by another command,
+"""Prepared data and the runs that use it: a complete dataset is never changed by another command,
 a run notices when the data under it changed, and Ctrl-C during a preparation ends at once and cleanly."""
 import json
 import os

@@ -178,7 +178,7 @@ def large_sample():
 
 
 def test_no_val_or_test_problem_has_a_train_twin():
-    """Twin (the issue's definition, kept apart from problem_key on purpose): same family, same numbers in
+    """Twin (the definition the held-out test uses, kept apart from problem_key on purpose): same family, same numbers in
     the same order, same final answer, i.e. a rewording with another name, item or template."""
     def twin(p):
         return p["family"], tuple(NUMBER.findall(p["question"])), p["final"]

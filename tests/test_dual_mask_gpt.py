@@ -186,7 +186,7 @@ def test_additional_sums_fw_and_bw_losses():
     x, y = torch.randint(0, V - 2, (2, 8)), torch.randint(0, V - 2, (2, 8))
     loss, metrics = m.training_loss(x, y, None, 3)
     assert math.isclose(loss.item(), metrics["loss_fw"] + metrics["loss_bw"], rel_tol=1e-5)
-    assert metrics["loss"] == metrics["loss_fw"]   # the logged loss is fw's, on bw steps too (issue 16)
+    assert metrics["loss"] == metrics["loss_fw"]   # the logged loss is fw's, on bw steps too
     ex = tiny(p_bw=1.0, bw_mode="exclusive")
     loss, metrics = ex.training_loss(x, y, None, 3)
     assert math.isclose(loss.item(), metrics["loss_bw"], rel_tol=1e-6)   # trains bw only
@@ -314,14 +314,14 @@ def test_tiny_training_run_logs_both_directions_and_cuts(data_dir, tmp_path):
     assert val[-1]["loss_fw"] < val[0]["loss_fw"] and val[-1]["loss"] == val[-1]["loss_fw"]
     assert [bool(r["bw_ran"]) for r in train] == [dm.bw_coin(0, s) < 0.5 for s in range(6)]   # bw_seed 0
     assert all(("loss_bw" in r) == bool(r["bw_ran"]) for r in train)
-    # "loss" is the fw loss on every train row: no fw + bw square wave in plot_loss.py (issue 16)
+    # "loss" is the fw loss on every train row: no fw + bw square wave in plot_loss.py
     assert any(r["bw_ran"] for r in train) and all(r["loss"] == r["loss_fw"] for r in train)
     # layer cuts on the trained checkpoint: same numbers as the run's own final validation with all blocks
     # (the run's data seed and its --eval-batches batches, not data chosen by its weights' --seed)
     from dual_mask.layer_cuts import main as cuts_main
     assert cuts_main([str(out)]) == 0
     before = (out / "layer_cuts.json").read_bytes()
-    assert cuts_main([str(out), "--batches", "1"]) == 2          # kept unless --overwrite (issue 16)
+    assert cuts_main([str(out), "--batches", "1"]) == 2          # kept unless --overwrite
     assert (out / "layer_cuts.json").read_bytes() == before
     cuts = json.load(open(out / "layer_cuts.json"))
     assert [c["layers"] for c in cuts["cuts"]] == [2, 1]
@@ -426,7 +426,7 @@ def test_analysis_writes_every_plot(tmp_path):
                  "cut_ratio1_fw_ppl_p0.05.png", "cut_ratio2_loss_p0.05.png", "cut_losses_p0.05.png", "summary.md"):
         assert want in names, names
     assert "| 4 | 32 |" in (out / "summary.md").read_text()
-    # a folder that holds files is kept unless --overwrite; files this run did not write are named (issue 16)
+    # a folder that holds files is kept unless --overwrite; files this run did not write are named
     (out / "old_figure.png").write_bytes(b"old")
     before = {n: (out / n).read_bytes() for n in os.listdir(out)}
     assert an.main([str(tmp_path / "runs"), "--out", str(out)]) == 2

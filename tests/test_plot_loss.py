@@ -1,5 +1,5 @@
 """plot_loss.py with many runs: distinct styles, the legend outside the axes, plain tick labels, labelled stage
-switches, smoothing, --fields, --x, and no overwrite without --overwrite (issue 16)."""
+switches, smoothing, --fields, --x, and no overwrite without --overwrite."""
 
 import json
 import math

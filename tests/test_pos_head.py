@@ -1,4 +1,4 @@
-"""Issue 7: ALiBi (causal, anti-causal, bidirectional symmetric and shifted), sinusoidal positions, the CLAP
+"""ALiBi (causal, anti-causal, bidirectional symmetric and shifted), sinusoidal positions, the CLAP
 head; the options in checkpoints and --resume; bench/pos_head.py --smoke.
 (The leak and cached-generation tests over every model x pos x head are in test_models_contract.py.)"""
 

@@ -1,4 +1,4 @@
-"""A run never loses, mixes or fakes its results (issue 13): divergence, one writer per folder, --overwrite,
+"""A run never loses, mixes or fakes its results: divergence, one writer per folder, --overwrite,
 failed writes, signals, --resume auto. Tiny models, a few steps each."""
 
 import json

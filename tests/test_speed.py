@@ -1,4 +1,4 @@
-"""Issue 18 on the CPU: the chunked cross-entropy, the micro-batch choice (with a fake memory measurement),
+"""GPU speed work, checked on the CPU: the chunked cross-entropy, the micro-batch choice (with a fake memory measurement),
 --resume with another micro batch, the one-ahead prefetch, MFU bookkeeping, one sync per step."""
 
 import json
