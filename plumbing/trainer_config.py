@@ -204,7 +204,8 @@ def check_out_dir(cfg):
 def adopt_saved_config(saved_config, typed):
     """The settings of a resumed run: the checkpoint's, with the typed flags that --resume may change
     (RESUME_MAY_CHANGE); any other typed flag must equal the saved value, or TrainError."""
-    saved = {**COMMON_DEFAULTS, **saved_config}  # runs from before later options had their defaults
+    # Runs from before later options had their defaults; Muon runs from before --muon-qkv oriented q/k/v as one matrix.
+    saved = {**COMMON_DEFAULTS, "muon_qkv": "fused", **saved_config}
     for key, value in typed.items():
         name = key[len("model."):] if key.startswith("model.") else key
         saved_value = saved["model_overrides"].get(name) if key.startswith("model.") else saved.get(key)
