@@ -29,7 +29,6 @@ Checkpoints hold both optimizers' state ({"muon": ..., "adamw": ...}), so --resu
 
 import torch
 import torch.nn as nn
-from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 from plumbing import cli
 
@@ -69,6 +68,9 @@ class SplitMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
+        # torch's own Newton-Schulz and learning-rate rule, so that a block gets exactly what Muon gives a matrix
+        # (private names of torch.optim._muon: imported here, so that only --muon-qkv split depends on them)
+        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
         for group in self.param_groups:
             lr, k = group["lr"], group.get("row_blocks", 1)
             for p in group["params"]:
@@ -82,7 +84,8 @@ class SplitMuon(torch.optim.Muon):
                 update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
                 p.mul_(1 - lr * group["weight_decay"])
                 for p_block, u_block in zip(p.chunk(k), update.chunk(k)):  # row views of p: updated in place
-                    ortho = _zeropower_via_newtonschulz(u_block, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                    ortho = _zeropower_via_newtonschulz(u_block, ns_coefficients=group["ns_coefficients"],
+                                                        ns_steps=group["ns_steps"], eps=group["eps"])
                     p_block.add_(ortho, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p_block.shape))
 
 
@@ -142,6 +145,11 @@ def build_optimizer(model, cfg, fused=False):
     if mode == "fused":
         muon = torch.optim.Muon([{"params": hidden, "lr_scale": lr_scale}], **kwargs)
     else:
+        try:  # SplitMuon.step uses two private functions of torch's Muon: say so at once if this torch lacks them
+            from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # noqa: F401
+        except ImportError:
+            raise cli.UsageError(f"--muon-qkv split needs torch.optim._muon's Newton-Schulz (torch "
+                                 f"{torch.__version__} lacks it); give --muon-qkv fused") from None
         qkv = {id(p) for p in qkv_parameters(model)}
         groups = [{"params": [p for p in hidden if id(p) not in qkv], "lr_scale": lr_scale},
                   {"params": [p for p in hidden if id(p) in qkv], "lr_scale": lr_scale, "row_blocks": 3}]
