@@ -136,6 +136,7 @@ class BaseTrainer:
         self.log(trainer_console.set_cpu_threads(cfg, self.device_type, self.world_size))
         self.log(trainer_console.gpu_preset_note(cfg, self.device_type))  # before data and model take time
         cfg.update(speed.plan_micro_batch(cfg, self.typed, self.device_type, self.model_name))
+        self.check_model_before_data()
         self.setup_data()
         checkpoint.seed_everything(cfg["seed"])  # before the model: --seed decides the initial weights
         self.setup_model()
@@ -382,12 +383,22 @@ class BaseTrainer:
         """(x, y, loss_mask or None, key_mask or None) of the loader's next batch."""
         return with_filler_masks(loader.next_batch(), self.filler_id)
 
-    def setup_model(self):
+    def planned_model_config(self, tokenizer_vocab):
         cfg, module = self.cfg, model_module(self.model_name)
         extra = getattr(module, "EXTRA_TOKENS", 0)
-        vocab_size = -(-(self.train_loader.vocab_size + extra) // 64) * 64  # round up: faster matmuls
+        vocab_size = -(-(tokenizer_vocab + extra) // 64) * 64  # round up: faster matmuls
         overrides = dict(cfg["model_overrides"], vocab_size=vocab_size, block_size=cfg["seq_len"])
-        self.model_cfg = model_config(self.model_name, cfg["preset"], **overrides)
+        return model_config(self.model_name, cfg["preset"], **overrides)
+
+    def check_model_before_data(self):
+        """The model's own size checks and its memory need, on the meta device, before the data are prepared
+        (which can take minutes and write files): a model that cannot be built stops here in one line."""
+        planned = self.planned_model_config(get_tokenizer(self.cfg["tokenizer"]).n_vocab)
+        check_model_fits(model_module(self.model_name).Model, planned, self.device, self.world_size)
+
+    def setup_model(self):
+        module = model_module(self.model_name)
+        self.model_cfg = self.planned_model_config(self.train_loader.vocab_size)
         check_model_fits(module.Model, self.model_cfg, self.device, self.world_size)  # before taking memory
         self.model = module.Model(self.model_cfg).to(self.device)
         check_filler_support(self.model, self.filler_id, self.device)

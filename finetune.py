@@ -99,6 +99,9 @@ class FinetuneTrainer(BaseTrainer):
     def planned_target_offset(self):
         return self.cfg["base_model_config"].get("target_offset", 1)
 
+    def check_model_before_data(self):
+        pass  # the architecture is the base checkpoint's, built and checked when that run started
+
     def load_base(self, **config_changes):
         """The model of the base checkpoint (with config_changes, e.g. attention="bidirectional"), before LoRA."""
         base = load_checkpoint(self.cfg["checkpoint"])

@@ -96,6 +96,17 @@ def test_overwrite_with_a_bad_value_is_one_line_and_leaves_the_old_run(finished_
     assert not failures, "\n".join(failures)
 
 
+def test_a_model_that_cannot_be_built_stops_before_the_data_are_prepared(tmp_path, capsys):
+    """conv_attention --n-levels 10 into a --data-dir that does not exist yet: the model's own check refuses it
+    before the dataset is prepared (it was prepared first: seconds of work and a folder of shards for nothing)."""
+    data = tmp_path / "data"
+    argv = ["--preset", "tiny", "--max-steps", 2, "--max-tokens", "50k", "--data-dir", data,
+            "--out-dir", tmp_path / "run", "--n-levels", 10]
+    code = train("conv_attention", argv)
+    one_line(capsys.readouterr().err, code, 2, "n_levels")
+    assert not data.exists() and not (tmp_path / "run").exists()
+
+
 # Stands in for anything that kills the process in the new run's first step (the segfault of too many threads,
 # an out-of-memory kill): the first optimizer step dies with SIGSEGV.
 CRASH_IN_FIRST_STEP = """
