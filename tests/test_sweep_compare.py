@@ -71,11 +71,11 @@ def test_statistics_equal_scipy():
 
 # ---- grouping --------------------------------------------------------------------------------------------------
 
-def fake_run(folder, seed, pos="learned", data_hash="aaaa", val=5.0, data_seed=1337):
+def fake_run(folder, seed, pos="learned", data_hash="aaaa", val=5.0, data_seed=1337, typed=None):
     folder.mkdir(parents=True)
     config = {"seed": seed, "data_seed": data_seed, "out_dir": str(folder), "threads": 1, "data_hash": data_hash,
               "n_params": 1000, "max_steps": 3, "data": "synthetic-math", "tokenizer": "bytes",
-              "model_config": {"pos": pos, "n_layer": 1}}
+              "model_config": {"pos": pos, "n_layer": 1}, "model_overrides": typed or {}}
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "metrics.jsonl").write_text(
         json.dumps({"step": 3, "split": "val", "loss": val, "bpb": val * 1.4, "tokens": 768}) + "\n"
@@ -85,8 +85,8 @@ def fake_run(folder, seed, pos="learned", data_hash="aaaa", val=5.0, data_seed=1
 
 def test_groups_differ_only_in_the_seed_and_different_data_is_not_pooled(tmp_path, capsys):
     import compare
-    for i, seed in enumerate([1, 2, 3]):
-        fake_run(tmp_path / "a" / f"learned{seed}", seed, val=5.0 + i / 10)
+    for i, seed in enumerate([1, 2, 3]):  # --pos learned typed for one seed, left at its default for two: one group
+        fake_run(tmp_path / "a" / f"learned{seed}", seed, val=5.0 + i / 10, typed={"pos": "learned"} if i else None)
         fake_run(tmp_path / "a" / f"rope{seed}", seed, pos="rope", val=4.0 + i / 10)
     fake_run(tmp_path / "a" / "other_data_seed", 1, data_seed=7)          # a setting: its own group
     (tmp_path / "a" / "learned1" / "eval.json").write_text(json.dumps({"accuracy": 0.5, "task": "x"}))
