@@ -108,7 +108,8 @@ def is_number(value):
 
 
 def run_metrics(run_dir):
-    """{metric name: number} of one run: the last val and test rows, and the numbers of its other JSON files."""
+    """({metric name: number}, finished) of one run: the last val and test rows and the numbers of its other JSON
+    files; finished when it has its final evaluation (a test row, written at --max-steps)."""
     rows = []
     with open(os.path.join(run_dir, "metrics.jsonl"), errors="replace") as f:
         for line in f:
@@ -126,7 +127,7 @@ def run_metrics(run_dir):
         if name.endswith(".json") and name != "config.json":
             data = read_json(os.path.join(run_dir, name))
             metrics.update({f"{name}:{k}": v for k, v in flatten(data).items() if is_number(v)})
-    return metrics
+    return metrics, any(isinstance(r, dict) and r.get("split") == "test" for r in rows)
 
 
 def load_run(run_dir):
@@ -134,7 +135,21 @@ def load_run(run_dir):
     if not isinstance(config, dict):
         raise CompareError(f"{run_dir}/config.json is not a JSON object; is it a run folder of lmsmall?")
     settings = {k: v for k, v in flatten(config).items() if k.split(".")[0] not in NOT_SETTINGS}
-    return {"dir": run_dir, "config": config, "settings": settings, "metrics": run_metrics(run_dir)}
+    metrics, finished = run_metrics(run_dir)
+    return {"dir": run_dir, "config": config, "settings": settings, "metrics": metrics, "finished": finished}
+
+
+def finished_runs(runs):
+    """The runs that reached their final evaluation, and a note naming those left out (a run still training, or
+    stopped: its last val row is not its final one, and pooling it would compare unequal budgets)."""
+    done = [r for r in runs if r["finished"]]
+    if not done:
+        raise CompareError(f"none of the {len(runs)} run(s) has finished (no test row yet); finish them with "
+                           f"--resume, or wait for the sweep")
+    left = [r["dir"] for r in runs if not r["finished"]]
+    note = (f"note: left out {len(left)} unfinished run(s) (no final test row yet): {', '.join(left[:3])}"
+            f"{' ...' if len(left) > 3 else ''}") if left else None
+    return done, note
 
 
 def group_runs(runs):
@@ -214,9 +229,18 @@ def fmt(x, digits=4):
     return "" if x is None else f"{x:.{digits}f}"
 
 
-def markdown(table, baseline):
-    head = ("| metric | group | n | mean | sd | 95% CI | diff vs " + (baseline["name"] if baseline else "baseline")
-            + " (95% CI) | p (Welch) | note |\n|---|---|---|---|---|---|---|---|---|")
+def short_names(groups, baseline):
+    """{group name: what sets it apart from the baseline} ("pos=rope" rather than every varying setting)."""
+    if baseline is None:
+        return {g["name"]: g["name"] for g in groups}
+    return {g["name"]: ", ".join(label for label in g["labels"] if label not in baseline["labels"]) or g["name"]
+            for g in groups}
+
+
+def markdown(table, baseline, groups):
+    short = short_names(groups, baseline)
+    head = ("| metric | group" + (" (its settings unlike the baseline's)" if baseline else "") + " | n | mean | sd "
+            "| 95% CI | diff vs baseline (95% CI) | p (Welch) | note |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in table:
         ci = f"{fmt(r['ci95'][0])} .. {fmt(r['ci95'][1])}" if r["ci95"] else ""
@@ -224,7 +248,7 @@ def markdown(table, baseline):
         if r["diff_ci95"]:
             diff += f" ({r['diff_ci95'][0]:+.4f} .. {r['diff_ci95'][1]:+.4f})"
         p = "" if r["p"] is None else f"{r['p']:.3g}"
-        lines.append(f"| {r['metric']} | {r['group']} | {r['n']} | {fmt(r['mean'])} | {fmt(r['sd'])} | {ci} | "
+        lines.append(f"| {r['metric']} | {short[r['group']]} | {r['n']} | {fmt(r['mean'])} | {fmt(r['sd'])} | {ci} | "
                      f"{diff} | {p} | {r['note']} |")
     return "\n".join(lines)
 
@@ -239,7 +263,10 @@ def main(argv=None):
     p.add_argument("--metric", nargs="+", help='metrics to show (default all), e.g. "val loss" "test bpb"')
     args = p.parse_args(argv)
     try:
-        groups = group_runs([load_run(d) for d in find_runs(args.paths)])
+        runs, note = finished_runs([load_run(d) for d in find_runs(args.paths)])
+        if note:
+            print(note, file=sys.stderr)
+        groups = group_runs(runs)
         baseline = pick_baseline(groups, args.baseline) if args.baseline else None
         known = {m for g in groups for r in g["runs"] for m in r["metrics"]}
         for m in args.metric or []:
@@ -255,7 +282,7 @@ def main(argv=None):
                                       "runs": [r["dir"] for r in g["runs"]]} for g in groups],
                           "rows": table}, indent=1))
     else:
-        print(markdown(table, baseline))
+        print(markdown(table, baseline, groups))
     return 0
 
 

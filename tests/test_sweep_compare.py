@@ -107,6 +107,35 @@ def test_groups_differ_only_in_the_seed_and_different_data_is_not_pooled(tmp_pat
     assert len(err) == 1 and "data_hash" in err[0] and "learned9" in err[0]
 
 
+def test_unfinished_runs_are_left_out_and_named(tmp_path, capsys):
+    """A run still training has a val row at step 0 (or at its last checkpoint), not its final one: pooling it with
+    finished seeds compared its step-0 loss as if final (a sweep in progress gave a group mean of 5.76 for 0.84)."""
+    import compare
+    for seed in (1, 2):
+        fake_run(tmp_path / "a" / f"done{seed}", seed, val=1.0 + seed / 100)
+    running = fake_run(tmp_path / "a" / "running", 3, val=9.0)
+    (running / "metrics.jsonl").write_text(json.dumps({"step": 0, "split": "val", "loss": 9.0, "tokens": 0}) + "\n")
+    assert compare.main([str(tmp_path / "a"), "--format", "json"]) == 0
+    out = capsys.readouterr()
+    [row] = [r for r in json.loads(out.out)["rows"] if r["metric"] == "val loss"]
+    assert row["n"] == 2 and row["mean"] == pytest.approx(1.015)
+    assert "left out 1 unfinished run" in out.err and "running" in out.err
+    assert compare.main([str(running)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "finished" in err[0]
+
+
+def test_markdown_names_a_group_by_what_sets_it_apart_from_the_baseline(tmp_path, capsys):
+    import compare
+    for seed in (1, 2):
+        fake_run(tmp_path / "a" / f"l{seed}", seed, val=5.0 + seed / 10)
+        fake_run(tmp_path / "a" / f"r{seed}", seed, pos="rope", val=4.0 + seed / 10)
+        fake_run(tmp_path / "a" / f"o{seed}", seed, data_seed=7, val=5.5 + seed / 10)
+    assert compare.main([str(tmp_path / "a"), "--baseline", "pos=learned,data_seed=1337", "--metric", "val loss"]) == 0
+    names = [line.split(" | ")[1] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert sorted(names) == ["data_seed=1337, pos=learned", "data_seed=7", "pos=rope"]
+
+
 # ---- sweeps ----------------------------------------------------------------------------------------------------
 
 def test_a_sweep_keeps_finished_runs_refuses_other_settings_and_resumes_killed_ones(data_dir, tmp_path):
