@@ -4,11 +4,12 @@ Text embeddings from lmsmall checkpoints: mean-pooled vectors, and token vectors
     python embed.py --checkpoint runs/mntp/checkpoint.pt --input texts.txt --out runs/emb.npy     # a text a line
     python embed.py --checkpoint runs/dual/checkpoint.pt --input gsm8k.jsonl --field question --out runs/q.npy
     python embed.py --checkpoint ... --input texts.txt --tokens --out runs/tokens.npz              # MaxSim
+    python embed.py --checkpoint runs/simcse/checkpoint.pt --input texts.txt --pooling eos           # another pooling
 
 The command line shows a progress bar and writes the output batch by batch (memory does not grow with the
 number of texts beyond the texts themselves); an existing --out is kept unless --overwrite.
 
-    from embed import embed, token_embeddings, maxsim
+    from embed import embed, token_embeddings, maxsim, pool
     E = embed(model, enc, ["What is 2 + 3?", ...])          # (N, D) float32, unit rows: cosine = E @ E.T
 
 Every text is fed as <|endoftext|> text <|endoftext|> (how documents sit in the training stream; truncated to
@@ -18,10 +19,15 @@ states after the last LayerNorm. The kind follows from the checkpoint (--kind to
             features. Token i has seen only tokens 0..i, so early tokens know little of the text.
     mntp    an encoder from train_mntp.py (bidirectional attention): the mean of its token features; padding
             is removed from attention with the key mask.
+    simcse  an encoder from train_simcse.py: as mntp, pooled by default as it was trained (its config's
+            "pooling").
     dual    dual_mask_gpt: a fw pass (causal, FW task token) and a bw pass (anti-causal, BW task token). Each
             pass is mean-pooled and L2-normalised, and the two are concatenated and divided by sqrt(2), so the
             dot product of two dual embeddings is the mean of their fw and bw cosines. Per token, fw feature i
             has seen the prefix and bw feature i the suffix: together, the whole text (seed 000, point 3).
+Pooling (--pooling, pool(); train_simcse.py trains with the same function): mean (the default, except for a
+SimCSE checkpoint: the pooling it was trained with), weighted-mean (weights 1, 2, ..., L over the L text tokens,
+as SGPT and LLM2Vec), last (the last text token), eos (the closing <|endoftext|>). dual is mean-pooled only.
 Pooled embeddings are L2-normalised: (N, C), (N, 2C) for dual. Token embeddings are one (L, C) or (L, 2C)
 matrix of unit rows per text (dual: per token the normalised fw and bw vectors, concatenated, / sqrt(2)).
 maxsim(Q, D) is ColBERT's late interaction: for every query token the best-matching document token's cosine,
@@ -52,22 +58,55 @@ from plumbing import cli
 from checkpoint import CheckpointError, load_model, tokenizer_of
 from data_file_utils import DataError
 
-KINDS = ("causal", "mntp", "dual")
+KINDS = ("causal", "mntp", "simcse", "dual")
+ENCODERS = ("mntp", "simcse")  # bidirectional encoders: one pass with a key mask
+POOLINGS = ("mean", "weighted-mean", "last", "eos")
 
 
 class EmbedError(Exception):
     """Bad input; printed as one line."""
 
 
-def embedding_kind(model):
+def embedding_kind(model, ckpt=None):
+    """causal, mntp (any bidirectional encoder), simcse (an encoder written by train_simcse.py: needs its
+    checkpoint `ckpt`) or dual."""
     if model.name == "dual_mask_gpt":
         return "dual"
-    return "mntp" if getattr(model.config, "attention", "causal") == "bidirectional" else "causal"
+    if getattr(model.config, "attention", "causal") != "bidirectional":
+        return "causal"
+    made_by = (ckpt or {}).get("config", {}).get("entry_point")
+    return "simcse" if made_by == "train_simcse.py" else "mntp"
+
+
+def default_pooling(ckpt):
+    """The pooling a checkpoint was trained with (train_simcse.py records it), else mean."""
+    return (ckpt or {}).get("config", {}).get("pooling", "mean")
 
 
 def encode(enc, texts, max_len):
     """Token ids of each text between two <|endoftext|>, the text cut to fit max_len tokens in all."""
     return [[enc.eot_token] + enc.encode_ordinary(t)[:max_len - 2] + [enc.eot_token] for t in texts]
+
+
+def pool(features, text_mask, pooling="mean"):
+    """One vector per row (B, C), not normalised, of features (B, T, C). text_mask (B, T) bool marks each row's
+    text tokens: one contiguous run, followed by its closing <|endoftext|> (the layout of encode(), padded left
+    or right); padding is never marked, so it never enters a pooled vector.
+        mean           the mean of the text tokens' features
+        weighted-mean  weights 1, 2, ..., L over the L text tokens, normalised (SGPT, LLM2Vec): later tokens,
+                       which have seen more of the text in a causal model, count more
+        last           the last text token's features
+        eos            the closing <|endoftext|>'s features (the position after the last text token)
+    Shared by embed() and train_simcse.py, so an encoder is trained and used with the same pooling."""
+    if pooling not in POOLINGS:
+        raise EmbedError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
+    m = text_mask.to(features.dtype)
+    order = m.cumsum(1) * m                                   # 1, 2, ..., L on the text tokens, 0 elsewhere
+    if pooling in ("last", "eos"):
+        last = order.argmax(1) + (pooling == "eos")           # (B,): the last text token, or the one after it
+        return features[torch.arange(features.size(0), device=features.device), last]
+    weights = m if pooling == "mean" else order
+    return (features * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
 
 
 @torch.no_grad()
@@ -86,21 +125,35 @@ def _pass(model, kind, rows, direction=None):
         spans.append(slice(start + 1, start + len(ids) - 1))
     if kind == "dual":
         h = model.features(idx, direction=direction)
-    elif kind == "mntp":
+    elif kind in ENCODERS:
         h = model.features(idx, key_mask=real)
     else:
         h = model.features(idx)
     return h.float(), spans
 
 
-def feature_batches(model, enc, texts, kind=None, batch_size=32, progress=False):
+def text_mask_of(spans, shape, device):
+    """(B, T) bool, True on each row's span."""
+    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    for r, span in enumerate(spans):
+        mask[r, span] = True
+    return mask
+
+
+def feature_batches(model, enc, texts, kind=None, batch_size=32, progress=False, pooling=None):
     """Yields (i, features of text i) batch by batch, texts in order of length (little padding): (L, C) float
-    tensors, for dual a pair (fw, bw). Only one batch's features are alive at a time."""
+    tensors, for dual a pair (fw, bw). Only one batch's features are alive at a time. With `pooling` (one of
+    POOLINGS) it yields (i, the text's pooled, L2-normalised embedding) instead."""
     kind = kind or embedding_kind(model)
     if kind not in KINDS:
         raise EmbedError(f"unknown embedding kind {kind!r}; choose one of: {', '.join(KINDS)}")
-    if (kind == "dual") != (model.name == "dual_mask_gpt") or (kind == "mntp") != (embedding_kind(model) == "mntp"):
+    if (kind == "dual") != (model.name == "dual_mask_gpt") or (kind in ENCODERS) != (embedding_kind(model) == "mntp"):
         raise EmbedError(f"a {model.name} checkpoint ({embedding_kind(model)}) cannot give {kind} embeddings")
+    if pooling is not None and pooling not in POOLINGS:
+        raise EmbedError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
+    if kind == "dual" and pooling not in (None, "mean"):
+        raise EmbedError(f"dual embeddings are mean-pooled (per direction); --pooling {pooling} is for causal and "
+                         f"encoder checkpoints")
     rows = [np.asarray(r, dtype=np.int64) for r in encode(enc, texts, model.config.block_size)]  # compact ids
     if any(len(r) < 3 for r in rows):
         raise EmbedError("an empty text has no tokens to embed")
@@ -114,6 +167,11 @@ def feature_batches(model, enc, texts, kind=None, batch_size=32, progress=False)
             batch = order[b:b + batch_size]
             passes = ("fw", "bw") if kind == "dual" else (None,)
             feats = [_pass(model, kind, [rows[i] for i in batch], d) for d in passes]
+            if pooling is not None:
+                pooled = [pool(h, text_mask_of(spans, h.shape[:2], h.device), pooling).cpu() for h, spans in feats]
+                for j, i in enumerate(batch):
+                    yield i, _combine([p[j] for p in pooled])
+                continue
             for j, i in enumerate(batch):
                 per_pass = [h[j, spans[j]].cpu() for h, spans in feats]
                 yield i, (tuple(per_pass) if kind == "dual" else per_pass[0])
@@ -133,23 +191,17 @@ def _combine(parts):
     return torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1) / math.sqrt(len(parts))
 
 
-def pooled_vector(features):
-    """The mean-pooled, L2-normalised embedding of one text's features (dual: fw and bw, combined)."""
-    if isinstance(features, tuple):
-        return _combine([p.mean(0) for p in features])
-    return F.normalize(features.mean(0), dim=-1)
-
-
 def token_vectors(features):
     """One text's unit token vectors (L, C), dual: (L, 2C)."""
     return _combine(list(features)) if isinstance(features, tuple) else F.normalize(features, dim=-1)
 
 
-def embed(model, enc, texts, kind=None, batch_size=32):
-    """Mean-pooled, L2-normalised embeddings: float32 array (N, C), or (N, 2C) for dual."""
+def embed(model, enc, texts, kind=None, batch_size=32, pooling="mean"):
+    """Pooled (mean by default; see pool()), L2-normalised embeddings: float32 array (N, C), or (N, 2C) for
+    dual."""
     rows = [None] * len(texts)
-    for i, f in feature_batches(model, enc, texts, kind, batch_size):
-        rows[i] = pooled_vector(f)
+    for i, vector in feature_batches(model, enc, texts, kind, batch_size, pooling=pooling):
+        rows[i] = vector
     return torch.stack(rows).numpy().astype(np.float32)
 
 
@@ -186,11 +238,12 @@ def write_rows(f, header, width, first_row, rows):
 
 
 def write_pooled(path, items, n, width):
-    """items: (i, features) as feature_batches yields them -> an (n, width) .npy written batch by batch."""
+    """items: (i, pooled vector) as feature_batches(pooling=...) yields them -> an (n, width) .npy written batch by
+    batch."""
     f, header = open_npy(path, (n, width))
     with f:
-        for i, features in items:
-            write_rows(f, header, width, i, pooled_vector(features).numpy()[None])
+        for i, vector in items:
+            write_rows(f, header, width, i, vector.numpy()[None])
 
 
 def write_tokens(path, items, lengths, width):
@@ -289,6 +342,8 @@ def main(argv=None):
     p.add_argument("--out", type=cli.output_file, help=".npy (pooled, N x D) or, with --tokens, .npz (default runs/embeddings.npy, "
                    "with --tokens runs/token_embeddings.npz)")
     p.add_argument("--kind", choices=KINDS, help="check the checkpoint gives this kind (default: its own)")
+    p.add_argument("--pooling", choices=POOLINGS, help="how token features become one vector (default: the "
+                   "pooling a SimCSE checkpoint was trained with, else mean; dual: mean only)")
     p.add_argument("--tokens", action="store_true", help="token embeddings for MaxSim: an .npz with 'tokens' "
                    "(all texts' token vectors stacked) and 'offsets' (text i is tokens[offsets[i]:offsets[i+1]])")
     p.add_argument("--batch-size", type=cli.positive_int, default=32)
@@ -303,13 +358,20 @@ def main(argv=None):
     try:
         if os.path.exists(out) and not args.overwrite:
             raise EmbedError(f"{out} already exists; add --overwrite to replace it or choose another --out")
+        if args.tokens and args.pooling:
+            raise EmbedError("--pooling makes one vector per text; --tokens keeps every token's vector: give one")
         texts = read_texts(args.input, args.field)  # cheap, so before the model is loaded
         model, ckpt = load_model(args.checkpoint, device=args.device)
         enc = tokenizer_of(model, ckpt, args.checkpoint)
-        batches = feature_batches(model, enc, texts, args.kind, args.batch_size, progress=True)
+        kind = embedding_kind(model, ckpt)
+        if args.kind and args.kind != kind:
+            raise EmbedError(f"--kind {args.kind}: {args.checkpoint} (a {model.name} checkpoint) gives {kind} "
+                             f"embeddings, not {args.kind}")
+        pooling = None if args.tokens else args.pooling or default_pooling(ckpt)
+        batches = feature_batches(model, enc, texts, kind, args.batch_size, progress=True, pooling=pooling)
         try:
             first = next(batches)
-            width = (token_vectors(first[1])).shape[-1]
+            width = (first[1] if pooling else token_vectors(first[1])).shape[-1]
             lengths = [len(r) - 2 for r in encode(enc, texts, model.config.block_size)]
             shape = write_output(out, itertools.chain([first], batches), args.tokens, lengths, width)
         except OSError as e:  # e.g. a full disk
@@ -320,7 +382,8 @@ def main(argv=None):
     except (EmbedError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{embedding_kind(model)} embeddings of {len(texts)} texts ({shape}) -> {out}")
+    how = f", {pooling} pooling" if pooling else ""
+    print(f"{kind} embeddings of {len(texts)} texts ({shape}{how}) -> {out}")
     return 0
 
 

@@ -4,10 +4,14 @@ Retrieval check of the embeddings (embed.py): GSM8K questions as queries, their 
     python bench/retrieval.py --causal runs/retrieval/gsm8k_causal/checkpoint.pt \\
         --mntp runs/retrieval/gsm8k_mntp/checkpoint.pt --dual runs/retrieval/gsm8k_dual/checkpoint.pt
     python bench/retrieval.py --causal ... --pairs train --limit 500
+    python bench/retrieval.py --causal ... --causal-simcse runs/retrieval/gsm8k_causal_simcse/checkpoint.pt \
+        --mntp-simcse runs/retrieval/gsm8k_mntp_simcse/checkpoint.pt --out runs/retrieval/table.json
 
-Each question must find its own answer among all N answers (shuffled). Per embedding kind three scorings,
-each with recall@1, recall@10 and MRR:
-    pooled            cosine of the mean-pooled embeddings (embed.embed)
+Each question must find its own answer among all N answers (shuffled). One row group per pipeline given:
+causal, causal + SimCSE (train_simcse.py on the causal checkpoint), mntp, mntp + SimCSE, dual. Per pipeline
+three scorings, each with recall@1, recall@10 and MRR:
+    pooled            cosine of the pooled embeddings (embed.embed: mean-pooled, or as a SimCSE checkpoint
+                      was trained)
     pooled, centered  the same after subtracting each side's mean vector (the queries' mean from every query,
                       the documents' mean from every document) and renormalising. Unsupervised (no pair is
                       looked at), but it uses the whole query and document sets: it removes what all
@@ -19,6 +23,8 @@ TF-IDF cosine over lower-cased words and numbers (answers restate the question's
 --pairs heldout (default): every GSM8K train record the data preparer puts in val or test (a hash of the
 document), i.e. pairs that models trained on json:train.jsonl never saw; 141 of the 7,473.
 --pairs train: records of the train split (seen in training, as language-model text), the first --limit.
+--out FILE.json: the table as JSON (rows of kind, scoring, recall@1, recall@10, mrr, seconds; the runs), which
+bench/retrieval_seeds.py averages over seeds.
 """
 
 import json
@@ -36,8 +42,13 @@ from checkpoint import CheckpointError, load_model
 from base_data_preparer import get_tokenizer  # noqa: E402
 from bench.machine import describe as describe_machine  # noqa: E402
 from data_file_utils import DataError, split_of_text  # noqa: E402
-from embed import EmbedError, embed, embedding_kind, maxsim, token_embeddings  # noqa: E402
+from embed import EmbedError, default_pooling, embed, embedding_kind, maxsim, token_embeddings  # noqa: E402
 
+# The pipelines, in the table's order: (flag, the row label, the checkpoint's embedding kind, what its
+# SimCSE started from: None, or the base's attention).
+PIPELINES = [("causal", "causal", "causal", None), ("causal_simcse", "causal + simcse", "simcse", "causal"),
+             ("mntp", "mntp", "mntp", None), ("mntp_simcse", "mntp + simcse", "simcse", "bidirectional"),
+             ("dual", "dual", "dual", None)]
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                             "gsm8k", "train.jsonl")
 
@@ -98,28 +109,41 @@ def centered(E):
     return E / np.linalg.norm(E, axis=1, keepdims=True).clip(min=1e-12)
 
 
-def evaluate_checkpoint(path, kind, questions, documents, gold, batch_size, with_maxsim):
-    model, ckpt = load_model(path)
-    if embedding_kind(model) != kind:
-        raise EmbedError(f"--{kind} {path} is a {embedding_kind(model)} checkpoint")
+def check_pipeline(flag, path, model, ckpt, kind, simcse_base):
+    """The checkpoint given for --flag is of the pipeline the flag names (EmbedError otherwise)."""
+    option = "--" + flag.replace("_", "-")
+    got = embedding_kind(model, ckpt)
+    if got != kind:
+        raise EmbedError(f"{option} {path} is a {got} checkpoint, not {kind}")
+    if simcse_base is not None:
+        base = ckpt["config"].get("base_model_config", {}).get("attention", "causal")
+        if base != simcse_base:
+            raise EmbedError(f"{option} {path} is SimCSE on a {'causal' if base == 'causal' else 'MNTP'} checkpoint; "
+                             f"give it to --{'causal' if base == 'causal' else 'mntp'}-simcse")
+
+
+def evaluate_checkpoint(path, label, questions, documents, gold, batch_size, with_maxsim, model, ckpt):
     enc = get_tokenizer(ckpt["config"]["tokenizer"])
+    pooling = default_pooling(ckpt)
     rows = []
     t0 = time.time()
-    Q, D = embed(model, enc, questions, batch_size=batch_size), embed(model, enc, documents, batch_size=batch_size)
-    rows.append((kind, "pooled", rank_metrics(Q @ D.T, gold), time.time() - t0))
-    rows.append((kind, "pooled, centered", rank_metrics(centered(Q) @ centered(D).T, gold), time.time() - t0))
+    Q, D = (embed(model, enc, texts, batch_size=batch_size, pooling=pooling) for texts in (questions, documents))
+    rows.append((label, "pooled", rank_metrics(Q @ D.T, gold), time.time() - t0))
+    rows.append((label, "pooled, centered", rank_metrics(centered(Q) @ centered(D).T, gold), time.time() - t0))
     if with_maxsim:
         t0 = time.time()
         q_tok = token_embeddings(model, enc, questions, batch_size=batch_size)
         d_tok = token_embeddings(model, enc, documents, batch_size=batch_size)
-        rows.append((kind, "maxsim", rank_metrics(maxsim(q_tok, d_tok), gold), time.time() - t0))
-    return rows, ckpt
+        rows.append((label, "maxsim", rank_metrics(maxsim(q_tok, d_tok), gold), time.time() - t0))
+    return rows
 
 
 def main(argv=None):
     p = cli.ArgumentParser(description="GSM8K question -> answer retrieval with embed.py's embeddings.")
     p.add_argument("--causal", help="checkpoint of a causal model (e.g. baseline_gpt2)")
+    p.add_argument("--causal-simcse", help="checkpoint written by train_simcse.py from a causal checkpoint")
     p.add_argument("--mntp", help="checkpoint written by train_mntp.py")
+    p.add_argument("--mntp-simcse", help="checkpoint written by train_simcse.py from an MNTP checkpoint")
     p.add_argument("--dual", help="checkpoint of a dual_mask_gpt model")
     p.add_argument("--data", default=DEFAULT_DATA, help="GSM8K-format JSON lines (default: shared GSM8K train)")
     p.add_argument("--pairs", choices=["heldout", "train"], default="heldout")
@@ -127,7 +151,7 @@ def main(argv=None):
     p.add_argument("--seed", type=cli.seed, default=0, help="document shuffle")
     p.add_argument("--no-maxsim", action="store_true", help="pooled embeddings only")
     p.add_argument("--batch-size", type=cli.positive_int, default=32)
-    p.add_argument("--out", help="write the table as JSON")
+    p.add_argument("--out", help="write the table as JSON (bench/retrieval_seeds.py reads it)")
     args = p.parse_args(argv)
     try:
         if not os.path.isfile(args.data):
@@ -141,14 +165,16 @@ def main(argv=None):
         rows.append(("lexical TF-IDF", "cosine", rank_metrics(tfidf_scores(questions, documents), gold),
                      time.time() - t0))
         runs = {}
-        for kind in ("causal", "mntp", "dual"):
-            path = getattr(args, kind)
+        for flag, label, kind, simcse_base in PIPELINES:
+            path = getattr(args, flag)
             if path:
-                new_rows, ckpt = evaluate_checkpoint(path, kind, questions, documents, gold, args.batch_size,
-                                                     not args.no_maxsim)
-                rows += new_rows
-                runs[kind] = {"checkpoint": path, "model": ckpt["model_name"], "step": ckpt.get("step"),
-                              "tokenizer": ckpt["config"]["tokenizer"], "context": ckpt["model_config"]["block_size"]}
+                model, ckpt = load_model(path)
+                check_pipeline(flag, path, model, ckpt, kind, simcse_base)
+                rows += evaluate_checkpoint(path, label, questions, documents, gold, args.batch_size,
+                                            not args.no_maxsim, model, ckpt)
+                runs[label] = {"checkpoint": path, "model": ckpt["model_name"], "step": ckpt.get("step"),
+                               "tokenizer": ckpt["config"]["tokenizer"], "context": ckpt["model_config"]["block_size"],
+                               "pooling": default_pooling(ckpt)}
     except (EmbedError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
