@@ -316,3 +316,26 @@ def test_finetune_and_mntp_from_hf_run_end_to_end_and_go_back_to_hf(hf_dir, gsm8
     code = train_mntp(MNTPTrainer, ["--checkpoint", f"hf:{hf_dir}", "--tokenizer", "bytes", "--out-dir",
                                     str(tmp_path / "x")], resolve)
     one_line_error(capsys, code, "tokenizer")
+
+
+def test_simcse_from_hf_trains_and_embeds(hf_dir, gsm8k_dir, tmp_path):
+    """python train_simcse.py --checkpoint hf:DIR (LLM2Vec's recipe started from Hugging Face weights), in this
+    process: a bidirectional encoder with the recorded pooling, which embed.py uses."""
+    import embed
+    from checkpoint import load_model
+    from train_simcse import SimCSETrainer, resolve, run as train_simcse
+    out = tmp_path / "simcse"
+    args = ["--checkpoint", f"hf:{hf_dir}", "--data", f"json:{(REPO / GSM8K).resolve()}", "--data-dir", gsm8k_dir,
+            "--max-tokens", "150k", "--max-steps", 2, "--eval-interval", 2, "--eval-batches", 1,
+            "--batch-size", 2, "--max-len", 24, "--pooling", "eos", "--device", "cpu", "--out-dir", out]
+    assert train_simcse(SimCSETrainer, list(map(str, args)), resolve) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["split"] == "val" and {"loss", "alignment", "uniformity"} <= set(r) for r in rows)
+    model, ckpt = load_model(str(out / "checkpoint.pt"))
+    assert model.config.attention == "bidirectional" and ckpt["config"]["checkpoint"] == f"hf:{hf_dir}"
+    base, _ = load_model(f"hf:{hf_dir}")
+    assert not torch.equal(model.blocks[0].attn.c_attn.weight, base.blocks[0].attn.c_attn.weight)  # LoRA, merged
+    (tmp_path / "texts.txt").write_text("What is 2 + 3?\nNatalia sold clips.\n")
+    assert embed.main(["--checkpoint", str(out / "checkpoint.pt"), "--input", str(tmp_path / "texts.txt"),
+                       "--out", str(tmp_path / "e.npy")]) == 0
+    assert np.load(tmp_path / "e.npy").shape == (2, 64)
