@@ -10,9 +10,9 @@ and CPU time.
 
 The commands are those of docs/results/retrieval.md (GSM8K train as json:, tiny preset, context 256, micro
 batch 4, 400 causal and dual steps, 200 MNTP steps) with --seed S, and train_simcse.py with its defaults.
-Every stage runs with --resume auto, so an interrupted round continues where it stopped (a finished stage
-costs the few seconds of starting its script). CPU time is user + system of the stage's process
-(resource.getrusage of the children).
+Every stage runs with --resume auto, so an interrupted round continues where it stopped; a stage that finished
+is not run again (its cost, recorded in OUT/seed<S>/timings.json when it finished, is reported as it was).
+CPU time is user + system of the stage's process (resource.getrusage of the children).
 Each stage's torch uses 1 thread unless OMP_NUM_THREADS says otherwise (the docs' measurements did the same).
 --quick: 4 steps per training stage, 2 SimCSE steps of 4 texts, 20 pairs; its figures mean nothing.
 """
@@ -63,7 +63,7 @@ def run_stage(script, args, log_path):
     env.setdefault("OMP_NUM_THREADS", "1")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:  # a resumed stage adds to its log
         code = subprocess.call([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, env=env,
                                stdout=log, stderr=subprocess.STDOUT)
     wall = time.time() - t0
@@ -74,8 +74,60 @@ def run_stage(script, args, log_path):
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def load_timings(folder):
+    """{stage: {"wall_s", "cpu_s"}} of the stages of this seed that finished earlier (folder/timings.json)."""
+    try:
+        with open(os.path.join(folder, "timings.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+
+
+def save_timings(folder, timing):
+    path = os.path.join(folder, "timings.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(timing, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def mean_sd(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def cell(values, digits=3, unit=""):
+    m, sd = mean_sd(values)
+    return f"{m:.{digits}f}{unit}" if sd is None else f"{m:.{digits}f} ± {sd:.{digits}f}{unit}"
+
+
+# The table's questions: does SimCSE make plain cosine work (no centering needed), and does MNTP + SimCSE beat
+# MNTP and causal + SimCSE? Each pair: (row A, row B), as (embedding, scoring); the difference is A - B.
+QUESTIONS = [
+    (("causal + simcse", "pooled"), ("causal", "pooled")),
+    (("mntp + simcse", "pooled"), ("mntp", "pooled")),
+    (("causal + simcse", "pooled"), ("causal + simcse", "pooled, centered")),
+    (("mntp + simcse", "pooled"), ("mntp + simcse", "pooled, centered")),
+    (("mntp + simcse", "pooled"), ("mntp", "pooled, centered")),
+    (("mntp + simcse", "pooled, centered"), ("mntp", "pooled, centered")),
+    (("mntp + simcse", "pooled"), ("causal + simcse", "pooled")),
+    (("mntp + simcse", "pooled, centered"), ("causal + simcse", "pooled, centered")),
+]
+
+
+def comparisons(tables, fields=("recall@10", "mrr")):
+    """Markdown lines: for each QUESTIONS pair and field, A - B over the seeds with its 95% CI and Welch's p
+    (compare.welch, scipy), or why there is none."""
+    from compare import welch
+    lines = ["| A | B | metric | A - B (95% CI) | p (Welch) |", "|---|---|---|---|---|"]
+    for a, b in QUESTIONS:
+        for field in fields:
+            values = [[next(r[field] for r in t["rows"] if (r["kind"], r["scoring"]) == row) for t in tables]
+                      for row in (a, b)]
+            w = welch(*values)
+            ci = f" ({w['diff_ci95'][0]:+.3f} .. {w['diff_ci95'][1]:+.3f})" if w["diff_ci95"] else ""
+            p = (f"{w['p']:.3g}" if w["p"] is not None else "n too small to tell" if len(tables) < 2
+                 else "cannot tell: no spread")
+            lines.append(f"| {', '.join(a)} | {', '.join(b)} | {field} | {w['diff']:+.3f}{ci} | {p} |")
+    return lines
 
 
 def summarize(tables, timings):
@@ -84,13 +136,12 @@ def summarize(tables, timings):
     for i, row in enumerate(tables[0]["rows"]):
         cells = []
         for field in FIELDS:
-            m, sd = mean_sd([t["rows"][i][field] for t in tables])
-            cells.append(f"{m:.3f} ± {sd:.3f}")
+            cells.append(cell([t["rows"][i][field] for t in tables]))
         lines.append(f"| {row['kind']} | {row['scoring']} | {' | '.join(cells)} |")
     lines += ["", "| stage | wall (mean ± sd) | CPU (mean ± sd) |", "|---|---|---|"]
     for name in timings[0]:
-        wall, cpu = (mean_sd([t[name][k] for t in timings]) for k in ("wall_s", "cpu_s"))
-        lines.append(f"| {name} | {wall[0]:.0f} ± {wall[1]:.0f} s | {cpu[0]:.0f} ± {cpu[1]:.0f} s |")
+        wall, cpu = (cell([t[name][k] for t in timings], 0, " s") for k in ("wall_s", "cpu_s"))
+        lines.append(f"| {name} | {wall} | {cpu} |")
     return lines
 
 
@@ -114,10 +165,15 @@ def main(argv=None):
     for seed in args.seeds:
         folder = os.path.join(out_dir, f"seed{seed}")
         os.makedirs(folder, exist_ok=True)
-        timing = {}
+        timing = load_timings(folder)  # a stage that finished earlier is kept, with the cost it had then
         for name, script, stage_args in stages(args.data, seed, folder, args.quick):
+            if name in timing:
+                print(f"seed {seed} | {name}: finished earlier ({timing[name]['wall_s']:.0f} s wall, "
+                      f"{timing[name]['cpu_s']:.0f} s CPU then)", flush=True)
+                continue
             wall, cpu = run_stage(script, [*stage_args, "--resume", "auto"], os.path.join(folder, f"{name}.log"))
             timing[name] = {"wall_s": wall, "cpu_s": cpu}
+            save_timings(folder, timing)
             print(f"seed {seed} | {name}: {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
         table_path = os.path.join(folder, f"retrieval_{args.pairs}.json")
         bench = ["--causal", os.path.join(folder, "causal"), "--causal-simcse", os.path.join(folder, "causal_simcse"),
@@ -134,6 +190,9 @@ def main(argv=None):
     lines = summarize(tables, timings)
     print(f"\n{tables[0]['n']} GSM8K pairs ({args.pairs}), seeds {' '.join(map(str, args.seeds))}: mean ± sd\n")
     print("\n".join(lines))
+    if all(any(r["kind"] == "mntp + simcse" for r in t["rows"]) for t in tables):
+        print(f"\nThe questions, over seeds {' '.join(map(str, args.seeds))}:\n")
+        print("\n".join(comparisons(tables)))
     summary = os.path.join(out_dir, f"summary_{args.pairs}.json")
     with open(summary, "w") as f:
         json.dump({"seeds": args.seeds, "pairs": args.pairs, "tables": tables, "timings": timings}, f, indent=2)
