@@ -29,6 +29,17 @@ NOT_SETTINGS = {"model_overrides", "seed", "out_dir", "resume", "overwrite", "th
                 "flops_per_token", "peak_flops", "world_size", "micro_batch_size", "base_micro_batch_size",
                 "micro_batch_auto", "grad_accum", "memory_budget"}
 TOO_FEW = "n too small to tell"
+# The trainer's "loss" is over the tokens a run trains on (--loss-on answer: the answers; --filler-token: all but
+# the filler), so two groups' val/test "loss" measure other tokens when these differ (bpb and evaluate.py's
+# figures are over the same tokens for every run).
+LOSS_SCOPE = ("loss_on", "filler_token")
+UNLIKE = ("not like for like: --loss-on or --filler-token differs, so the loss is over other tokens; compare bpb or "
+          "evaluate.py's loss and answer_loss")
+
+
+def loss_scope(group):
+    config = group["runs"][0]["config"]
+    return tuple(config.get(k) or None for k in LOSS_SCOPE)
 
 
 class CompareError(Exception):
@@ -213,6 +224,9 @@ def compare(groups, baseline=None, metrics=None):
                    **summary(values), "diff": None, "diff_ci95": None, "p": None, "note": ""}
             if baseline is not None and g is baseline:
                 row["note"] = "baseline"
+            elif baseline is not None and base_values and metric in ("val loss", "test loss") \
+                    and loss_scope(g) != loss_scope(baseline):
+                row["note"] = UNLIKE
             elif baseline is not None and base_values:
                 row.update(welch(values, base_values))
                 if len(values) < 2 or len(base_values) < 2:

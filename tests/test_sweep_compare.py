@@ -71,9 +71,10 @@ def test_statistics_equal_scipy():
 
 # ---- grouping --------------------------------------------------------------------------------------------------
 
-def fake_run(folder, seed, pos="learned", data_hash="aaaa", val=5.0, data_seed=1337, typed=None):
+def fake_run(folder, seed, pos="learned", data_hash="aaaa", val=5.0, data_seed=1337, typed=None, loss_on="all"):
     folder.mkdir(parents=True)
     config = {"seed": seed, "data_seed": data_seed, "out_dir": str(folder), "threads": 1, "data_hash": data_hash,
+              "loss_on": loss_on,
               "n_params": 1000, "max_steps": 3, "data": "synthetic-math", "tokenizer": "bytes",
               "model_config": {"pos": pos, "n_layer": 1}, "model_overrides": typed or {}}
     (folder / "config.json").write_text(json.dumps(config))
@@ -134,6 +135,23 @@ def test_markdown_names_a_group_by_what_sets_it_apart_from_the_baseline(tmp_path
     assert compare.main([str(tmp_path / "a"), "--baseline", "pos=learned,data_seed=1337", "--metric", "val loss"]) == 0
     names = [line.split(" | ")[1] for line in capsys.readouterr().out.splitlines()[2:]]
     assert sorted(names) == ["data_seed=1337, pos=learned", "data_seed=7", "pos=rope"]
+
+
+def test_losses_over_other_tokens_are_not_compared(tmp_path, capsys):
+    """--loss-on answer makes a run's val/test "loss" its answer-token loss: against all-token runs that is not a
+    difference of settings but of what is measured (a p of 0.0002 for +0.13 nats, where evaluate.py's answer-token
+    loss differs by +0.02). No diff or p for those rows; bpb (every token for both) is still compared."""
+    import compare
+    for seed in (1, 2, 3):
+        fake_run(tmp_path / "a" / f"all{seed}", seed, val=0.63 + seed / 100)
+        fake_run(tmp_path / "a" / f"answer{seed}", seed, val=0.76 + seed / 100, loss_on="answer")
+    assert compare.main([str(tmp_path / "a"), "--baseline", "loss_on=all", "--format", "json"]) == 0
+    table = json.loads(capsys.readouterr().out)["rows"]
+    answer = {r["metric"]: r for r in table if r["group"] == "loss_on=answer"}
+    for metric in ("val loss", "test loss"):
+        assert answer[metric]["p"] is None and answer[metric]["diff"] is None
+        assert answer[metric]["note"].startswith("not like for like")
+    assert answer["val bpb"]["p"] is not None
 
 
 # ---- sweeps ----------------------------------------------------------------------------------------------------
