@@ -24,8 +24,8 @@ from plumbing import cli
 
 # config.json fields that do not change what a run computes (or that follow from the settings). model_overrides
 # is what was typed (--pos learned, or nothing for the same default); model_config, what was built, is compared.
-NOT_SETTINGS = {"model_overrides", "seed", "out_dir", "resume", "overwrite", "threads", "data_dir", "dataset_dir", "device",
-                "device_used", "data_hash", "n_params", "checkpoint_interval", "compiled", "compile_mode",
+NOT_SETTINGS = {"model_overrides", "seed", "out_dir", "resume", "overwrite", "threads", "data_dir", "dataset_dir",
+                "device", "device_used", "data_hash", "n_params", "checkpoint_interval", "compiled", "compile_mode",
                 "flops_per_token", "peak_flops", "world_size", "micro_batch_size", "base_micro_batch_size",
                 "micro_batch_auto", "grad_accum", "memory_budget"}
 TOO_FEW = "n too small to tell"
