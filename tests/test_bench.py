@@ -4,6 +4,7 @@ bench/data.py runs whole with --tiny (bytes tokenizer only, small budgets); benc
 """
 
 import json
+import os
 
 from conftest import REPO, TINY_TOKENS, run_script
 from models import MODELS
@@ -97,3 +98,39 @@ def test_eval_speed_tiny():
     out = ok(run_script("bench/eval_speed.py", "--tiny", "--gsm8k", gsm8k, timeout=180))
     assert "problems/s" in out and "batched answers == one-at-a-time answers: 6 of 6" in out, out
     assert "old (1 at a time" in out and "batch 4" in out and "Part 2: 8 records" in out and "wall time" in out, out
+
+
+def test_retrieval_seeds_keeps_finished_stages_and_tests_the_questions(tmp_path, monkeypatch, capsys):
+    """bench/retrieval_seeds.py without training anything: a stage recorded in timings.json is not run again and
+    keeps the cost it had; the summary averages the seeds' tables and gives each question a Welch test."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("retrieval_seeds", REPO / "bench" / "retrieval_seeds.py")
+    rs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rs)
+    ran = []
+
+    def fake_stage(script, args, log_path):
+        ran.append(script)
+        if script == "bench/retrieval.py":  # a table whose figures differ by seed
+            seed = int(os.path.basename(os.path.dirname(log_path))[4:])
+            rows = [{"kind": k, "scoring": s, "recall@1": 0.0, "recall@10": 0.1 * seed + (k == "mntp + simcse") / 10,
+                     "mrr": 0.05 * seed} for k in ("causal", "causal + simcse", "mntp", "mntp + simcse", "dual")
+                    for s in ("pooled", "pooled, centered")]
+            with open(args[args.index("--out") + 1], "w") as f:
+                json.dump({"n": 141, "rows": rows}, f)
+        return 7.0, 5.0
+
+    monkeypatch.setattr(rs, "run_stage", fake_stage)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("")
+    seed1 = tmp_path / "out" / "seed1"
+    seed1.mkdir(parents=True)
+    (seed1 / "timings.json").write_text(json.dumps({"causal": {"wall_s": 53.0, "cpu_s": 49.0}}))
+    assert rs.main(["--seeds", "1", "2", "--out-dir", str(tmp_path / "out"), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "seed 1 | causal: finished earlier (53 s wall, 49 s CPU then)" in out
+    assert ran.count("train_baseline_gpt2.py") == 1 and ran.count("train_simcse.py") == 4   # seed 2's causal only
+    assert json.loads((seed1 / "timings.json").read_text())["causal"] == {"wall_s": 53.0, "cpu_s": 49.0}
+    assert "| causal | 30 ± 33 s | 27 ± 31 s |" in out          # seed 1's recorded cost and seed 2's new one
+    row = next(line for line in out.splitlines() if line.startswith("| mntp + simcse, pooled | mntp, pooled | recall@10"))
+    assert "| +0.100 (-0.204 .. +0.404) | 0.293 |" in row   # +0.1 in each seed, against a seed spread of 0.1
