@@ -204,6 +204,22 @@ class TokenDataLoader:
             i += 1
         return out
 
+    def read(self, start: int, n: int) -> np.ndarray:
+        """Tokens [start, start+n) of the split's stream (int64), for readers that pick their own spans."""
+        return self._read(self._shards, start, n, np.int64)
+
+    def documents(self):
+        """(starts, ends): the stream positions of the split's documents, the stream cut at <|endoftext|> (the
+        preparer writes one before each document) with the separators left out and empty ones skipped. One pass
+        over the stream (train_simcse.py's texts)."""
+        eots = np.concatenate([np.flatnonzero(shard.array == self.eot_token) + start
+                               for shard, start in zip(self._shards, self._starts)])
+        for shard in self._shards:  # done with the pages this pass read
+            shard.release_before(len(shard.array) * shard.array.itemsize, now=True)
+        ends = np.append(eots[1:], self.tokens)
+        keep = ends > eots + 1
+        return eots[keep] + 1, ends[keep]
+
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.pin:
             return t.pin_memory().to(self.device, non_blocking=True)

@@ -137,13 +137,8 @@ class TextBatches:
         self.device = torch.device(device)
         self.vocab_size, self.tokens, self.bytes = self.stream.vocab_size, self.stream.tokens, self.stream.bytes
         self.eot = self.stream.eot_token
-        eots = np.concatenate([np.flatnonzero(shard.array == self.eot) + start
-                               for shard, start in zip(self.stream._shards, self.stream._starts)])
-        for shard in self.stream._shards:
-            shard.release_before(len(shard.array) * shard.array.itemsize, now=True)
-        ends = np.append(eots[1:], self.tokens)
-        keep = ends > eots + 1                                        # not empty
-        self.starts, self.lengths = eots[keep] + 1, np.minimum(ends - eots - 1, max_len - 2)[keep]
+        self.starts, ends = self.stream.documents()
+        self.lengths = np.minimum(ends - self.starts, max_len - 2)   # each cut to fit between two <|endoftext|>
         self.batches_per_epoch = len(self.starts) // batch_size
         if self.batches_per_epoch == 0:
             raise DataError(f"the {split} split of {dataset_dir} has {len(self.starts)} documents, fewer than "
@@ -167,7 +162,7 @@ class TextBatches:
         real = torch.zeros(self.B, self.T, dtype=torch.bool)
         for r, d in enumerate(docs):
             n = int(self.lengths[d])
-            tokens = self.stream._read(self.stream._shards, int(self.starts[d]), n, np.int64)
+            tokens = self.stream.read(int(self.starts[d]), n)
             ids[r, 0], ids[r, 1:n + 1], ids[r, n + 1] = self.eot, torch.from_numpy(tokens), self.eot
             text[r, 1:n + 1] = True
             real[r, :n + 2] = True
